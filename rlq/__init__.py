@@ -1,0 +1,1 @@
+"""rlq: rlq package."""

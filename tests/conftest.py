@@ -1,0 +1,28 @@
+"""Shared fixtures: every test talks to its own real redis-server, never to one left running on the machine."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from broker.server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private redis-server on a free loopback port, for the whole session."""
+    with RedisServer(directory=tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def run_name() -> str:
+    """A fresh run namespace per test, so tests sharing the server never see each other's keys."""
+    return f"t{uuid.uuid4().hex[:10]}"

@@ -1,0 +1,1 @@
+"""rlq: workers package."""
