@@ -17,7 +17,7 @@ import math
 import os
 import socket
 import time
-from typing import Literal, Union
+from typing import Literal
 
 import msgspec
 import numpy as np
@@ -237,7 +237,7 @@ class DeadLetter(_Base, tag="dead_letter"):
     failed_at: float = msgspec.field(default_factory=now)
 
 
-Message = Union[PromptBatch, RolloutGroup, ScoredGroup, WeightAnnouncement, WorkerHeartbeat, DeadLetter]
+Message = PromptBatch | RolloutGroup | ScoredGroup | WeightAnnouncement | WorkerHeartbeat | DeadLetter
 
 _encoder = msgspec.msgpack.Encoder()
 _any_decoder = msgspec.msgpack.Decoder(Message)
