@@ -1,0 +1,55 @@
+import pytest
+
+from rlq.overrides import ConfigError, apply_overrides, load_yaml
+
+BASE = {"grpo": {"max_num_steps": 100, "num_prompts_per_step": 64}, "logger": {"wandb": {"project": "p"}}}
+
+
+def test_set_existing_key_parses_yaml_scalars():
+    out = apply_overrides(BASE, ["grpo.max_num_steps=3", "logger.wandb.project=my-run"])
+    assert out["grpo"]["max_num_steps"] == 3
+    assert out["logger"]["wandb"]["project"] == "my-run"
+    assert BASE["grpo"]["max_num_steps"] == 100, "the input tree is not modified"
+
+
+def test_force_and_add_and_delete():
+    out = apply_overrides(
+        BASE, ["++grpo.num_prompts_per_step=4", "++cluster.num_nodes=1", "+grpo.val_at_start=false", "~logger.wandb"]
+    )
+    assert out["grpo"] == {"max_num_steps": 100, "num_prompts_per_step": 4, "val_at_start": False}
+    assert out["cluster"] == {"num_nodes": 1}
+    assert out["logger"] == {}
+
+
+def test_value_types():
+    out = apply_overrides({"a": {}}, ["++a.lr=1e-6", "++a.xs=[1, 2]", "++a.s='007'", "++a.n=null", "++a.t=x=y"])
+    assert out["a"] == {"lr": 1e-6, "xs": [1, 2], "s": "007", "n": None, "t": "x=y"}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("grpo.max_num_stepz=3", "unknown key grpo.max_num_stepz"),
+        ("+grpo.max_num_steps=3", "already exists"),
+        ("grpo.max_num_steps.x=3", "is not a section"),
+        ("grpo", "must look like"),
+        ("gr po=1", "not a dotted key path"),
+        ("~grpo.nothing", "unknown key"),
+    ],
+)
+def test_bad_overrides_say_what_is_wrong(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(BASE, [override])
+
+
+def test_load_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grpo: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_yaml(listy)
