@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from urllib.parse import urlsplit
 
 import redis
@@ -20,6 +21,7 @@ SOCKET_TIMEOUT_S = 30.0
 """Bounds every reply, so a stopped (SIGSTOP) server raises instead of hanging; blocking reads use less."""
 CONNECT_TIMEOUT_S = 5.0
 HEALTH_CHECK_INTERVAL_S = 15
+PASSWORD_ENV = "RLQ_REDIS_PASSWORD"
 
 
 class BrokerUnreachable(ConnectionError):
@@ -39,11 +41,16 @@ def connect(url: str, *, client_name: str = "rlq", check: bool = True) -> redis.
         BrokerUnreachable: "cannot reach Redis at HOST:PORT: reason".
         ValueError: the URL is not a Redis URL.
     """
-    scheme = urlsplit(url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"broker URL {url!r} must start with redis://, rediss:// or unix://")
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"broker URL {describe(url)} must start with redis://, rediss:// or unix://")
+    # A password kept out of the URL (so it stays out of logs and saved commands) comes from the environment.
+    extra = {}
+    if not parts.password and os.environ.get(PASSWORD_ENV):
+        extra["password"] = os.environ[PASSWORD_ENV]
     client = redis.Redis.from_url(
         url,
+        **extra,
         retry=Retry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), RETRY_ATTEMPTS),
         retry_on_error=[ConnectionError, TimeoutError],
         socket_timeout=SOCKET_TIMEOUT_S,

