@@ -39,11 +39,12 @@ def connect(url: str, *, client_name: str = "rlq", check: bool = True) -> redis.
 
     Raises:
         BrokerUnreachable: "cannot reach Redis at HOST:PORT: reason".
-        ValueError: the URL is not a Redis URL.
     """
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"broker URL {describe(url)} must start with redis://, rediss:// or unix://")
+        raise BrokerUnreachable(
+            f"cannot reach Redis at {url!r}: the broker URL must start with redis://, rediss:// or unix://"
+        )
     # A password kept out of the URL (so it stays out of logs and saved commands) comes from the environment.
     extra = {}
     if not parts.password and os.environ.get(PASSWORD_ENV):

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import typer
+
+from rlq.cli_broker import broker_server, broker_wait
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Asynchronous GRPO over Redis streams.")
 # `rlq worker generate` and `rlq worker judge` hang off this group; modules register on it.
 worker_app = typer.Typer(no_args_is_help=True, help="Run one worker role (generation or judge).")
 app.add_typer(worker_app, name="worker")
 
+app.command("broker-server")(broker_server)
+app.command("broker-wait")(broker_wait)
 # --- subcommand registration (one line per module; keep sorted) ---
 
 
 def main() -> None:
-    app()
+    from rlq.errors import run_cli
+
+    logging.basicConfig(
+        level=os.environ.get("RLQ_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    run_cli(lambda: app(standalone_mode=True))
 
 
 if __name__ == "__main__":
