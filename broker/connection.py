@@ -43,7 +43,7 @@ def connect(url: str, *, client_name: str = "rlq", check: bool = True) -> redis.
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise BrokerUnreachable(
-            f"cannot reach Redis at {url!r}: the broker URL must start with redis://, rediss:// or unix://"
+            f"cannot reach Redis at {describe(url)}: the broker URL must start with redis://, rediss:// or unix://"
         )
     # A password kept out of the URL (so it stays out of logs and saved commands) comes from the environment.
     extra = {}
