@@ -1,0 +1,133 @@
+"""Follows a run's `metrics.jsonl`: forwards each record to W&B and draws PNG curves in the run directory.
+
+The learner only appends JSON lines to a file; everything slow or fallible (W&B's network, matplotlib) happens
+here, in another process, so a tracking problem can never stall or crash training. W&B mode follows the
+tutorial: online when `WANDB_API_KEY` is set, offline otherwise (synced later with `wandb sync`), or off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CURVES: dict[str, tuple[str, ...]] = {
+    "reward.png": ("rollout/reward_mean", "eval/accuracy"),
+    "staleness.png": ("rollout/staleness_mean", "rollout/staleness_max"),
+    "sync_time.png": ("sync/broadcast_s", "sync/wait_s", "perf/step_s"),
+}
+"""PNG name -> metric keys drawn on it (keys missing from the run are skipped)."""
+
+
+@dataclass
+class WandbSettings:
+    enabled: bool = True
+    project: str = "rlq"
+    name: str | None = None
+    entity: str | None = None
+    mode: str | None = None  # "online" | "offline" | "disabled"; None = online iff WANDB_API_KEY is set
+
+
+def wandb_mode(settings: WandbSettings) -> str:
+    if not settings.enabled:
+        return "disabled"
+    if settings.mode:
+        return settings.mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+@dataclass
+class MetricsFollower:
+    """Reads new lines of `metrics.jsonl` each `poll()`; keeps every record for the curves."""
+
+    metrics_path: Path
+    wandb: WandbSettings = field(default_factory=WandbSettings)
+    config: dict[str, Any] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    _offset: int = 0
+    _run: Any = None
+    _wandb_failed: bool = False
+
+    def poll(self) -> list[dict[str, Any]]:
+        new = list(self._read_new())
+        self.records.extend(new)
+        for record in new:
+            self._log_wandb(record)
+        return new
+
+    def _read_new(self) -> Iterable[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return
+        with open(self.metrics_path, "rb") as fh:
+            fh.seek(self._offset)
+            for raw in fh:
+                if not raw.endswith(b"\n"):
+                    break  # a line still being written: read it next time
+                self._offset += len(raw)
+                try:
+                    yield json.loads(raw)
+                except json.JSONDecodeError:
+                    log.warning("skipping a malformed line in %s", self.metrics_path)
+
+    def _log_wandb(self, record: dict[str, Any]) -> None:
+        if self._wandb_failed or wandb_mode(self.wandb) == "disabled":
+            return
+        try:
+            if self._run is None:
+                import wandb
+
+                self._run = wandb.init(
+                    project=self.wandb.project, name=self.wandb.name, entity=self.wandb.entity,
+                    mode=wandb_mode(self.wandb), dir=str(self.metrics_path.parent), config=self.config,
+                    settings=wandb.Settings(init_timeout=30, silent=True),
+                )  # fmt: skip
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            self._run.log(numbers, step=int(record.get("step", 0)))
+        except Exception as exc:  # W&B must never stop a run: note it once and carry on without it.
+            self._wandb_failed = True
+            log.warning("W&B logging disabled for this run: %s", str(exc).splitlines()[0] if str(exc) else exc)
+
+    def close(self) -> None:
+        self.poll()
+        if self._run is not None:
+            try:
+                self._run.finish()
+            except Exception as exc:
+                log.warning("W&B finish failed: %s", exc)
+        draw_curves(self.records, self.metrics_path.parent)
+
+
+def draw_curves(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """Write one PNG per entry of CURVES that has data; returns the files written."""
+    if not records:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for filename, keys in CURVES.items():
+        series = {k: [(r["step"], r[k]) for r in records if k in r and "step" in r] for k in keys}
+        series = {k: v for k, v in series.items() if v}
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key, points in series.items():
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, marker=".", label=key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / filename
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
