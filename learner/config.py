@@ -1,0 +1,151 @@
+"""Typed configuration of the learner role. Knob names follow NeMo RL's `grpo.*`, `loss_fn.*`, `policy.*` and
+`checkpointing.*` wherever the meaning is the same, so the tutorial's overrides carry over.
+
+No torch import here: the CLI and the launcher validate configs without loading torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RewardShapingConfig(_Strict):
+    """DAPO soft overlong punishment (NeMo RL `grpo.reward_shaping`)."""
+
+    enabled: bool = False
+    overlong_buffer_length: int = Field(128, ge=1, description="Tokens before the limit where the penalty ramps.")
+    overlong_buffer_penalty: float = Field(1.0, ge=0, description="Penalty at (and beyond) the length limit.")
+    max_response_length: int = Field(1024, ge=1, description="Completion length at which the full penalty applies.")
+
+
+class GRPOConfig(_Strict):
+    """What one step consumes and how advantages are formed (NeMo RL `grpo.*`)."""
+
+    num_prompts_per_step: int = Field(32, ge=1, description="Groups (prompts) trained on per step.")
+    num_generations_per_prompt: int = Field(16, ge=1, description="Samples per prompt: the GRPO group size.")
+    max_num_steps: int = Field(100, ge=1, description="Stop after this policy version.")
+    normalize_rewards: bool = Field(True, description="Divide advantages by the group std (off for Dr.GRPO).")
+    use_leave_one_out_baseline: bool = Field(True, description="RLOO baseline: mean of the other samples.")
+    max_staleness: int = Field(
+        0,
+        ge=0,
+        description="Admit a group only if learner_version - group_version <= this; 0 is synchronous on-policy. "
+        "NeMo RL calls it grpo.async_grpo.max_trajectory_age_steps.",
+    )
+    use_dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards all agree (no signal).")
+    overlong_filtering: bool = Field(False, description="Truncated samples count in the baseline, get no gradient.")
+    reward_shaping: RewardShapingConfig = Field(default_factory=RewardShapingConfig)
+    seed: int = Field(42, description="Seeds data order and torch.")
+    prompts_per_message: int = Field(8, ge=1, description="Prompts per PromptBatch the feeder publishes.")
+
+
+class LossConfig(_Strict):
+    """The policy loss (NeMo RL `loss_fn.*`); see learner/loss.py for each variant."""
+
+    reference_policy_kl_penalty: float = Field(0.0, ge=0, description="Weight of k3 KL to the initial policy.")
+    ratio_clip_min: float = Field(0.2, ge=0, le=1, description="Ratio clipped below at 1 - this.")
+    ratio_clip_max: float = Field(0.2, ge=0, description="Ratio clipped above at 1 + this (DAPO: 0.28).")
+    ratio_clip_c: float | None = Field(None, gt=1, description="Dual-clip bound for negative advantages.")
+    token_level_loss: bool = Field(True, description="Average over all tokens of the step; false: per sequence.")
+    constant_length_normalizer: int | None = Field(
+        None, ge=1, description="Dr.GRPO: divide the token sum by sequences x this length instead."
+    )
+    use_importance_sampling_correction: bool = Field(
+        False, description="Weight tokens by pi_learner / pi_behaviour (truncated at the ratio below)."
+    )
+    truncated_importance_sampling_ratio: float | None = Field(2.0, gt=0, description="TIS cap; null: untruncated.")
+    use_decoupled_ppo: bool = Field(False, description="Decoupled PPO: same weight, tokens above the cap masked.")
+    decoupled_ppo_weight_cap: float | None = Field(5.0, gt=0, description="Mask threshold of the decoupled weight.")
+
+    @model_validator(mode="after")
+    def _one_correction(self) -> LossConfig:
+        if self.use_decoupled_ppo and self.use_importance_sampling_correction:
+            raise ValueError("choose one of loss_fn.use_decoupled_ppo and loss_fn.use_importance_sampling_correction")
+        return self
+
+    @property
+    def aggregation(self) -> str:
+        if self.constant_length_normalizer:
+            return "constant"
+        return "token" if self.token_level_loss else "sequence"
+
+
+class OptimizerKwargs(_Strict):
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adamw"] = "adamw"
+    kwargs: OptimizerKwargs = Field(default_factory=OptimizerKwargs)
+
+
+class PolicyConfig(_Strict):
+    """The trained model (NeMo RL `policy.*`)."""
+
+    model_name: str = Field(..., description="HF model id or local directory.")
+    tokenizer_name: str | None = Field(None, description="Defaults to model_name.")
+    max_total_sequence_length: int = Field(1024, ge=2, description="Prompt + completion tokens; longer is cut.")
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    train_global_batch_size: int | None = Field(
+        None, ge=1, description="Samples per optimizer update; null: the whole step (one update per step)."
+    )
+    train_micro_batch_size: int = Field(4, ge=1, description="Samples per forward/backward on one rank.")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    activation_checkpointing: bool = False
+
+
+class CheckpointConfig(_Strict):
+    """NeMo RL `checkpointing.*`."""
+
+    enabled: bool = True
+    checkpoint_dir: Path = Field(Path("results/grpo"), description="Where step_<N>/ directories go.")
+    save_period: int = Field(10, ge=1, description="Save every this many steps (and at the end).")
+    keep_last: int = Field(3, ge=1, description="Older checkpoints are deleted.")
+
+
+class DataConfig(_Strict):
+    path: Path = Field(..., description="Prepared examples (rlq/data.py `load_prepared`).")
+    shuffle: bool = True
+
+
+class LearnerRuntime(_Strict):
+    """How the learner role talks to the rest of the run."""
+
+    run: str = Field("rlq", description="Run name: the Redis key namespace.")
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    run_dir: Path = Field(Path("runs/rlq"), description="metrics.jsonl and ledger.jsonl go here.")
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    weight_sync_period: int = Field(1, ge=1, description="Broadcast weights every this many steps.")
+    weight_sync: Literal["auto", "collective", "filesystem", "none"] = Field(
+        "auto", description="How weights reach the generation workers."
+    )
+    read_block_ms: int = Field(1000, ge=1, description="Longest blocking read on the scored stream.")
+    data_timeout_s: float = Field(1800.0, gt=0, description="Give up when no scored group arrives for this long.")
+
+
+class LearnerConfig(_Strict):
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    loss_fn: LossConfig = Field(default_factory=LossConfig)
+    policy: PolicyConfig
+    checkpointing: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    data: DataConfig
+    learner: LearnerRuntime = Field(default_factory=LearnerRuntime)
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> LearnerConfig:
+        step = self.grpo.num_prompts_per_step * self.grpo.num_generations_per_prompt
+        gbs = self.policy.train_global_batch_size
+        if gbs is not None and step % gbs:
+            raise ValueError(f"policy.train_global_batch_size {gbs} must divide the step's {step} samples")
+        return self
