@@ -10,10 +10,14 @@ the reason and then acknowledged, so one bad message never stops a consumer and 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 
+import msgspec
 import redis
+from redis.exceptions import ResponseError
 
-from broker.schemas import DeadLetter, Message, encode
+from broker.schemas import DeadLetter, Message, MessageError, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +26,15 @@ PAYLOAD_FIELD = b"m"
 
 DONE_TTL_S = 7 * 24 * 3600
 """How long the idempotency set of a stream outlives its last publish."""
+
+ACK_CHUNK = 1000
+"""Ids per XACK command; a pipeline carries as many chunks as needed in one round trip."""
+
+MAX_CLAIM_INTERVAL_S = 5.0
+"""A consumer looks for entries of dead consumers at least this often (and every claim_idle_ms / 2)."""
+
+MAX_DEAD_PAYLOAD_BYTES = 1024 * 1024
+"""A dead letter keeps at most this much of the original payload, so it stays a decodable message itself."""
 
 # KEYS[1] stream, KEYS[2] done set; ARGV[1] idempotency key, ARGV[2] payload, ARGV[3] ttl of the done set.
 # One script, so a crash between "remember the key" and "add the entry" cannot lose or duplicate a message.
@@ -82,3 +95,265 @@ def send_dead_letter(
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One decoded message handed to a consumer; XACK `entry_id` after the hand-off."""
+
+    entry_id: str
+    message: Message
+    deliveries: int  # times Redis has delivered this entry to some consumer of the group, this one included
+    payload: bytes = b""  # the entry's original bytes, for dead-lettering after a handler failure
+
+
+class StreamProducer:
+    """Appends encoded messages to one stream; `add_many` sends a whole batch in one round trip."""
+
+    def __init__(self, r: redis.Redis, stream: str) -> None:
+        self.r = r
+        self.stream = stream
+
+    def add(self, message: Message) -> str:
+        return _text(self.r.xadd(self.stream, {PAYLOAD_FIELD: encode(message)}))
+
+    def add_many(self, messages: list[Message]) -> list[str]:
+        return self.add_encoded([encode(m) for m in messages])
+
+    def add_encoded(self, payloads: list[bytes]) -> list[str]:
+        """XADD already-encoded payloads (e.g. a dead letter's original bytes), pipelined."""
+        pipe = self.r.pipeline(transaction=False)
+        for payload in payloads:
+            pipe.xadd(self.stream, {PAYLOAD_FIELD: payload})
+        return [_text(i) for i in pipe.execute()]
+
+    def publish_once(self, idempotency_key: str, message: Message) -> bool:
+        return publish_once(self.r, self.stream, idempotency_key, message)
+
+
+class StreamConsumer:
+    """One member of a consumer group: reclaims entries of dead consumers, reads new ones, dead-letters bad ones.
+
+    `read` never raises for a bad entry: an undecodable payload, a message of the wrong kind, or an entry
+    delivered more than `max_deliveries` times is copied to `dead_stream` with the reason and acknowledged.
+    """
+
+    def __init__(
+        self,
+        r: redis.Redis,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        expected: type | None = None,
+        dead_stream: str,
+        max_deliveries: int = 5,
+        claim_idle_ms: int = 30_000,
+        block_ms: int = 1_000,
+        count: int = 64,
+    ) -> None:
+        if max_deliveries < 1 or claim_idle_ms < 0 or block_ms < 0 or count < 1:
+            raise ValueError("max_deliveries and count must be >= 1, claim_idle_ms and block_ms >= 0")
+        self.r = r
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer
+        self.expected = expected
+        self.dead_stream = dead_stream
+        self.max_deliveries = max_deliveries
+        self.claim_idle_ms = claim_idle_ms
+        self.block_ms = block_ms
+        self.count = count
+        self._claim_cursor = "0-0"
+        self._next_claim_at = 0.0  # monotonic seconds; XAUTOCLAIM costs a round trip, so it runs on a clock
+
+    def ensure_group(self, start_id: str = "0") -> None:
+        """Create the group (and the stream) if missing; `start_id` "0" lets it see entries added before it."""
+        try:
+            self.r.xgroup_create(self.stream, self.group, id=start_id, mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def read(self, count: int | None = None, block_ms: int | None = None) -> list[Delivery]:
+        """Up to `count` deliveries: reclaimed entries of dead consumers first, then new entries.
+
+        Blocks up to `block_ms` only when there is nothing to reclaim.
+        """
+        count = count or self.count
+        block = self.block_ms if block_ms is None else block_ms
+        raw = self._reclaim(count)  # [(entry_id, fields, deliveries)]
+        if len(raw) < count:
+            # BLOCK 0 would mean "forever" to Redis; block_ms=0 here means "do not wait".
+            raw += self._read_new(count - len(raw), None if raw or block <= 0 else block)
+        return self._decode_all(raw)
+
+    def ack(self, entry_ids: list[str]) -> int:
+        """XACK the ids in one round trip; returns how many were still pending."""
+        if not entry_ids:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for start in range(0, len(entry_ids), ACK_CHUNK):
+            pipe.xack(self.stream, self.group, *entry_ids[start : start + ACK_CHUNK])
+        return sum(pipe.execute())
+
+    def release(self, entry_ids: list[str]) -> None:
+        """Negative acknowledgement: make the entries reclaimable at once instead of after `claim_idle_ms`.
+
+        They stay pending (nothing is lost); the next `read` of any consumer of the group takes them over and
+        the delivery count goes up, so a message that keeps failing ends in the dead stream.
+        """
+        if entry_ids:
+            self.r.xclaim(self.stream, self.group, self.consumer, 0, entry_ids, idle=self.claim_idle_ms, justid=True)
+            self._next_claim_at = 0.0
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> str:
+        """Give up on a decoded message (the handler rejected it for good): dead-letter it and acknowledge it."""
+        return self._dead_letter(delivery.entry_id, delivery.payload, reason, delivery.deliveries)
+
+    def _reclaim(self, count: int) -> list[tuple[str, dict | None, int]]:
+        now_s = time.monotonic()
+        if now_s < self._next_claim_at:
+            return []
+        self._next_claim_at = now_s + min(self.claim_idle_ms / 2000.0, MAX_CLAIM_INTERVAL_S)
+        claimed: list[tuple[str, dict | None]] = []
+        while len(claimed) < count:
+            reply = self.r.xautoclaim(
+                self.stream, self.group, self.consumer, self.claim_idle_ms, self._claim_cursor, count - len(claimed)
+            )
+            self._claim_cursor = _text(reply[0])
+            claimed += [(_text(i), f) for i, f in reply[1]]
+            if self._claim_cursor == "0-0":
+                break
+        if not claimed:
+            return []
+        counts = self._delivery_counts([i for i, _ in claimed])
+        log.info("reclaimed %d idle entries of %s/%s", len(claimed), self.stream, self.group)
+        return [(i, f, counts.get(i, self.max_deliveries + 1)) for i, f in claimed]
+
+    def _delivery_counts(self, entry_ids: list[str]) -> dict[str, int]:
+        pipe = self.r.pipeline(transaction=False)
+        for entry_id in entry_ids:
+            pipe.xpending_range(self.stream, self.group, entry_id, entry_id, 1)
+        rows = [row for reply in pipe.execute() for row in reply]
+        return {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
+
+    def _read_new(self, count: int, block_ms: int | None) -> list[tuple[str, dict | None, int]]:
+        try:
+            reply = self.r.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("group %s of %s is missing; recreating it", self.group, self.stream)
+            self.ensure_group()
+            return []
+        # A fresh entry has been delivered exactly once: this time.
+        return [(_text(i), f, 1) for _, entries in reply or [] for i, f in entries]
+
+    def _decode_all(self, raw: list[tuple[str, dict | None, int]]) -> list[Delivery]:
+        out: list[Delivery] = []
+        for entry_id, fields, deliveries in raw:
+            payload, problem = _payload_of(fields)
+            if problem is None and deliveries > self.max_deliveries:
+                problem = f"delivered {deliveries} times without an ack (max_deliveries={self.max_deliveries})"
+            if problem is None:
+                try:
+                    out.append(Delivery(entry_id, decode(payload, self.expected), deliveries, payload))
+                    continue
+                except MessageError as exc:
+                    problem = str(exc)
+            if fields is None:  # deleted while pending: there is nothing left to deliver or to save
+                log.warning("pending entry %s of %s no longer exists; acknowledging it", entry_id, self.stream)
+                self.ack([entry_id])
+                continue
+            self._dead_letter(entry_id, payload, problem, deliveries)
+        return out
+
+    def _dead_letter(self, entry_id: str, payload: bytes, reason: str, deliveries: int) -> str:
+        if len(payload) > MAX_DEAD_PAYLOAD_BYTES:
+            # The original is still in the source stream at entry_id until it is trimmed; copying it would
+            # make the dead letter itself undecodable.
+            reason = f"{reason} (payload of {len(payload)} bytes cut to its first {MAX_DEAD_PAYLOAD_BYTES})"
+            payload = payload[:MAX_DEAD_PAYLOAD_BYTES]
+        dead_id = send_dead_letter(
+            self.r,
+            self.dead_stream,
+            source_stream=self.stream,
+            entry_id=entry_id,
+            reason=reason,
+            deliveries=deliveries,
+            payload=payload,
+            consumer=self.consumer,
+        )
+        self.r.xack(self.stream, self.group, entry_id)
+        return dead_id
+
+
+def _payload_of(fields: dict | None) -> tuple[bytes, str | None]:
+    """The entry's payload, or its raw fields re-packed and the reason it is not a valid entry."""
+    if fields is None:
+        return b"", "entry was deleted while pending"
+    payload = fields.get(PAYLOAD_FIELD)
+    if payload is not None and len(fields) == 1:
+        return payload, None
+    # Keep whatever was there so `rlq dlq list` can show it; msgpack of the raw field map.
+    return msgspec.msgpack.encode(fields), f"entry fields {sorted(fields)} are not exactly [{PAYLOAD_FIELD!r}]"
+
+
+# Trimming ----------------------------------------------------------------------------------------------------
+
+# KEYS[1] stream; ARGV[1] exclusive upper id, ARGV[2] n. The id of the n-th entry below ARGV[1], counting
+# down, so the client learns a boundary without pulling n payloads over the wire.
+_NTH_BELOW_LUA = """
+local rows = redis.call('XREVRANGE', KEYS[1], '(' .. ARGV[1], '-', 'COUNT', ARGV[2])
+if #rows < tonumber(ARGV[2]) then return false end
+return rows[#rows][1]
+"""
+
+
+def trim_floor(r: redis.Redis, stream: str) -> str | None:
+    """The lowest id any consumer group still needs: its oldest pending entry or the first entry it has not read.
+
+    None when the stream has no groups (nobody has acknowledged anything, so nothing may go).
+    """
+    groups = r.xinfo_groups(stream)
+    if not groups:
+        return None
+    floors = []
+    for group in groups:
+        floors.append(_next_id(_text(group["last-delivered-id"])))
+        if int(group["pending"]):
+            floors.append(_text(r.xpending(stream, group["name"])["min"]))
+    return min(floors, key=_id_key)
+
+
+def safe_trim(r: redis.Redis, stream: str, *, keep_acked: int = 0, approximate: bool = False) -> int:
+    """Drop entries every group has acknowledged, keeping the newest `keep_acked` of them; returns how many.
+
+    Uses XTRIM MINID at the oldest id any group still needs (pending, or not yet delivered), never MAXLEN,
+    which would silently drop un-acknowledged entries.
+    """
+    if not r.exists(stream):
+        return 0
+    floor = trim_floor(r, stream)
+    if floor is None:
+        return 0
+    if keep_acked > 0:
+        nth = r.eval(_NTH_BELOW_LUA, 1, stream, floor, keep_acked)
+        if nth is None:
+            return 0
+        floor = min(floor, _text(nth), key=_id_key)
+    removed = int(r.xtrim(stream, minid=floor, approximate=approximate))
+    if removed:
+        log.info("trimmed %d acknowledged entries of %s below %s", removed, stream, floor)
+    return removed
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _next_id(entry_id: str) -> str:
+    ms, seq = _id_key(entry_id)
+    return f"{ms}-{seq + 1}"
