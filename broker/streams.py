@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import redis
@@ -93,7 +94,8 @@ def send_dead_letter(
     return _text(dead_id)
 
 
-def _text(value: bytes | str) -> str:
+def _text(value: Any) -> str:
+    # redis-py types every reply as `Awaitable | Any`; replies here are bytes (or str) ids.
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -204,7 +206,8 @@ class StreamConsumer:
         the delivery count goes up, so a message that keeps failing ends in the dead stream.
         """
         if entry_ids:
-            self.r.xclaim(self.stream, self.group, self.consumer, 0, entry_ids, idle=self.claim_idle_ms, justid=True)
+            ids: list[Any] = list(entry_ids)
+            self.r.xclaim(self.stream, self.group, self.consumer, 0, ids, idle=self.claim_idle_ms, justid=True)
             self._next_claim_at = 0.0
 
     def dead_letter(self, delivery: Delivery, reason: str) -> str:
@@ -218,7 +221,7 @@ class StreamConsumer:
         self._next_claim_at = now_s + min(self.claim_idle_ms / 2000.0, MAX_CLAIM_INTERVAL_S)
         claimed: list[tuple[str, dict | None]] = []
         while len(claimed) < count:
-            reply = self.r.xautoclaim(
+            reply: Any = self.r.xautoclaim(
                 self.stream, self.group, self.consumer, self.claim_idle_ms, self._claim_cursor, count - len(claimed)
             )
             self._claim_cursor = _text(reply[0])
@@ -240,7 +243,7 @@ class StreamConsumer:
 
     def _read_new(self, count: int, block_ms: int | None) -> list[tuple[str, dict | None, int]]:
         try:
-            reply = self.r.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms)
+            reply: Any = self.r.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -316,14 +319,15 @@ def trim_floor(r: redis.Redis, stream: str) -> str | None:
 
     None when the stream has no groups (nobody has acknowledged anything, so nothing may go).
     """
-    groups = r.xinfo_groups(stream)
+    groups: Any = r.xinfo_groups(stream)
     if not groups:
         return None
     floors = []
     for group in groups:
         floors.append(_next_id(_text(group["last-delivered-id"])))
         if int(group["pending"]):
-            floors.append(_text(r.xpending(stream, group["name"])["min"]))
+            summary: Any = r.xpending(stream, group["name"])
+            floors.append(_text(summary["min"]))
     return min(floors, key=_id_key)
 
 
@@ -339,14 +343,14 @@ def safe_trim(r: redis.Redis, stream: str, *, keep_acked: int = 0, approximate: 
     if floor is None:
         return 0
     if keep_acked > 0:
-        nth = r.eval(_NTH_BELOW_LUA, 1, stream, floor, keep_acked)
+        nth = r.eval(_NTH_BELOW_LUA, 1, stream, floor, str(keep_acked))
         if nth is None:
             return 0
         floor = min(floor, _text(nth), key=_id_key)
-    removed = int(r.xtrim(stream, minid=floor, approximate=approximate))
+    removed: Any = r.xtrim(stream, minid=floor, approximate=approximate)
     if removed:
         log.info("trimmed %d acknowledged entries of %s below %s", removed, stream, floor)
-    return removed
+    return int(removed)
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
