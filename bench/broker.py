@@ -1,0 +1,176 @@
+"""Broker throughput: RolloutGroups through XADD -> XREADGROUP -> XACK against the same bytes through SET/GET.
+
+One run starts its own redis-server, then times, interleaved and best of `--repeats`:
+  * project: a real RolloutGroup (16 samples x 1024 tokens, int32 ids + float32 logprobs, ~128 KB) encoded,
+    appended with StreamProducer.add_many (pipelined XADD), read back with StreamConsumer.read (batched
+    XREADGROUP + decode + validation) and acknowledged with StreamConsumer.ack (one XACK per batch);
+  * raw: the same encoded bytes through pipelined SET then pipelined GET, no encode/decode at all;
+  * naive: one message at a time (XADD, XREADGROUP COUNT 1, XACK), for reference.
+Prints the figures and writes bench/results/broker.json.
+
+    python bench/broker.py [--groups 2000] [--batch 64] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Run as `python bench/broker.py`, this file's folder would come first on sys.path and shadow the `broker`
+# package with this very module; the repository root goes there instead.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
+
+import numpy as np  # noqa: E402
+
+from broker.connection import connect  # noqa: E402
+from broker.schemas import Array, Prompt, RolloutGroup, Sample, encode  # noqa: E402
+from broker.server import RedisServer  # noqa: E402
+from broker.streams import StreamConsumer, StreamProducer  # noqa: E402
+
+RESULT = Path(__file__).parent / "results" / "broker.json"
+TARGET_GROUPS_S = 3000.0
+TARGET_RATIO = 0.90
+
+
+def make_group(i: int, n_samples: int = 16, length: int = 1024) -> RolloutGroup:
+    rng = np.random.default_rng(i)
+    samples = [
+        Sample(
+            token_ids=Array.from_numpy(rng.integers(0, 151_000, length), "int32"),
+            logprobs=Array.from_numpy(-rng.random(length, dtype=np.float32), "float32"),
+            finish_reason="stop",
+        )
+        for _ in range(n_samples)
+    ]
+    prompt = Prompt(prompt_id=f"p{i}", token_ids=Array.from_numpy(np.arange(128), "int32"), ground_truth="42")
+    return RolloutGroup(
+        group_id=f"p{i}@b0", batch_id="b0", prompt=prompt, samples=samples, policy_version=1, worker_id="bench"
+    )
+
+
+def run_project(r, groups: list[RolloutGroup], batch: int) -> float:
+    """Seconds to push every group through the stream and back, batch by batch."""
+    stream = "bench:stream"
+    r.delete(stream)
+    producer = StreamProducer(r, stream)
+    consumer = StreamConsumer(
+        r, stream, "g", "c0", expected=RolloutGroup, dead_stream="bench:dead", claim_idle_ms=60_000, count=batch
+    )
+    consumer.ensure_group()
+    received = 0
+    start = time.perf_counter()
+    for lo in range(0, len(groups), batch):
+        producer.add_many(groups[lo : lo + batch])
+        deliveries = consumer.read(count=batch, block_ms=0)
+        received += len(deliveries)
+        consumer.ack([d.entry_id for d in deliveries])
+    elapsed = time.perf_counter() - start
+    assert received == len(groups), f"lost messages: {received} of {len(groups)}"
+    assert r.xlen("bench:dead") == 0
+    r.delete(stream)
+    return elapsed
+
+
+def run_raw(r, payloads: list[bytes], batch: int) -> float:
+    """Seconds to SET then GET the same bytes, pipelined batch by batch."""
+    start = time.perf_counter()
+    moved = 0
+    for lo in range(0, len(payloads), batch):
+        chunk = payloads[lo : lo + batch]
+        pipe = r.pipeline(transaction=False)
+        for j, payload in enumerate(chunk):
+            pipe.set(f"bench:raw:{lo + j}", payload)
+        pipe.execute()
+        pipe = r.pipeline(transaction=False)
+        for j in range(len(chunk)):
+            pipe.get(f"bench:raw:{lo + j}")
+        moved += sum(len(v) for v in pipe.execute())
+    elapsed = time.perf_counter() - start
+    assert moved == sum(len(p) for p in payloads)
+    r.flushdb()
+    return elapsed
+
+
+def run_naive(r, groups: list[RolloutGroup]) -> float:
+    """Seconds for the one-message-at-a-time loop: XADD, XREADGROUP COUNT 1, XACK per group."""
+    stream = "bench:naive"
+    r.delete(stream)
+    r.xgroup_create(stream, "g", id="0", mkstream=True)
+    start = time.perf_counter()
+    for group in groups:
+        r.xadd(stream, {b"m": encode(group)})
+        ((_, ((entry_id, _fields),)),) = r.xreadgroup("g", "c0", {stream: ">"}, count=1)
+        r.xack(stream, "g", entry_id)
+    elapsed = time.perf_counter() - start
+    r.delete(stream)
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--groups", type=int, default=2000, help="groups per timed pass")
+    parser.add_argument("--batch", type=int, default=64, help="groups per XADD pipeline / XREADGROUP / XACK")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes per path; the best one counts")
+    parser.add_argument("--no-write", action="store_true", help="print only, do not write the result file")
+    args = parser.parse_args()
+
+    distinct = [make_group(i) for i in range(64)]
+    groups = [distinct[i % len(distinct)] for i in range(args.groups)]
+    payloads = [encode(g) for g in groups]
+    group_bytes = len(payloads[0])
+
+    with tempfile.TemporaryDirectory() as tmp, RedisServer(directory=Path(tmp)) as server:
+        r = connect(server.url)
+        run_project(r, groups[: args.batch * 4], args.batch)  # warm-up: connections, allocator, code paths
+        run_raw(r, payloads[: args.batch * 4], args.batch)
+        project_s, raw_s = [], []
+        for _ in range(args.repeats):  # interleaved, so a noisy neighbour hurts both paths alike
+            project_s.append(run_project(r, groups, args.batch))
+            raw_s.append(run_raw(r, payloads, args.batch))
+        naive_n = min(args.groups, 1000)
+        naive_s = min(run_naive(r, groups[:naive_n]) for _ in range(2))
+        r.close()
+
+    project = args.groups / min(project_s)
+    raw = args.groups / min(raw_s)
+    figures = {
+        "group_bytes": group_bytes,
+        "groups_per_pass": args.groups,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "project_groups_per_s": round(project, 1),
+        "raw_set_get_groups_per_s": round(raw, 1),
+        "ratio_to_raw": round(project / raw, 3),
+        "project_MB_per_s": round(project * group_bytes / 1e6, 1),
+        "naive_one_at_a_time_groups_per_s": round(naive_n / naive_s, 1),
+        "project_groups_per_s_median": round(args.groups / float(np.median(project_s)), 1),
+        "raw_groups_per_s_median": round(args.groups / float(np.median(raw_s)), 1),
+    }
+    targets = {"project_groups_per_s": f">= {TARGET_GROUPS_S:g}", "ratio_to_raw": f">= {TARGET_RATIO:g}"}
+    met = project >= TARGET_GROUPS_S and project / raw >= TARGET_RATIO
+    for name, value in figures.items():
+        print(f"{name:36s} {value}")
+    print(f"{'targets met':36s} {met}")
+    if not args.no_write:
+        result = {
+            "bench": "broker",
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''} "
+            f"python {platform.python_version()}".strip(),
+            "figures": figures,
+            "targets": targets,
+            "met": met,
+        }
+        RESULT.parent.mkdir(parents=True, exist_ok=True)
+        RESULT.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
