@@ -1,0 +1,122 @@
+"""The run config: one YAML file composing every role's typed config, plus the tutorial-style overrides.
+
+Sections follow NeMo RL's names where the meaning is the same (`grpo`, `loss_fn`, `policy`, `checkpointing`,
+`logger`, `cluster`), so the tutorial's command-line overrides work unchanged; `policy.generation` holds the
+generation workers' settings and `env.math` the judges' (NeMo Gym's `math_with_judge` resources server).
+No torch or vLLM import here: every entry point validates its config before loading anything heavy.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from broker.keys import check_run_name
+from learner.config import (
+    CheckpointConfig,
+    DataConfig,
+    GRPOConfig,
+    LearnerConfig,
+    LearnerRuntime,
+    LossConfig,
+    PolicyConfig,
+)
+from rlq.overrides import apply_overrides, load_yaml
+from workers.generate_config import GenerationConfig
+from workers.judge_config import JudgeConfig
+
+BROKER_URL_ENV = "RLQ_BROKER_URL"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BrokerConfig(_Strict):
+    url: str | None = Field(
+        None,
+        description="Redis URL (redis:// or rediss://, no password: that comes from RLQ_REDIS_PASSWORD). "
+        "null: `rlq train` starts a private redis-server; the roles then read RLQ_BROKER_URL.",
+    )
+
+
+class ClusterConfig(_Strict):
+    """How many processes of each role `rlq train` starts on this machine."""
+
+    num_nodes: int = Field(1, ge=1, description="Nodes of the learner (torchrun --nnodes); 1 for `rlq train`.")
+    learner_procs_per_node: int = Field(1, ge=1, description="Learner ranks per node (torchrun --nproc-per-node).")
+    generation_workers: int = Field(1, ge=1, description="`rlq worker generate` processes.")
+    judge_workers: int = Field(1, ge=1, description="Celery worker processes (`--concurrency`) of the judge role.")
+
+
+class WandbConfig(_Strict):
+    project: str = "rlq"
+    name: str | None = None
+    entity: str | None = None
+    mode: str | None = Field(None, description="online | offline | disabled; null: online iff WANDB_API_KEY set.")
+
+
+class LoggerConfig(_Strict):
+    log_dir: Path = Field(Path("runs/default"), description="The run directory: logs, metrics.jsonl, curves.")
+    wandb_enabled: bool = Field(True, description="Log to W&B (online with WANDB_API_KEY, else offline).")
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+
+class RunPolicyConfig(PolicyConfig):
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+
+class EnvConfig(_Strict):
+    math: JudgeConfig = Field(default_factory=JudgeConfig)
+
+
+class RunConfig(_Strict):
+    run_name: str = Field("default", description="Names the run's Redis keys; letters, digits, '_', '.', '-'.")
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    loss_fn: LossConfig = Field(default_factory=LossConfig)
+    policy: RunPolicyConfig
+    checkpointing: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    data: DataConfig
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    logger: LoggerConfig = Field(default_factory=LoggerConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        check_run_name(self.run_name)
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.logger.log_dir
+
+    def broker_url(self) -> str:
+        """The configured URL, else the one the launcher exported for its private server."""
+        url = self.broker.url or os.environ.get(BROKER_URL_ENV)
+        if not url:
+            raise ValueError(f"no broker: set broker.url=redis://HOST:PORT/0 or {BROKER_URL_ENV}")
+        return url
+
+    def learner_config(self) -> LearnerConfig:
+        policy = PolicyConfig(**self.policy.model_dump(exclude={"generation"}))
+        runtime_fields = {"run": self.run_name, "broker_url": self.broker_url(), "run_dir": self.run_dir}
+        return LearnerConfig(
+            grpo=self.grpo, loss_fn=self.loss_fn, policy=policy, checkpointing=self.checkpointing, data=self.data,
+            learner=LearnerRuntime(**runtime_fields),
+        )  # fmt: skip
+
+
+def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read `path`, apply overrides, validate. Raises ConfigError / pydantic.ValidationError (one-line in the CLI)."""
+    tree = apply_overrides(load_yaml(path), list(overrides))
+    return RunConfig.model_validate(tree)
+
+
+def save_resolved(cfg: RunConfig, path: Path) -> None:
+    """Write the fully resolved config (defaults included) so the run can be repeated exactly."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
