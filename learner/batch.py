@@ -43,6 +43,7 @@ class TrainSample:
     behaviour_logprobs: np.ndarray  # float32 [L - prompt_len]
     advantage: float
     trainable: bool = True  # False: overlong-filtered, in its group's baseline but out of the loss
+    prox_logprobs: np.ndarray | None = None  # float32 [L - prompt_len], learner logprobs before the step
 
     @property
     def completion_len(self) -> int:
@@ -212,11 +213,15 @@ class Feeder:
             self._order = (epoch, order)
         return self._order[1][offset]
 
-    def top_up(self, learner_version: int) -> int:
-        """Publish until the window is full; returns how many prompts went out."""
+    def top_up(self, learner_version: int, held: int = 0) -> int:
+        """Publish until the window is full; returns how many prompts went out.
+
+        Args:
+            held: groups already back but not trained yet; they occupy the window like prompts in flight.
+        """
         sent = 0
-        while self.in_flight + 1 <= self.window:
-            n = min(self.cfg.prompts_per_message, self.window - self.in_flight)
+        while self.in_flight + held < self.window:
+            n = min(self.cfg.prompts_per_message, self.window - self.in_flight - held)
             batch_id = f"{self.run}-b{self.cursor:09d}"
             prompts = [self.prompt_at(self._index(self.cursor + i)) for i in range(n)]
             message = PromptBatch(
@@ -251,6 +256,26 @@ class Collector:
         self.buffer: list[ScoredGroup] = []  # read, admitted when read, not trained yet
         self.seen: set[str] = set()
         self._unacked: list[str] = []
+        self._carried: dict[str, list[str]] = {}  # drops found by `recover`, reported with the next step
+
+    def recover(self, pending: int, learner_version: int) -> int:
+        """Take back the `pending` entries a killed predecessor read but never acknowledged; returns how many.
+
+        They were read after its last checkpoint, so the restored model has not trained on them.
+        """
+        if pending <= 0:
+            return 0
+        idle = self.consumer.claim_idle_ms
+        self.consumer.claim_idle_ms = 0
+        try:
+            deliveries = self.consumer.read(count=pending, block_ms=0)
+        finally:
+            self.consumer.claim_idle_ms = idle
+        result = CollectResult(groups=[], dropped=self._carried)
+        for delivery in deliveries:
+            self._unacked.append(delivery.entry_id)
+            self._accept(delivery.message, learner_version, result)
+        return len(deliveries)
 
     def collect(self, learner_version: int, *, timeout_s: float) -> CollectResult:
         """Block until `num_prompts_per_step` admissible groups are at hand.
@@ -259,11 +284,12 @@ class Collector:
             TimeoutError: no scored group arrived for `timeout_s`.
         """
         need = self.cfg.num_prompts_per_step
-        result = CollectResult(groups=[])
+        result = CollectResult(groups=[], dropped=self._carried)
+        self._carried = {}
         start = last_progress = time.monotonic()
         self._refilter(learner_version, result)
         while len(self.buffer) < need:
-            self.feeder.top_up(learner_version)
+            self.feeder.top_up(learner_version, held=len(self.buffer))
             deliveries = self.consumer.read(block_ms=self.read_block_ms)
             if deliveries:
                 last_progress = time.monotonic()
@@ -272,8 +298,9 @@ class Collector:
                 self._accept(delivery.message, learner_version, result)
             if time.monotonic() - last_progress > timeout_s:
                 raise TimeoutError(f"no scored group for {timeout_s:.0f} s ({self.feeder.in_flight} prompts in flight)")
+        # No refill here: a prompt published now, while this step's groups train, would be trained at
+        # learner_version + max_staleness + 1 at the earliest; the next collect refills after the update.
         result.groups, self.buffer = self.buffer[:need], self.buffer[need:]
-        self.feeder.top_up(learner_version)  # refill at once so generation overlaps the step
         result.wait_s = time.monotonic() - start
         return result
 

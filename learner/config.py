@@ -132,6 +132,9 @@ class LearnerRuntime(_Strict):
     )
     read_block_ms: int = Field(1000, ge=1, description="Longest blocking read on the scored stream.")
     data_timeout_s: float = Field(1800.0, gt=0, description="Give up when no scored group arrives for this long.")
+    check_replicas_every: int = Field(
+        0, ge=0, description="Every this many steps compare a parameter checksum across ranks (0: never)."
+    )
 
 
 class LearnerConfig(_Strict):

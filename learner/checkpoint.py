@@ -1,0 +1,191 @@
+"""Checkpoints that lose nothing, and the ledger that proves it.
+
+`<checkpoint_dir>/step_<N>/`:
+- `policy/`: a Hugging Face directory (config, safetensors weights, tokenizer) that transformers and vLLM load.
+- `optimizer.safetensors` + `optimizer.json`: optimizer tensors and param groups (no pickle anywhere).
+- `rng.safetensors` + `learner_state.json`: torch/numpy/python RNG, policy version, data cursor, prompts in
+  flight, group ids seen.
+- `pending_groups.msgpack`: scored groups acknowledged on the stream but not yet trained on.
+
+A checkpoint is written to a temporary directory and renamed into place, then `latest` is replaced: a crash at
+any moment leaves the previous checkpoint intact. `<run_dir>/ledger.jsonl` lists the groups each step trained
+on (and those it dropped, with the reason); on resume the steps after the checkpoint are moved to
+`ledger.discarded.jsonl`, so the ledger always describes exactly the model that exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+LEDGER = "ledger.jsonl"
+DISCARDED = "ledger.discarded.jsonl"
+
+
+def step_dir(checkpoint_dir: Path, step: int) -> Path:
+    return checkpoint_dir / f"step_{step}"
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    pointer = checkpoint_dir / LATEST
+    if not pointer.exists():
+        return None
+    path = checkpoint_dir / pointer.read_text().strip()
+    if not (path / "learner_state.json").exists():
+        raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
+    return path
+
+
+def save_checkpoint(
+    checkpoint_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    tokenizer,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    pending_groups: bytes,
+    *,
+    keep_last: int = 3,
+) -> Path:
+    """Write step `step` atomically and make it the latest; returns its directory."""
+    final = step_dir(checkpoint_dir, step)
+    tmp = checkpoint_dir / f".step_{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "policy", safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp / "policy")
+    _save_optimizer(optimizer, tmp)
+    save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    full_state = {**state, "step": step, "rng": _host_rng_state()}
+    (tmp / "learner_state.json").write_text(json.dumps(full_state))
+    (tmp / "pending_groups.msgpack").write_bytes(pending_groups)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _write_atomic(checkpoint_dir / LATEST, final.name)
+    _prune(checkpoint_dir, keep_last)
+    return final
+
+
+def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer | None) -> tuple[dict, bytes]:
+    """Restore optimizer and RNG from `path` (the model is loaded from `path/policy` by the caller).
+
+    Returns:
+        (learner state dict, pending groups bytes).
+    """
+    if optimizer is not None:
+        _load_optimizer(optimizer, path)
+    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    state = json.loads((path / "learner_state.json").read_text())
+    _set_host_rng_state(state["rng"])
+    return state, (path / "pending_groups.msgpack").read_bytes()
+
+
+def _save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    sd = optimizer.state_dict()
+    tensors = {
+        f"{index}.{name}": value.detach().contiguous().cpu()
+        for index, per_param in sd["state"].items()
+        for name, value in per_param.items()
+        if torch.is_tensor(value)
+    }
+    scalars = {
+        f"{index}.{name}": value
+        for index, per_param in sd["state"].items()
+        for name, value in per_param.items()
+        if not torch.is_tensor(value)
+    }
+    save_file(tensors, str(directory / "optimizer.safetensors"))
+    (directory / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    meta = json.loads((directory / "optimizer.json").read_text())
+    state: dict[int, dict] = {}
+    for key, value in {**load_file(str(directory / "optimizer.safetensors")), **meta["scalars"]}.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _host_rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+
+
+def _set_host_rng_state(rng: dict) -> None:
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _prune(checkpoint_dir: Path, keep_last: int) -> None:
+    steps = sorted(
+        (int(p.name.split("_", 1)[1]), p)
+        for p in checkpoint_dir.glob("step_*")
+        if p.is_dir() and p.name.split("_", 1)[1].isdigit()
+    )
+    for _, path in steps[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Ledger:
+    """`<run_dir>/ledger.jsonl`: one line per step, `{"step", "trained": [group ids], "dropped": {reason: [...]}}`."""
+
+    def __init__(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / LEDGER
+        self.discarded = run_dir / DISCARDED
+
+    def append(self, step: int, trained: list[str], dropped: dict[str, list[str]]) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, "trained": trained, "dropped": dropped}) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def rewind(self, step: int) -> int:
+        """Keep steps <= `step` (the checkpoint resumed from); move later ones aside. Returns lines moved."""
+        if not self.path.exists():
+            return 0
+        keep, later = [], []
+        for line in self.path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the kill: it belonged to an unfinished step
+                continue
+            (keep if record["step"] <= step else later).append(line)
+        if later:
+            with open(self.discarded, "a", encoding="utf-8") as fh:
+                fh.writelines(f"{line}\n" for line in later)
+        _write_atomic(self.path, "".join(f"{line}\n" for line in keep))
+        return len(later)
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

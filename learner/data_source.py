@@ -1,0 +1,68 @@
+"""Training prompts for the feeder: rows of a prepared JSONL file turned into tokenised `Prompt`s.
+
+The file is what `rlq prepare-data` writes (one JSON object per line: an id, the chat `messages`, the
+`ground_truth` and the `verifier` name). It is read here rather than through `rlq.data` because roles never
+import the front door; the row format is the contract between the two.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from broker.schemas import Array, Prompt
+from learner.config import LearnerConfig
+
+log = logging.getLogger(__name__)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Every row of a prepared JSONL file. Raises ValueError naming the line of a malformed row."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
+            if "messages" not in row and "prompt" not in row:
+                raise ValueError(f"{path}:{number}: row has neither 'messages' nor 'prompt'")
+            rows.append(row)
+    return rows
+
+
+def row_messages(row: dict) -> list[dict]:
+    if "messages" in row:
+        return list(row["messages"])
+    return [{"role": "user", "content": str(row["prompt"])}]
+
+
+def prompt_from_row(row: dict, index: int, tokenizer) -> Prompt:
+    """Apply the chat template (with the generation prompt) and pack the token ids."""
+    text = tokenizer.apply_chat_template(row_messages(row), add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return Prompt(
+        prompt_id=str(row.get("prompt_id") or row.get("id") or f"row-{index:07d}"),
+        token_ids=Array.from_numpy(ids, "int32"),
+        ground_truth=str(row.get("ground_truth", row.get("answer", ""))),
+        verifier=str(row.get("verifier", "math")),
+        text=text,
+    )
+
+
+def prompt_source(cfg: LearnerConfig, tokenizer) -> tuple[Callable[[int], Prompt], int]:
+    """(index -> Prompt, number of rows); prompts are tokenised on first use and cached."""
+    rows = read_rows(Path(cfg.data.path))
+    cache: dict[int, Prompt] = {}
+
+    def prompt_at(index: int) -> Prompt:
+        if index not in cache:
+            cache[index] = prompt_from_row(rows[index], index, tokenizer)
+        return cache[index]
+
+    log.info("%d training prompts from %s", len(rows), cfg.data.path)
+    return prompt_at, len(rows)

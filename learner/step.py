@@ -1,0 +1,267 @@
+"""One training step on one rank: padding, the logprob forward, micro-batched backward, the optimizer update.
+
+Only completion positions go through the LM head (`PolicyLogprobs`), so the [tokens, vocab] logits cover the
+tokens that train and not the prompt. Loss normalisers are global (whole update, all ranks; see
+`learner.batch.Minibatch`) and each rank's loss is multiplied by the world size, so DDP's gradient *average*
+yields the gradient of the global objective whatever the split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from learner.batch import Minibatch, TrainSample
+from learner.loss import LossSettings, entropy_from_logits, policy_loss, token_logprobs
+
+log = logging.getLogger(__name__)
+
+STAT_KEYS = (
+    "tokens",
+    "pg_loss_sum",
+    "clipped_sum",
+    "ratio_sum",
+    "is_weight_sum",
+    "kl_sum",
+    "mult_prob_error_sum",
+    "entropy_sum",
+    "loss_sum",
+    "all_tokens",
+    "updates",
+    "grad_norm_sum",
+)
+
+
+class PolicyLogprobs(nn.Module):
+    """Wraps a causal LM; returns logprobs and entropies of the selected next-token predictions only."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pred_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: input_ids, attention_mask, pred_mask: [B, L]; pred_mask marks positions whose next token trains.
+
+        Returns:
+            (logprobs [K], entropy [K]) for the K marked positions, row-major.
+        """
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        targets = input_ids[:, 1:][pred_mask[:, :-1]]  # [K]
+        logits = self.model.get_output_embeddings()(hidden[pred_mask])  # [K, V]
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits)  # [K]
+        return token_logprobs(logits, targets), entropy
+
+
+@dataclass
+class Micro:
+    """A padded micro-batch (right padding)."""
+
+    input_ids: torch.Tensor  # int64 [B, L]
+    attention_mask: torch.Tensor  # int64 [B, L]
+    pred_mask: torch.Tensor  # bool [B, L]: position t predicts completion token t+1
+    comp_mask: torch.Tensor  # bool [B, T]: real completion slots
+    loss_mask: torch.Tensor  # float [B, T]: slots that train (overlong-filtered samples are 0)
+    behaviour: torch.Tensor  # float32 [B, T]
+    prox: torch.Tensor | None  # float32 [B, T]
+    advantages: torch.Tensor  # float32 [B]
+
+
+def collate(samples: list[TrainSample], device: torch.device, pad_id: int = 0) -> Micro:
+    """Right-pad `samples` into one micro-batch."""
+    b = len(samples)
+    seq_len = max(len(s.input_ids) for s in samples)
+    comp_len = max(max(s.completion_len for s in samples), 1)
+    input_ids = np.full((b, seq_len), pad_id, dtype=np.int64)
+    attention = np.zeros((b, seq_len), dtype=np.int64)
+    pred = np.zeros((b, seq_len), dtype=bool)
+    comp = np.zeros((b, comp_len), dtype=bool)
+    behaviour = np.zeros((b, comp_len), dtype=np.float32)
+    prox = np.zeros((b, comp_len), dtype=np.float32)
+    for i, s in enumerate(samples):
+        n, c = len(s.input_ids), s.completion_len
+        input_ids[i, :n] = s.input_ids
+        attention[i, :n] = 1
+        pred[i, s.prompt_len - 1 : n - 1] = True
+        comp[i, :c] = True
+        behaviour[i, :c] = s.behaviour_logprobs
+        if s.prox_logprobs is not None:
+            prox[i, :c] = s.prox_logprobs
+    trainable = torch.tensor([s.trainable for s in samples], dtype=torch.float32)  # [B]
+    comp_t = torch.from_numpy(comp)
+    return Micro(
+        input_ids=torch.from_numpy(input_ids).to(device),
+        attention_mask=torch.from_numpy(attention).to(device),
+        pred_mask=torch.from_numpy(pred).to(device),
+        comp_mask=comp_t.to(device),
+        loss_mask=(comp_t.float() * trainable[:, None]).to(device),
+        behaviour=torch.from_numpy(behaviour).to(device),
+        prox=torch.from_numpy(prox).to(device) if all(s.prox_logprobs is not None for s in samples) else None,
+        advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32, device=device),
+    )
+
+
+def _unflatten(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Flat [K] values back into [B, T] at `mask` (zeros elsewhere), keeping the gradient."""
+    out = flat.new_zeros(mask.shape)
+    return out.masked_scatter(mask, flat)
+
+
+def _dummy(device: torch.device) -> list[TrainSample]:
+    """A two-token sample with no trainable token: a rank with no data still joins DDP's gradient all-reduce."""
+    return [TrainSample("", np.zeros(2, dtype=np.int64), 1, np.zeros(1, np.float32), 0.0, trainable=False)]
+
+
+class Trainer:
+    """Owns the (DDP-wrapped) policy, its optimizer and, with a KL penalty, a frozen reference."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        settings: LossSettings,
+        *,
+        world_size: int,
+        micro_batch_size: int,
+        max_grad_norm: float | None,
+        device: torch.device,
+        reference: nn.Module | None = None,
+        pad_id: int = 0,
+    ) -> None:
+        self.model = model  # the bare HF model (saving, broadcasting)
+        self.net: nn.Module = PolicyLogprobs(model)
+        self.world_size = world_size
+        if world_size > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+        self.optimizer = optimizer
+        self.settings = settings
+        self.micro_batch_size = micro_batch_size
+        self.max_grad_norm = max_grad_norm
+        self.device = device
+        self.reference = PolicyLogprobs(reference).eval() if reference is not None else None
+        self.pad_id = pad_id
+
+    def _chunks(self, samples: list[TrainSample]) -> list[list[TrainSample]]:
+        if not samples:
+            return [_dummy(self.device)]
+        mbs = self.micro_batch_size
+        return [samples[i : i + mbs] for i in range(0, len(samples), mbs)]
+
+    @torch.no_grad()
+    def fill_prox_logprobs(self, minibatches: list[Minibatch]) -> None:
+        """Learner logprobs before any update (needed when one step makes several updates)."""
+        self.net.eval()
+        for mb in minibatches:
+            for chunk in self._chunks(mb.samples):
+                micro = collate(chunk, self.device, self.pad_id)
+                flat, _ = self.net(micro.input_ids, micro.attention_mask, micro.pred_mask)
+                per_seq = _unflatten(flat, micro.comp_mask).float().cpu().numpy()
+                for i, s in enumerate(chunk):
+                    s.prox_logprobs = per_seq[i, : s.completion_len]
+        self.net.train()
+
+    def train(self, minibatches: list[Minibatch]) -> tuple[dict[str, float], dict[str, float]]:
+        """All updates of one step on this rank.
+
+        Returns:
+            (stats: local sums over STAT_KEYS plus "ratio_max", timings: fwd_bwd_s, optimizer_s).
+        """
+        if len(minibatches) > 1:
+            self.fill_prox_logprobs(minibatches)
+        stats = dict.fromkeys(STAT_KEYS, 0.0)
+        stats["ratio_max"] = 0.0
+        timings = {"fwd_bwd_s": 0.0, "optimizer_s": 0.0}
+        self.net.train()
+        for mb in minibatches:
+            t0 = time.perf_counter()
+            chunks = self._chunks(mb.samples)
+            for index, chunk in enumerate(chunks):
+                last = index == len(chunks) - 1
+                sync = contextlib.nullcontext() if last or self.world_size == 1 else self.net.no_sync()
+                with sync:
+                    self._micro_step(chunk, mb, stats)
+            t1 = time.perf_counter()
+            stats["grad_norm_sum"] += self._update()
+            stats["updates"] += 1
+            timings["fwd_bwd_s"] += t1 - t0
+            timings["optimizer_s"] += time.perf_counter() - t1
+        return stats, timings
+
+    def _micro_step(self, chunk: list[TrainSample], mb: Minibatch, stats: dict[str, float]) -> None:
+        micro = collate(chunk, self.device, self.pad_id)
+        flat, entropy = self.net(micro.input_ids, micro.attention_mask, micro.pred_mask)
+        logprobs = _unflatten(flat, micro.comp_mask)  # [B, T]
+        prox = micro.prox if micro.prox is not None else logprobs.detach()
+        ref = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_flat, _ = self.reference(micro.input_ids, micro.attention_mask, micro.pred_mask)
+            ref = _unflatten(ref_flat, micro.comp_mask)
+        loss, s = policy_loss(
+            logprobs,
+            prox,
+            micro.behaviour,
+            micro.advantages,
+            micro.loss_mask,
+            self.settings,
+            ref_logprobs=ref,
+            num_tokens=max(mb.num_tokens, 1.0),
+            num_sequences=max(mb.num_sequences, 1.0),
+        )
+        (loss * self.world_size).backward()
+        for key in ("tokens", "pg_loss_sum", "clipped_sum", "ratio_sum", "is_weight_sum", "kl_sum"):
+            stats[key] += float(s[key])
+        stats["mult_prob_error_sum"] += float(s["mult_prob_error_sum"])
+        stats["ratio_max"] = max(stats["ratio_max"], float(s["ratio_max"]))
+        trained = micro.loss_mask[micro.comp_mask]  # [K]
+        stats["entropy_sum"] += float((entropy * trained).sum())
+        stats["loss_sum"] += float(loss.detach())
+        stats["all_tokens"] += float(micro.attention_mask.sum()) if chunk[0].group_id else 0.0
+
+    def _update(self) -> float:
+        norm = 0.0
+        if self.max_grad_norm is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+
+def reduce_stats(stats: dict[str, float], timings: dict[str, float], world_size: int) -> dict[str, float]:
+    """All-reduce one step's sums over ranks and turn them into metrics (call on every rank)."""
+    sums = torch.tensor([stats[k] for k in STAT_KEYS], dtype=torch.float64)
+    peaks = torch.tensor([stats["ratio_max"], timings["fwd_bwd_s"], timings["optimizer_s"]], dtype=torch.float64)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(sums)
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    total = dict(zip(STAT_KEYS, sums.tolist(), strict=True))
+    tokens = max(total["tokens"], 1.0)
+    updates = max(total["updates"] / world_size, 1.0)
+    return {
+        "loss/total": total["loss_sum"] / updates,
+        "loss/pg": total["pg_loss_sum"] / tokens,
+        "loss/clip_fraction": total["clipped_sum"] / tokens,
+        "loss/ratio_mean": total["ratio_sum"] / tokens,
+        "loss/ratio_max": peaks[0].item(),
+        "loss/is_weight_mean": total["is_weight_sum"] / tokens,
+        "loss/kl": total["kl_sum"] / tokens,
+        "loss/entropy": total["entropy_sum"] / tokens,
+        "loss/token_mult_prob_error": total["mult_prob_error_sum"] / tokens,
+        "loss/grad_norm": total["grad_norm_sum"] / world_size / updates,
+        "loss/trained_tokens": total["tokens"],
+        "perf/tokens": total["all_tokens"],
+        "perf/updates": updates,
+        "perf/fwd_bwd_s": peaks[1].item(),
+        "perf/optimizer_s": peaks[2].item(),
+    }

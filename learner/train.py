@@ -1,0 +1,361 @@
+"""The learner role: `run(cfg)` under torchrun (DDP; gloo on CPU, NCCL on GPU; any world size, any node count).
+
+Each step:
+1. rank 0 tops up the prompt stream (backpressure), collects `num_prompts_per_step` admissible scored groups
+   (staleness window, dynamic sampling, duplicates), computes advantages and cuts the batch into rank shares;
+2. every rank receives its share (`scatter_object_list`: an in-cluster collective, not a wire message);
+3. every rank runs the updates (`learner.step.Trainer`) and the statistics are all-reduced;
+4. rank 0 broadcasts the weights every `weight_sync_period` steps, publishes the version in the policy hash,
+   writes metrics and the ledger, and checkpoints every `save_period` steps, after which it acknowledges
+   the scored entries the checkpoint covers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from broker.keys import Keys
+from broker.schemas import ScoredGroup
+from learner.batch import Collector, Feeder, assemble, group_to_samples, rollout_metrics
+from learner.checkpoint import Ledger, latest_checkpoint, load_checkpoint, save_checkpoint
+from learner.config import LearnerConfig
+from learner.loss import LossSettings
+from learner.metrics import ConsoleSummary, JsonlLogger, MultiLogger
+from learner.step import Trainer, reduce_stats
+
+log = logging.getLogger(__name__)
+
+SCORED_GROUP = "learner"
+"""Consumer group of the learner on the scored stream."""
+SCORED_CONSUMER = "learner-0"
+"""Stable consumer name: a restarted learner finds its own pending entries under it."""
+NEVER_RECLAIM_MS = 7 * 24 * 3600 * 1000
+"""Our pending entries wait for the next checkpoint, not for a timeout (we are the only consumer)."""
+MAX_DELIVERIES = 100
+"""Every restart re-delivers the pending entries once; only a message that keeps failing should die."""
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(backend: str) -> DistInfo:
+    """Join torchrun's process group (or run as a single process when not under torchrun)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and backend != "gloo"
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return DistInfo(rank, world, local_rank, device)
+
+
+def loss_settings(cfg: LearnerConfig) -> LossSettings:
+    lf = cfg.loss_fn
+    return LossSettings(
+        ratio_clip_min=lf.ratio_clip_min,
+        ratio_clip_max=lf.ratio_clip_max,
+        ratio_clip_c=lf.ratio_clip_c,
+        aggregation=lf.aggregation,  # type: ignore[arg-type]
+        constant_length=lf.constant_length_normalizer,
+        reference_policy_kl_penalty=lf.reference_policy_kl_penalty,
+        use_importance_sampling_correction=lf.use_importance_sampling_correction,
+        truncated_importance_sampling_ratio=lf.truncated_importance_sampling_ratio,
+        use_decoupled_ppo=lf.use_decoupled_ppo,
+        decoupled_ppo_weight_cap=lf.decoupled_ppo_weight_cap,
+    )
+
+
+def load_model(path: str | Path, precision: str, device: torch.device) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, precision)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.to(device)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: LearnerConfig) -> torch.optim.Optimizer:
+    kw = cfg.policy.optimizer.kwargs
+    return torch.optim.AdamW(
+        model.parameters(), lr=kw.lr, weight_decay=kw.weight_decay, betas=kw.betas, eps=kw.eps, foreach=True
+    )
+
+
+class Coordinator:
+    """Rank 0's side of the loop: Redis, the feeder/collector, ledger, metrics, weight sync, checkpoints."""
+
+    def __init__(self, cfg: LearnerConfig, tokenizer, model: torch.nn.Module) -> None:
+        from broker.connection import connect
+        from broker.streams import StreamConsumer, publish_once
+        from learner.data_source import prompt_source
+
+        self.cfg = cfg
+        self.keys = Keys(cfg.learner.run)
+        self.redis = connect(cfg.learner.broker_url, client_name="rlq-learner")
+        prompt_at, n = prompt_source(cfg, tokenizer)
+        feeder = Feeder(
+            lambda key, msg: publish_once(self.redis, self.keys.prompts, key, msg),
+            prompt_at,
+            n,
+            cfg.grpo,
+            run=cfg.learner.run,
+            shuffle=cfg.data.shuffle,
+        )
+        consumer = StreamConsumer(
+            self.redis,
+            self.keys.scored,
+            SCORED_GROUP,
+            SCORED_CONSUMER,
+            expected=ScoredGroup,
+            dead_stream=self.keys.dead,
+            max_deliveries=MAX_DELIVERIES,
+            claim_idle_ms=NEVER_RECLAIM_MS,
+            block_ms=cfg.learner.read_block_ms,
+        )
+        consumer.ensure_group()
+        self.consumer = consumer
+        self.collector = Collector(consumer, feeder, cfg.grpo, read_block_ms=cfg.learner.read_block_ms)
+        self.ledger = Ledger(cfg.learner.run_dir)
+        self.metrics = MultiLogger(JsonlLogger(cfg.learner.run_dir), ConsoleSummary())
+        self.tokenizer = tokenizer
+        self.weights = _weight_sync(cfg, self.redis)
+        self.model = model
+
+    def restore(self, state: dict, pending: bytes) -> None:
+        self.collector.restore({**state["collector"], "buffer": pending})
+        moved = self.ledger.rewind(state["version"])
+        log.info("resumed at version %d; %d ledger steps after it moved aside", state["version"], moved)
+
+    def recover(self, version: int) -> None:
+        """Re-read the scored entries this consumer left pending (read after the last checkpoint)."""
+        pending = self.redis.xpending(self.keys.scored, SCORED_GROUP)["pending"]
+        taken = self.collector.recover(int(pending), version)
+        if taken:
+            log.info("took back %d scored groups read but not covered by a checkpoint", taken)
+
+    def prepare(self, version: int, world_size: int) -> tuple[list[dict], dict, float]:
+        """Collect the step's groups and cut them into per-rank payloads."""
+        result = self.collector.collect(version, timeout_s=self.cfg.learner.data_timeout_s)
+        samples = [
+            s
+            for g in result.groups
+            for s in group_to_samples(g, self.cfg.grpo, self.cfg.policy.max_total_sequence_length)
+        ]
+        shares = assemble(samples, world_size, self.cfg.policy.train_global_batch_size)
+        info = {
+            "groups": result.groups,
+            "dropped": result.dropped,
+            "metrics": rollout_metrics(result.groups, version),
+        }
+        return [{"stop": False, "minibatches": s} for s in shares], info, result.wait_s
+
+    def finish(
+        self, version: int, info: dict, metrics: dict[str, float], *, last: bool, trainer: Trainer, t_step: float
+    ) -> None:
+        """Everything after the update: weight sync, version, ledger, metrics, checkpoint + acks."""
+        t0 = time.perf_counter()
+        if self.weights is not None and (version % self.cfg.learner.weight_sync_period == 0 or last):
+            self.weights.broadcast(self.model, version)
+        sync_s = time.perf_counter() - t0
+        self.redis.hset(self.keys.policy, mapping={"version": version, "learner_updated_at": time.time()})
+        trained = [g.group_id for g in info["groups"]]
+        self.ledger.append(version, trained, info["dropped"])
+        t1 = time.perf_counter()
+        ckpt = self.cfg.checkpointing
+        if ckpt.enabled and (version % ckpt.save_period == 0 or last):
+            self.save(version, trainer)
+        elif not ckpt.enabled:
+            self.consumer.ack(self.collector.take_acks())
+        dropped = {f"queue/dropped_{r}": float(len(ids)) for r, ids in info["dropped"].items()}
+        metrics.update(info["metrics"])
+        metrics.update(dropped)
+        metrics.update(
+            {
+                "sync/broadcast_s": sync_s,
+                "perf/checkpoint_s": time.perf_counter() - t1,
+                "perf/step_s": time.perf_counter() - t_step,
+                "queue/in_flight": float(self.collector.feeder.in_flight),
+                "queue/buffered": float(len(self.collector.buffer)),
+                "queue/data_cursor": float(self.collector.feeder.cursor),
+                "rollout/staleness_max": max(
+                    (float(max(0, version - 1 - g.rollout.policy_version)) for g in info["groups"]), default=0.0
+                ),
+            }
+        )
+        self.metrics.log(version, metrics)
+
+    def save(self, version: int, trainer: Trainer) -> None:
+        state = self.collector.state()
+        pending = state.pop("buffer")
+        path = save_checkpoint(
+            Path(self.cfg.checkpointing.checkpoint_dir),
+            version,
+            self.model,
+            self.tokenizer,
+            trainer.optimizer,
+            {"version": version, "collector": state},
+            pending,
+            keep_last=self.cfg.checkpointing.keep_last,
+        )
+        acked = self.consumer.ack(self.collector.take_acks())
+        self.redis.hset(self.keys.policy, "checkpoint_path", str(path.resolve()))
+        log.info("checkpoint %s written; %d scored entries acknowledged", path, acked)
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.weights is not None and hasattr(self.weights, "close"):
+            self.weights.close()
+
+
+def _weight_sync(cfg: LearnerConfig, redis_client):
+    """The weight transport (learner/broadcast.py), or None when the run has no generation workers to feed."""
+    if cfg.learner.weight_sync == "none":
+        return None
+    from learner.broadcast import make_broadcast
+
+    return make_broadcast(cfg, redis_client)
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT on rank 0: finish the step in hand, checkpoint, stop."""
+
+    def __init__(self) -> None:
+        self.set = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("signal %d: stopping after this step", signum)
+        self.set = True
+
+
+def _scatter(payloads: list[dict] | None, info: DistInfo) -> dict:
+    if info.world_size == 1:
+        assert payloads is not None
+        return payloads[0]
+    out: list = [None]
+    dist.scatter_object_list(out, payloads if info.is_main else None, src=0)
+    return out[0]
+
+
+def run(cfg: LearnerConfig) -> int:
+    """Train until `grpo.max_num_steps`; returns the final policy version."""
+    info = init_distributed(cfg.learner.dist_backend)
+    torch.manual_seed(cfg.grpo.seed)
+    from transformers import AutoTokenizer
+
+    checkpoint_dir = Path(cfg.checkpointing.checkpoint_dir)
+    resume = latest_checkpoint(checkpoint_dir) if cfg.checkpointing.enabled else None
+    model_path = resume / "policy" if resume else cfg.policy.model_name
+    tokenizer = AutoTokenizer.from_pretrained(str(cfg.policy.tokenizer_name or model_path))
+    model = load_model(model_path, cfg.policy.precision, info.device)
+    if cfg.policy.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    reference = None
+    if cfg.loss_fn.reference_policy_kl_penalty > 0:
+        reference = load_model(cfg.policy.model_name, cfg.policy.precision, info.device).requires_grad_(False)
+    optimizer = build_optimizer(model, cfg)
+    version, state, pending = 0, None, b""
+    if resume is not None:
+        state, pending = load_checkpoint(resume, optimizer)
+        version = int(state["version"])
+    trainer = Trainer(
+        model,
+        optimizer,
+        loss_settings(cfg),
+        world_size=info.world_size,
+        micro_batch_size=cfg.policy.train_micro_batch_size,
+        max_grad_norm=cfg.policy.max_grad_norm,
+        device=info.device,
+        reference=reference,
+        pad_id=tokenizer.pad_token_id or 0,
+    )
+    coordinator = stop = None
+    if info.is_main:
+        coordinator = Coordinator(cfg, tokenizer, model)
+        stop = _StopFlag()
+        if state is not None:
+            coordinator.restore(state, pending)
+        coordinator.recover(version)
+        if resume is not None and coordinator.weights is not None:
+            coordinator.weights.broadcast(model, version)  # workers may hold weights of a discarded timeline
+        coordinator.redis.hset(coordinator.keys.policy, "version", version)
+    try:
+        version = _loop(cfg, info, trainer, coordinator, stop, version)
+    finally:
+        if coordinator is not None:
+            coordinator.close()
+        if info.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    return version
+
+
+def replica_spread(model: torch.nn.Module, world_size: int) -> float:
+    """Largest difference between the ranks' parameter checksums (0.0: every replica holds the same weights)."""
+    with torch.no_grad():
+        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().cpu()
+    if world_size == 1:
+        return 0.0
+    gathered = [torch.zeros_like(checksum) for _ in range(world_size)]
+    dist.all_gather(gathered, checksum)
+    values = torch.stack(gathered)
+    return float(values.max() - values.min())
+
+
+def _loop(cfg, info: DistInfo, trainer: Trainer, coordinator, stop, version: int) -> int:
+    while True:
+        t_step = time.perf_counter()
+        payloads, step_info, wait_s = None, None, 0.0
+        if info.is_main:
+            if version >= cfg.grpo.max_num_steps or stop.set:
+                payloads = [{"stop": True}] * info.world_size
+            else:
+                payloads, step_info, wait_s = coordinator.prepare(version, info.world_size)
+        t_scatter = time.perf_counter()
+        share = _scatter(payloads, info)
+        if share["stop"]:
+            return version
+        scatter_s = time.perf_counter() - t_scatter
+        stats, timings = trainer.train(share["minibatches"])
+        metrics = reduce_stats(stats, timings, info.world_size)
+        version += 1
+        every = cfg.learner.check_replicas_every
+        if every and version % every == 0:
+            metrics["sync/replica_spread"] = replica_spread(trainer.model, info.world_size)
+        last = version >= cfg.grpo.max_num_steps
+        if info.is_main:
+            metrics.update(
+                {
+                    "queue/wait_s": wait_s,
+                    "perf/scatter_s": scatter_s,
+                    "perf/train_s": time.perf_counter() - t_scatter,
+                    "perf/tokens_per_s": metrics["perf/tokens"]
+                    / max(metrics["perf/fwd_bwd_s"] + metrics["perf/optimizer_s"], 1e-9),
+                    "loss/lr": trainer.optimizer.param_groups[0]["lr"],
+                }
+            )
+            coordinator.finish(version, step_info, metrics, last=last or stop.set, trainer=trainer, t_step=t_step)
+        if info.world_size > 1:
+            dist.barrier()  # the broadcast and checkpoint of rank 0 finish before anyone starts the next step

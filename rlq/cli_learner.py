@@ -1,0 +1,38 @@
+"""`rlq learner`: the learner role, started under torchrun (`torchrun --nproc-per-node N -m rlq learner ...`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import typer
+
+
+def learner_command(
+    config: Path = typer.Option(..., "--config", "-c", help="Run config YAML, or a learner-only one (has `learner:`)."),
+    overrides: list[str] = typer.Argument(None, help="key=value, ++key=value, +key=value, ~key"),
+) -> None:
+    """Train: read scored groups, update the policy, broadcast weights, checkpoint (one process per rank)."""
+    from learner.config import LearnerConfig
+    from rlq.overrides import apply_overrides, load_yaml
+
+    tree = apply_overrides(load_yaml(config), overrides or [])
+    if "learner" in tree:
+        cfg = LearnerConfig.model_validate(tree)
+    else:
+        from rlq.config import RunConfig
+
+        cfg = RunConfig.model_validate(tree).learner_config()
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # rank-0 output only
+    try:
+        from setproctitle import setproctitle
+
+        setproctitle(f"rlq learner rank {rank} ({cfg.learner.run})")
+    except ImportError:
+        pass
+    from learner.train import run
+
+    run(cfg)
