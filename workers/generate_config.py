@@ -1,0 +1,82 @@
+"""Typed configuration of the generation role (`policy.generation` in the run config, as in NeMo RL).
+
+Sampling knobs keep NeMo RL's names (`max_new_tokens`, `temperature`, `top_p`, `top_k`, `vllm_cfg.*`); the
+worker's own runtime (stream reads, heartbeats, weight-sync deadlines) sits under `worker`. No torch or vLLM
+import here: the CLI validates a config before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class VllmConfig(_Strict):
+    """Engine settings (NeMo RL `policy.generation.vllm_cfg`)."""
+
+    precision: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Engine dtype; float32 on CPU (bf16 has crashed the CPU engine with SIGILL)."
+    )
+    max_model_len: int = Field(2048, ge=16, description="Prompt + completion tokens the engine accepts.")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU only: share of memory vLLM takes.")
+    cpu_kvcache_space_gib: float = Field(
+        1.0,
+        gt=0,
+        le=256,
+        description="CPU only: KV cache size (VLLM_CPU_KVCACHE_SPACE). Unset, the CPU engine claims ~92 % of RAM.",
+    )
+    enforce_eager: bool = Field(False, description="Skip torch.compile (faster start, slower decoding).")
+    enable_prefix_caching: bool = Field(True, description="Share prompt KV across the n samples of a prompt.")
+    max_num_seqs: int = Field(256, ge=1, description="Sequences decoded together.")
+    seed: int = Field(0, description="Engine seed; each batch derives per-request seeds from it.")
+
+
+class GenerateRuntime(_Strict):
+    """How the worker talks to the rest of the run."""
+
+    capacity: int = Field(
+        8, ge=1, description="Prompts this worker takes per batch; advertised in the heartbeat for the feeder."
+    )
+    read_block_ms: int = Field(1000, ge=1, description="Longest blocking read on the prompts stream.")
+    claim_idle_ms: int = Field(
+        60_000, ge=100, description="A batch pending this long on a silent worker is reclaimed by another."
+    )
+    max_deliveries: int = Field(5, ge=1, description="A batch delivered more often goes to the dead-letter stream.")
+    heartbeat_s: float = Field(2.0, gt=0, description="Seconds between heartbeats.")
+    heartbeat_ttl_s: float = Field(10.0, gt=0, description="The worker counts as gone this long after its last beat.")
+    sync_timeout_s: float = Field(
+        120.0, gt=0, description="Own deadline on one weight update (rendezvous + all buckets + reload)."
+    )
+    min_version_wait_s: float = Field(
+        300.0, gt=0, description="Longest wait for the weights a batch's min_policy_version asks for."
+    )
+    sink: Literal["celery", "stream"] = Field(
+        "celery", description="celery: judge tasks (production); stream: XADD rollouts to <run>:rollouts (tests)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerateRuntime:
+        if self.heartbeat_ttl_s <= self.heartbeat_s:
+            raise ValueError("worker.heartbeat_ttl_s must exceed worker.heartbeat_s")
+        return self
+
+
+class GenerationConfig(_Strict):
+    """The generation workers: sampling, engine and runtime."""
+
+    backend: Literal["vllm", "hf"] = Field("vllm", description="vllm (GPU or vllm-cpu) or plain transformers.")
+    model_name: str | None = Field(
+        None, description="Weights to start from when the run has no checkpoint yet; null: policy.model_name."
+    )
+    max_new_tokens: int = Field(512, ge=1, description="Completion budget per sample.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; behaviour logprobs are taken at it.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1, description="null: the whole vocabulary.")
+    stop_token_ids: list[int] | None = Field(None, description="Extra stop tokens besides the model's EOS.")
+    vllm_cfg: VllmConfig = Field(default_factory=VllmConfig)
+    worker: GenerateRuntime = Field(default_factory=GenerateRuntime)
