@@ -17,6 +17,9 @@ app.add_typer(worker_app, name="worker")
 app.command("broker-server")(broker_server)
 app.command("broker-wait")(broker_wait)
 # --- subcommand registration (one line per module; keep sorted) ---
+from rlq.cli_queues import register as register_queues  # noqa: E402  (typer only; redis is imported per command)
+
+register_queues(app)  # rlq queues, rlq peek, rlq dlq list|requeue|purge
 
 
 def main() -> None:
