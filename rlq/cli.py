@@ -8,6 +8,8 @@ import os
 import typer
 
 from rlq.cli_broker import broker_server, broker_wait
+from rlq.cli_learner import learner_command
+from rlq.cli_train import train_command
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Asynchronous GRPO over Redis streams.")
 # `rlq worker generate` and `rlq worker judge` hang off this group; modules register on it.
@@ -16,10 +18,15 @@ app.add_typer(worker_app, name="worker")
 
 app.command("broker-server")(broker_server)
 app.command("broker-wait")(broker_wait)
+app.command("train")(train_command)
+app.command("learner")(learner_command)
 # --- subcommand registration (one line per module; keep sorted) ---
 from rlq.cli_queues import register as register_queues  # noqa: E402  (typer only; redis is imported per command)
 
 register_queues(app)  # rlq queues, rlq peek, rlq dlq list|requeue|purge
+from rlq.cli_judge import judge_command  # noqa: E402  (typer only; celery/math-verify load in the command)
+
+worker_app.command("judge")(judge_command)
 
 
 def main() -> None:

@@ -1,0 +1,322 @@
+"""The judge role: a Celery app on the Redis broker whose one task scores a RolloutGroup.
+
+Run it as a plain Celery worker (`rlq worker judge` execs exactly this), so `celery inspect` and Flower work:
+
+    RLQ_BROKER_URL=redis://host:6379/0 RLQ_RUN=myrun celery -A workers.judge worker -Q rlq.myrun.judge
+
+Delivery: msgpack only (a pickled message is refused before it is decoded); late acks, so a task is acknowledged
+only after its ScoredGroup is in the scored stream; a pool process killed mid-task is retried at once
+(`retry_on_worker_lost`, counted, up to `max_deliveries` runs) and a worker whose main process dies has its
+tasks redelivered by the broker after `visibility_timeout_s` (+ `restore_interval_s`). The ScoredGroup is
+written with `publish_once` keyed by group id, so a redelivered task never produces a second copy. A group
+that cannot be scored (undecodable, hard time limit, crashes on every run) goes to the dead-letter stream with
+the reason and its original bytes.
+
+Scoring: every answer runs in the pool process's pre-forked verifier child (`workers.isolation`) under a hard
+deadline; the optional LLM judge is asked only about answers the library scored "incorrect".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from typing import Any
+
+import msgspec
+import redis
+from celery import Celery, Task, signals
+from celery.result import AsyncResult
+
+from broker.connection import PASSWORD_ENV, connect
+from broker.keys import Keys
+from broker.registry import Registry
+from broker.schemas import Array, MessageError, RolloutGroup, ScoredGroup, Verdict, WorkerHeartbeat, decode, encode
+from broker.streams import done_key, publish_once, send_dead_letter
+from workers.isolation import VerifierChild
+from workers.judge_config import JudgeConfig, LLMJudgeConfig
+from workers.verify import extract_answer, reward_of
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "rlq.judge.score_group"
+BROKER_URL_ENV = "RLQ_BROKER_URL"
+RUN_ENV = "RLQ_RUN"
+CONFIG_ENV = "RLQ_JUDGE_CONFIG"
+"""JSON of a JudgeConfig; `rlq worker judge` sets it from the run config's `env.math`."""
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+HEARTBEAT_EVERY_S = 5.0
+MAX_REASON_CHARS = 500
+LLM_JUDGE_THREADS = 8
+
+
+class JudgeTask(Task):
+    """The task class; `make_app` sets `run_name`, `judge` and `broker_url` on the subclass it registers.
+    (Not `run`: that is Celery's name for the task body.)"""
+
+    run_name: str = "default"
+    judge: JudgeConfig = JudgeConfig()
+    broker_url: str = DEFAULT_BROKER_URL
+
+
+def make_app(broker_url: str, run: str = "default", cfg: JudgeConfig | None = None) -> Celery:
+    """A Celery app for run `run` on `broker_url` with the judge task registered (lazy: connects on first use)."""
+    cfg = cfg or JudgeConfig()
+    keys = Keys(run)
+    app = Celery("rlq-judge", broker=broker_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="msgpack",
+        result_serializer="msgpack",
+        event_serializer="msgpack",
+        accept_content=["msgpack"],  # never pickle: anything else is refused before it is deserialised
+        result_accept_content=["msgpack"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # a busy process holds no queued tasks another judge could run
+        task_time_limit=cfg.task_time_limit_s,
+        task_default_queue=keys.judge_queue,
+        task_ignore_result=True,  # results go to the scored stream, not a result backend
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # kombu's default is 1 h; a task held by a dead worker comes back after this (+ the sweep interval).
+            "visibility_timeout": cfg.visibility_timeout_s,
+            "unacked_restore_interval": cfg.restore_interval_s,
+            "unacked_restore_throttle": 1,  # make the interval the only knob: scan on every sweep
+        },
+    )
+    if os.environ.get(PASSWORD_ENV) and "@" not in broker_url:
+        app.conf.broker_password = os.environ[PASSWORD_ENV]
+    app.task(
+        base=JudgeTask,
+        bind=True,
+        name=TASK_NAME,
+        run_name=run,
+        judge=cfg,
+        broker_url=broker_url,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        retry_on_worker_lost=True,  # a lost pool process re-sends the task with retries + 1: a delivery count
+        max_retries=cfg.max_deliveries - 1,
+        default_retry_delay=0,
+        autoretry_for=(redis.ConnectionError, redis.TimeoutError),
+        retry_backoff=True,
+    )(score_task)
+    return app
+
+
+def app_from_env() -> Celery:
+    """The app `celery -A workers.judge` loads: broker, run and JudgeConfig from the environment."""
+    raw = os.environ.get(CONFIG_ENV)
+    cfg = JudgeConfig.model_validate_json(raw) if raw else JudgeConfig()
+    return make_app(os.environ.get(BROKER_URL_ENV, DEFAULT_BROKER_URL), os.environ.get(RUN_ENV, "default"), cfg)
+
+
+def submit_group(app: Celery, run: str, group: RolloutGroup) -> AsyncResult:
+    """Queue one RolloutGroup for the judges of `run` (task id = group id, so `celery inspect` finds it)."""
+    return app.send_task(TASK_NAME, args=(encode(group),), queue=Keys(run).judge_queue, task_id=group.group_id)
+
+
+def submit_groups(app: Celery, run: str, groups: Iterable[RolloutGroup]) -> list[AsyncResult]:
+    """Queue several groups over one producer connection."""
+    with app.producer_or_acquire() as producer:
+        return [
+            app.send_task(
+                TASK_NAME, args=(encode(g),), queue=Keys(run).judge_queue, task_id=g.group_id, producer=producer
+            )
+            for g in groups
+        ]
+
+
+# Per pool process state: a Redis client and a verifier child, created on first use.
+
+_clients: dict[str, redis.Redis] = {}
+_verifier: VerifierChild | None = None
+_stats: Counter[str] = Counter()
+_last_beat = {"at": 0.0, "answers": 0}
+
+
+def _redis(url: str) -> redis.Redis:
+    if url not in _clients:
+        _clients[url] = connect(url, client_name="rlq-judge")
+    return _clients[url]
+
+
+def _child(cfg: JudgeConfig) -> VerifierChild:
+    global _verifier
+    if _verifier is None:
+        _verifier = VerifierChild(memory_mb=cfg.child_memory_mb)
+    return _verifier
+
+
+def judge_id() -> str:
+    return f"judge-{socket.gethostname()}-{os.getpid()}"
+
+
+def score_task(task: JudgeTask, payload: bytes) -> dict[str, Any]:
+    """Celery entry: decode, skip if already scored, score, publish once. Returns a small summary."""
+    keys = Keys(task.run_name)
+    r = _redis(task.broker_url)
+    try:
+        group = decode(payload, RolloutGroup)
+    except MessageError as exc:
+        _dead_letter(task, payload, f"undecodable rollout group: {exc}", task.request.id or "")
+        return {"dead": True}
+    if r.sismember(done_key(keys.scored), group.group_id):
+        log.info("group %s was already scored; acknowledging the redelivery", group.group_id)
+        return {"group_id": group.group_id, "published": False}
+    scored = score(group, task.judge, _child(task.judge), judge=judge_id())
+    published = publish_once(r, keys.scored, group.group_id, scored)
+    _account(r, keys, scored.verdicts)
+    return {"group_id": group.group_id, "published": published, "verdicts": dict(Counter(scored.verdicts))}
+
+
+def score(group: RolloutGroup, cfg: JudgeConfig, child: VerifierChild, *, judge: str = "") -> ScoredGroup:
+    """Score every sample of `group`: library verdicts in `child`, then the optional LLM judge."""
+    started, started_wall = time.monotonic(), time.time()
+    answers = [extract_answer(s.text) for s in group.samples]
+    verdicts = child.verify_answers(
+        group.prompt.ground_truth, answers, answer_timeout_s=cfg.answer_timeout_s, group_timeout_s=cfg.group_timeout_s
+    )
+    verified = time.monotonic()
+    if cfg.llm_judge.enabled:
+        remaining = started + cfg.group_timeout_s - verified
+        verdicts = second_opinion(cfg.llm_judge, group, answers, verdicts, remaining)
+    rewards = Array.from_numpy([reward_of(v) for v in verdicts], "float32")  # float32 [n_samples]
+    timings = {"verify_s": verified - started, "queue_wait_s": max(0.0, started_wall - group.created_at)}
+    if cfg.llm_judge.enabled:
+        timings["llm_judge_s"] = time.monotonic() - verified
+    return ScoredGroup(rollout=group, rewards=rewards, verdicts=list(verdicts), judge_id=judge, timings=timings)
+
+
+def _account(r: redis.Redis, keys: Keys, verdicts: list[str]) -> None:
+    """Cumulative verdict counts in the log, and a registry heartbeat every few seconds."""
+    _stats.update(verdicts)
+    now = time.monotonic()
+    elapsed = now - _last_beat["at"]
+    if elapsed < HEARTBEAT_EVERY_S:
+        return
+    answers = sum(_stats.values())
+    rate = (answers - _last_beat["answers"]) / elapsed if _last_beat["at"] else 0.0
+    _last_beat.update(at=now, answers=answers)
+    child = _verifier
+    log.info(
+        "verdicts so far %s; child timeouts %d, crashes %d, respawns %d",
+        dict(_stats), *(0, 0, 0) if child is None else (child.timeouts, child.crashes, child.respawns),
+    )  # fmt: skip
+    beat = WorkerHeartbeat(worker_id=judge_id(), role="judge", status="busy", throughput=rate)
+    Registry(r, keys).heartbeat(beat, ttl_s=3 * HEARTBEAT_EVERY_S)
+
+
+# Dead letters ---------------------------------------------------------------------------------------------------
+
+
+def _dead_letter(task: Task, payload: Any, reason: str, task_id: str) -> None:
+    raw = bytes(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else msgspec.msgpack.encode(payload)
+    keys = Keys(getattr(task, "run_name", "default"))
+    retries = getattr(task.request, "retries", 0) or 0
+    send_dead_letter(
+        _redis(getattr(task, "broker_url", DEFAULT_BROKER_URL)), keys.dead, source_stream=keys.judge_queue,
+        entry_id=task_id, reason=reason[:MAX_REASON_CHARS], deliveries=retries + 1, payload=raw, consumer=judge_id(),
+    )  # fmt: skip
+
+
+@signals.task_failure.connect
+def _on_task_failure(sender: Any = None, task_id: str = "", exception: Any = None, args: Any = None, **_: Any) -> None:
+    """Every terminal failure of the judge task (an exception, the hard time limit, a pool process lost more
+    than max_deliveries - 1 times) dead-letters the group; Celery then acknowledges the message."""
+    if getattr(sender, "name", None) != TASK_NAME:
+        return
+    payload = args[0] if args else b""
+    try:
+        _dead_letter(sender, payload, f"{type(exception).__name__}: {exception}", task_id)
+    except redis.RedisError:
+        log.exception("could not dead-letter task %s (%s); it is lost", task_id, type(exception).__name__)
+
+
+@signals.worker_process_shutdown.connect
+def _stop_child(**_: Any) -> None:
+    if _verifier is not None:
+        _verifier.close()
+
+
+# The optional LLM judge -----------------------------------------------------------------------------------------
+
+JUDGE_SYSTEM = (
+    "Act as an impartial judge of the mathematical equivalence of two answers to the problem shown. Ignore "
+    "formatting; consider only whether they are mathematically equivalent. End with exactly one verdict label: "
+    "[[A=B]] if they are equivalent, [[A!=B]] if they differ."
+)
+JUDGE_USER = "<|Problem|>\n{question}\n\n<|Answer A|>\n{first}\n\n<|Answer B|>\n{second}"
+EQUAL, NOT_EQUAL = "[[A=B]]", "[[A!=B]]"
+
+
+def second_opinion(
+    cfg: LLMJudgeConfig, group: RolloutGroup, answers: list[str | None], verdicts: list[Verdict], budget_s: float
+) -> list[Verdict]:
+    """Ask the LLM judge about every "incorrect" answer, concurrently, within `budget_s`; "correct" if it agrees
+    the answers are equivalent. An unreachable or slow judge leaves the library's verdict."""
+    asks = [i for i, v in enumerate(verdicts) if v == "incorrect" and answers[i] is not None]
+    if not asks or budget_s <= 0:
+        return verdicts
+    deadline = time.monotonic() + budget_s
+    out = list(verdicts)
+    with ThreadPoolExecutor(max_workers=min(LLM_JUDGE_THREADS, len(asks))) as pool:
+        futures = {
+            pool.submit(
+                llm_equivalent, cfg, group.prompt.text, group.prompt.ground_truth, answers[i] or "", deadline
+            ): i
+            for i in asks
+        }
+        done, _ = wait_futures(futures, timeout=budget_s)
+        for future in done:
+            if future.result() is True:
+                out[futures[future]] = "correct"
+    return out
+
+
+def llm_equivalent(cfg: LLMJudgeConfig, question: str, expected: str, answer: str, deadline: float) -> bool | None:
+    """True/False from the judge model, None if it could not say (error, timeout, no label)."""
+    first = _ask(cfg, question, expected, answer, deadline)
+    if first is not True or not cfg.both_orders:
+        return first
+    return _ask(cfg, question, answer, expected, deadline)
+
+
+def _ask(cfg: LLMJudgeConfig, question: str, first: str, second: str, deadline: float) -> bool | None:
+    timeout = min(cfg.timeout_s, deadline - time.monotonic())
+    if timeout <= 0:
+        return None
+    body = {
+        "model": cfg.model,
+        "messages": [
+            {"role": "system", "content": JUDGE_SYSTEM},
+            {"role": "user", "content": JUDGE_USER.format(question=question, first=first, second=second)},
+        ],
+        "max_tokens": cfg.max_tokens,
+        "temperature": 0.0,
+    }
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get(cfg.api_key_env):
+        headers["Authorization"] = f"Bearer {os.environ[cfg.api_key_env]}"
+    url = cfg.base_url.rstrip("/") + "/chat/completions"
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            text = json.loads(reply.read())["choices"][0]["message"]["content"] or ""
+    except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        log.warning("LLM judge at %s gave no verdict: %s", url, exc)
+        return None
+    if NOT_EQUAL in text:
+        return False
+    return True if EQUAL in text else None
+
+
+app = app_from_env()
