@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +56,22 @@ class DistInfo:
         return self.rank == 0
 
 
+def die_with_parent() -> None:
+    """Under torchrun, die when the launcher dies (Linux): torchrun puts each rank in a session of its own, so a
+    killed launcher would otherwise leave ranks training next to the learner that replaces it."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before the call above
+        os._exit(1)
+
+
 def init_distributed(backend: str) -> DistInfo:
     """Join torchrun's process group (or run as a single process when not under torchrun)."""
+    die_with_parent()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -109,6 +109,24 @@ class StandInRollouts(threading.Thread):
         self.stop = threading.Event()
         self.published: list[str] = []
         self.error: BaseException | None = None
+        self.budget: int | None = None  # groups it may still produce; None: unlimited
+        self._budget_changed = threading.Condition()
+
+    def allow(self, groups: int | None) -> None:
+        """Let it produce `groups` more groups (None: any number)."""
+        with self._budget_changed:
+            self.budget = None if groups is None else (self.budget or 0) + groups
+            self._budget_changed.notify_all()
+
+    def _take(self, n: int) -> bool:
+        with self._budget_changed:
+            while self.budget is not None and self.budget < n and not self.stop.is_set():
+                self._budget_changed.wait(0.1)
+            if self.stop.is_set():
+                return False
+            if self.budget is not None:
+                self.budget -= n
+            return True
 
     def run(self) -> None:
         try:
@@ -117,6 +135,8 @@ class StandInRollouts(threading.Thread):
             consumer.ensure_group()
             while not self.stop.is_set():
                 for delivery in consumer.read(count=1):
+                    if not self._take(len(delivery.message.prompts)):
+                        return
                     for group in self.rollouts(delivery.message):
                         if publish_once(self.redis, self.keys.scored, group.group_id, group):
                             self.published.append(group.group_id)

@@ -1,0 +1,127 @@
+"""Lossless resume: SIGKILL the learner (2 gloo ranks under torchrun) between checkpoints, start it again, and
+check with the ledger that every scored group is trained exactly once in the surviving timeline.
+
+Generation workers and judges are replaced by `StandInRollouts` (see learner_support.py). Its group budget
+makes the kill land at a known point: 4 steps' worth of groups, checkpoint at step 3, killed while step 5
+waits for data, so step 4's groups were read (and trained) but not yet covered by a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+
+import msgspec
+import psutil
+import pytest
+
+from broker.connection import connect
+from broker.keys import Keys
+from broker.schemas import ScoredGroup, decode
+from broker.streams import PAYLOAD_FIELD
+from tests.integration.learner_support import (
+    StandInRollouts,
+    make_tiny_policy,
+    read_jsonl,
+    start_learner,
+    write_config,
+    write_prompts,
+)
+
+STEPS, SAVE_PERIOD, PROMPTS = 8, 3, 4
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL torchrun and its rank processes (torchrun starts each rank in a session of its own)."""
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=30)
+
+
+def scored_ids_not_consumed(r, keys: Keys) -> set[str]:
+    """Group ids still in the scored stream unread or pending (never trained, never dropped)."""
+    info = {g["name"].decode(): g for g in r.xinfo_groups(keys.scored)}["learner"]
+    last = info["last-delivered-id"].decode()
+    pending = {e["message_id"].decode() for e in r.xpending_range(keys.scored, "learner", "-", "+", 10_000)}
+    ids = set()
+    for entry_id, fields in r.xrange(keys.scored):
+        entry = entry_id.decode()
+        if entry in pending or tuple(map(int, entry.split("-"))) > tuple(map(int, last.split("-"))):
+            ids.add(decode(fields[PAYLOAD_FIELD], ScoredGroup).group_id)
+    return ids
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_loses_nothing_and_trains_nothing_twice(tmp_path, redis_url, run_name):
+    policy = make_tiny_policy(tmp_path / "policy")
+    run_dir = tmp_path / "run"
+    config = write_config(
+        tmp_path / "learner.yaml", model=policy, data=write_prompts(tmp_path / "prompts.jsonl"), run=run_name,
+        redis_url=redis_url, run_dir=run_dir, max_num_steps=STEPS, max_staleness=1, num_prompts_per_step=PROMPTS,
+    )  # fmt: skip
+    ledger_path, ckpt = run_dir / "ledger.jsonl", run_dir / "ckpt"
+    rollouts = StandInRollouts(policy, redis_url, run_name)
+    rollouts.allow(4 * PROMPTS)
+    rollouts.start()
+    first = start_learner(config, 2, tmp_path / "learner-1.log", f"checkpointing.save_period={SAVE_PERIOD}")
+    try:
+        wait_for(lambda: len(read_jsonl(ledger_path)) == 4, 240, "4 trained steps")
+        time.sleep(1.0)  # step 5 is now blocked waiting for groups
+        assert (ckpt / "latest").read_text() == "step_3"
+        first_timeline = read_jsonl(ledger_path)
+        ranks = psutil.Process(first.pid).children(recursive=True)
+        first.send_signal(signal.SIGKILL)  # the launcher only: its ranks must not outlive it
+        first.wait(timeout=30)
+        _, orphans = psutil.wait_procs(ranks, timeout=20)
+        assert not orphans, f"ranks {[p.pid for p in orphans]} survived the launcher"
+
+        rollouts.allow(None)
+        second = start_learner(config, 2, tmp_path / "learner-2.log", f"checkpointing.save_period={SAVE_PERIOD}")
+        rc = second.wait(timeout=300)
+    finally:
+        rollouts.stop.set()
+        for proc in (first, locals().get("second")):
+            if proc is not None and proc.poll() is None:
+                kill_tree(proc.pid)
+    log2 = (tmp_path / "learner-2.log").read_text()
+    assert rc == 0, log2[-3000:]
+    assert rollouts.error is None
+    assert "resumed at version 3" in log2
+
+    ledger = read_jsonl(ledger_path)
+    assert [rec["step"] for rec in ledger] == list(range(1, STEPS + 1))  # versions monotone, none skipped
+    assert ledger[:3] == first_timeline[:3]  # the checkpointed past is untouched
+    discarded = read_jsonl(run_dir / "ledger.discarded.jsonl")
+    assert [rec["step"] for rec in discarded] == [4]  # the step the kill undid
+
+    trained = [g for rec in ledger for g in rec["trained"]]
+    assert len(trained) == len(set(trained)) == STEPS * PROMPTS  # nothing trained twice
+    assert set(discarded[0]["trained"]) <= set(trained)  # what the killed step trained is trained again
+    dropped = {g for rec in ledger for ids in rec["dropped"].values() for g in ids}
+    final = json.loads((ckpt / f"step_{STEPS}" / "learner_state.json").read_text())
+    assert final["version"] == STEPS
+    buffered = {
+        decode(b, ScoredGroup).group_id
+        for b in msgspec.msgpack.decode((ckpt / f"step_{STEPS}" / "pending_groups.msgpack").read_bytes())
+    }
+    r = connect(redis_url)
+    keys = Keys(run_name)
+    unconsumed = scored_ids_not_consumed(r, keys)
+    published = set(rollouts.published)
+    assert published == set(trained) | dropped | buffered | unconsumed  # nothing lost
+    assert not (set(trained) & (buffered | unconsumed))
+    assert int(r.hget(keys.policy, "version")) == STEPS
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 4, 5, 6, 7, 8]  # the second run resumes at version 3
