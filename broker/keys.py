@@ -66,3 +66,17 @@ class Keys:
 
     def streams(self) -> list[str]:
         return [self.prompts, self.scored, self.dead]
+
+
+# The weight-sync contract beyond the announcement itself (docs/weight_sync.md): fields of the policy hash and
+# keys of the weight group's rendezvous store, shared by learner/broadcast.py and workers/weights.py.
+POLICY_ANNOUNCEMENT = "announcement"
+"""Policy-hash field: the encoded latest WeightAnnouncement."""
+POLICY_JOIN_PREFIX = "join:"
+"""Policy-hash fields `join:<worker_id>` = request time: a worker asks to enter the weight group."""
+POLICY_SYNCED_PREFIX = "synced:"
+"""Policy-hash fields `synced:<worker_id>` = the policy version that worker loaded last."""
+WEIGHT_STORE_PREFIX = "rlq-weights/epoch"
+"""Rendezvous-store prefix of one epoch's group, `<prefix><epoch>/`, so epochs never share keys."""
+WEIGHT_JOINED_KEY = "joined/"
+"""Rendezvous-store key `joined/<worker_id>`, set by a member before it joins, so absentees can be named."""
