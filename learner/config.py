@@ -130,6 +130,12 @@ class LearnerRuntime(_Strict):
     weight_sync: Literal["auto", "collective", "filesystem", "none"] = Field(
         "auto", description="How weights reach the generation workers."
     )
+    weight_sync_addr: str | None = Field(
+        None, description="Address workers reach the weight group at (default: this host's name)."
+    )
+    weight_sync_port: int = Field(0, ge=0, le=65535, description="TCPStore port of the weight group; 0: any free.")
+    weight_bucket_mb: float = Field(64.0, gt=0, description="Largest flat bucket of one weight broadcast.")
+    weight_sync_timeout_s: float = Field(60.0, gt=0, description="Watchdog bound of one broadcast.")
     read_block_ms: int = Field(1000, ge=1, description="Longest blocking read on the scored stream.")
     data_timeout_s: float = Field(1800.0, gt=0, description="Give up when no scored group arrives for this long.")
     check_replicas_every: int = Field(

@@ -192,7 +192,7 @@ class Coordinator:
         """Everything after the update: weight sync, version, ledger, metrics, checkpoint + acks."""
         t0 = time.perf_counter()
         if self.weights is not None and (version % self.cfg.learner.weight_sync_period == 0 or last):
-            self.weights.broadcast(self.model, version)
+            metrics.update(self._sync_weights(version))
         sync_s = time.perf_counter() - t0
         self.redis.hset(self.keys.policy, mapping={"version": version, "learner_updated_at": time.time()})
         trained = [g.group_id for g in info["groups"]]
@@ -220,6 +220,17 @@ class Coordinator:
             }
         )
         self.metrics.log(version, metrics)
+
+    def _sync_weights(self, version: int) -> dict[str, float]:
+        """Broadcast; a failed sync is logged and counted, and training goes on (workers keep older weights)."""
+        from learner.broadcast import WeightSyncError
+
+        try:
+            report = self.weights.broadcast(self.model, version)
+        except WeightSyncError as exc:
+            log.warning("%s", exc)
+            return {"sync/failed": 1.0}
+        return {**report.metrics(), "sync/failed": 0.0}
 
     def save(self, version: int, trainer: Trainer) -> None:
         state = self.collector.state()
@@ -315,7 +326,7 @@ def run(cfg: LearnerConfig) -> int:
             coordinator.restore(state, pending)
         coordinator.recover(version)
         if resume is not None and coordinator.weights is not None:
-            coordinator.weights.broadcast(model, version)  # workers may hold weights of a discarded timeline
+            coordinator._sync_weights(version)  # workers may hold weights of a discarded timeline
         coordinator.redis.hset(coordinator.keys.policy, "version", version)
     try:
         version = _loop(cfg, info, trainer, coordinator, stop, version)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from broker.connection import connect
 from broker.keys import Keys
+from broker.schemas import WeightAnnouncement, decode
 from tests.integration.learner_support import (
     StandInRollouts,
     make_tiny_policy,
@@ -38,7 +39,7 @@ def test_two_gloo_ranks_take_real_steps_and_stay_identical(tmp_path, tiny_policy
     )  # fmt: skip
     rollouts = StandInRollouts(tiny_policy, redis_url, run_name)
     rollouts.start()
-    learner = start_learner(config, 2, tmp_path / "learner.log")
+    learner = start_learner(config, 2, tmp_path / "learner.log", "learner.weight_sync=filesystem")
     try:
         rc = learner.wait(timeout=300)
     finally:
@@ -79,4 +80,11 @@ def test_two_gloo_ranks_take_real_steps_and_stay_identical(tmp_path, tiny_policy
     assert AutoModelForCausalLM.from_pretrained(str(final / "policy")) is not None
     state = json.loads((final / "learner_state.json").read_text())
     assert state["version"] == 3
-    assert int(connect(redis_url).hget(Keys(run_name).policy, "version")) == 3
+    r = connect(redis_url)
+    assert int(r.hget(Keys(run_name).policy, "version")) == 3
+    # Weights went out after every step through learner/broadcast.py (filesystem transport), announced in Redis.
+    announcement = decode(r.hget(Keys(run_name).policy, "announcement"), WeightAnnouncement)
+    assert announcement.version == 3 and announcement.backend == "filesystem"
+    sent = load_file(announcement.checkpoint_path)
+    assert all(torch.equal(sent[k], after[k]) for k in after)
+    assert all(m["sync/failed"] == 0.0 and m["sync/bytes"] > 0 for m in metrics)
