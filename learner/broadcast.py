@@ -1,0 +1,363 @@
+"""Sending side of the weight sync: the learner's rank 0 -> every admitted generation worker.
+
+Two transports behind one base, `WeightBroadcast.broadcast(model, version)`:
+
+- `CollectiveBroadcast`: a weight group of its own (gloo on CPU, NCCL on GPU) built on a TCPStore that this
+  process hosts, separate from the learner's torchrun group. Rank 0 is the learner, rank i+1 is
+  `announcement.members[i]`. Parameters are packed into flat buckets of at most `bucket_bytes` (one dtype per
+  bucket), one broadcast each. The `WeightAnnouncement` (version, epoch, bucket layout, rendezvous) is written
+  to the policy hash before the first byte moves, so every member knows what to expect and a hang is visible.
+- `FilesystemBroadcast`: one safetensors file per version in a shared directory, announced the same way.
+
+Membership (docs/weight_sync.md): a worker asks to join by writing `join:<worker_id>` into the policy hash. At
+its next broadcast the learner admits live requesters and forms the group again under `epoch + 1`. A member
+that misses the rendezvous, dies or stalls past `timeout_s` is evicted, the group is formed again without it
+and the broadcast is retried, so the run goes on; an evicted worker that is still alive asks to join again.
+
+Nothing here imports `workers/` or vLLM: the contract is `broker.schemas.WeightAnnouncement`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import redis
+import torch
+import torch.distributed as dist
+
+from broker.keys import (
+    POLICY_ANNOUNCEMENT,
+    POLICY_JOIN_PREFIX,
+    WEIGHT_JOINED_KEY,
+    WEIGHT_STORE_PREFIX,
+    Keys,
+)
+from broker.schemas import BucketSpec, MessageError, TensorSpec, WeightAnnouncement, decode, encode
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
+DEFAULT_TIMEOUT_S = 60.0
+MAX_ATTEMPTS = 3
+"""Broadcast tries per version: a failure evicts the culprits and re-forms the group (epoch + 1)."""
+
+NamedTensors = list[tuple[str, torch.Tensor]]
+
+
+class WeightSyncError(RuntimeError):
+    """A broadcast that could not complete within its deadline, with who was evicted."""
+
+
+@dataclass
+class BroadcastReport:
+    """What one `broadcast` did; the learner logs these as `sync/*` metrics."""
+
+    version: int
+    epoch: int
+    members: list[str]
+    seconds: float = 0.0
+    bytes: int = 0
+    attempts: int = 1
+    evicted: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "sync/seconds": self.seconds,
+            "sync/bytes": float(self.bytes),
+            "sync/members": float(len(self.members)),
+            "sync/attempts": float(self.attempts),
+            "sync/evicted": float(len(self.evicted)),
+        }
+
+
+def named_tensors(source: torch.nn.Module | Iterable[tuple[str, torch.Tensor]]) -> NamedTensors:
+    """(Hugging Face name, detached tensor) pairs; tied parameters appear once, under their first name."""
+    items = source.named_parameters() if isinstance(source, torch.nn.Module) else source
+    return [(name, t.detach()) for name, t in items]
+
+
+def plan_buckets(tensors: NamedTensors, bucket_bytes: int) -> list[BucketSpec]:
+    """Pack tensors, in order, into flat buckets of one dtype and at most `bucket_bytes` each.
+
+    A tensor larger than `bucket_bytes` gets a bucket of its own; a dtype change starts a new bucket.
+    """
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    buckets: list[BucketSpec] = []
+    for name, t in tensors:
+        dtype = str(t.dtype).removeprefix("torch.")
+        nbytes = t.numel() * t.element_size()
+        last = buckets[-1] if buckets else None
+        if last is None or last.dtype != dtype or (last.numel * t.element_size() + nbytes > bucket_bytes):
+            last = BucketSpec(dtype=dtype, numel=0, tensors=[])
+            buckets.append(last)
+        last.tensors.append(TensorSpec(name=name, shape=list(t.shape), offset=last.numel, numel=t.numel()))
+        last.numel += t.numel()
+    return buckets
+
+
+def pack_bucket(by_name: dict[str, torch.Tensor], spec: BucketSpec, device: torch.device) -> torch.Tensor:
+    """One flat tensor [spec.numel] holding the bucket's parameters at their offsets."""
+    flat = torch.empty(spec.numel, dtype=getattr(torch, spec.dtype), device=device)  # [numel]
+    for ts in spec.tensors:
+        flat[ts.offset : ts.offset + ts.numel].copy_(by_name[ts.name].reshape(-1))
+    return flat
+
+
+def total_bytes(buckets: list[BucketSpec]) -> int:
+    return sum(b.numel * torch.empty(0, dtype=getattr(torch, b.dtype)).element_size() for b in buckets)
+
+
+def read_announcement(r: redis.Redis, keys: Keys) -> WeightAnnouncement | None:
+    raw: Any = r.hget(keys.policy, POLICY_ANNOUNCEMENT)
+    if raw is None:
+        return None
+    try:
+        return decode(raw, WeightAnnouncement)  # type: ignore[return-value]
+    except MessageError as exc:
+        log.error("policy hash holds a bad announcement (%s); ignoring it", exc)
+        return None
+
+
+def latest_checkpoint_dir(r: redis.Redis, keys: Keys) -> str:
+    """The Hugging Face directory of the learner's latest checkpoint (`<step>/policy`), or ''."""
+    raw: Any = r.hget(keys.policy, "checkpoint_path")
+    if not raw:
+        return ""
+    path = Path(raw.decode() if isinstance(raw, bytes) else raw)
+    return str(path / "policy") if (path / "policy").is_dir() else str(path)
+
+
+class WeightBroadcast(ABC):
+    """Moves the learner's weights to the generation workers and announces them in the policy hash."""
+
+    def __init__(self, r: redis.Redis, keys: Keys) -> None:
+        self.r = r
+        self.keys = keys
+
+    @abstractmethod
+    def broadcast(
+        self, source: torch.nn.Module | Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> BroadcastReport: ...
+
+    def close(self) -> None:  # noqa: B027  (optional hook)
+        pass
+
+    def _announce(self, ann: WeightAnnouncement) -> None:
+        self.r.hset(self.keys.policy, POLICY_ANNOUNCEMENT, encode(ann))
+
+
+class CollectiveBroadcast(WeightBroadcast):
+    """gloo/NCCL broadcast from the learner (rank 0) to the admitted workers, with a watchdog and eviction."""
+
+    def __init__(
+        self,
+        r: redis.Redis,
+        keys: Keys,
+        *,
+        master_addr: str | None = None,
+        master_port: int = 0,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(r, keys)
+        self.bucket_bytes = bucket_bytes
+        self.timeout_s = timeout_s
+        self.backend = backend
+        self.master_addr = master_addr or socket.gethostname()
+        # Port 0: the OS picks a free one; the announcement tells the workers which.
+        self.store = dist.TCPStore(
+            "0.0.0.0", master_port, None, True, timedelta(seconds=timeout_s), wait_for_workers=False
+        )
+        self.master_port = self.store.port
+        self.epoch = self._last_epoch()
+        self.members: list[str] = []
+        self.pg: Any = None
+        log.info("weight group store on %s:%d (epoch %d)", self.master_addr, self.master_port, self.epoch)
+
+    def broadcast(self, source: torch.nn.Module | Iterable[tuple[str, torch.Tensor]], version: int) -> BroadcastReport:
+        """Send every parameter to every member; evicts failing members and retries, never hangs.
+
+        Raises:
+            WeightSyncError: MAX_ATTEMPTS tries failed (the learner may go on; workers keep older weights).
+        """
+        tensors = named_tensors(source)
+        by_name = dict(tensors)
+        buckets = plan_buckets(tensors, self.bucket_bytes)
+        device = tensors[0][1].device
+        backend = self.backend or ("nccl" if device.type == "cuda" else "gloo")
+        report = BroadcastReport(version=version, epoch=self.epoch, members=[], bytes=total_bytes(buckets))
+        t0 = time.perf_counter()
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            report.attempts = attempt
+            reform = self._update_membership()
+            report.epoch, report.members = self.epoch, list(self.members)
+            self._announce(self._announcement(version, backend, buckets))
+            if not self.members:
+                break
+            try:
+                if reform or self.pg is None:
+                    self.pg = self._form_group(backend)
+                self._send(buckets, by_name, device)
+                break
+            except (RuntimeError, dist.DistError) as exc:
+                culprits = self._culprits()
+                log.warning("weight broadcast v%d epoch %d failed (%s); evicting %s", version, self.epoch,
+                            str(exc).splitlines()[0][:200], culprits or "nobody identified")  # fmt: skip
+                report.evicted += culprits
+                self.members = [m for m in self.members if m not in culprits]
+                self.pg = None  # the next try (or the next version) forms a fresh group under epoch + 1
+        else:
+            raise WeightSyncError(f"weight broadcast v{version} failed {MAX_ATTEMPTS} times; evicted {report.evicted}")
+        report.seconds = time.perf_counter() - t0
+        log.info("weights v%d -> %d workers in %.3fs (epoch %d, %d buckets, %.1f MB)", version, len(self.members),
+                 report.seconds, self.epoch, len(buckets), report.bytes / 1e6)  # fmt: skip
+        return report
+
+    def close(self) -> None:
+        self.pg = None
+        self.r.hdel(self.keys.policy, POLICY_ANNOUNCEMENT)
+
+    def _last_epoch(self) -> int:
+        """Continue after the epoch of any earlier announcement, so a restarted learner never reuses one."""
+        ann = read_announcement(self.r, self.keys)
+        return ann.epoch + 1 if ann is not None else 0
+
+    def _update_membership(self) -> bool:
+        """Admit live join requests, drop dead members; True when the group must be formed again."""
+        fields: Any = self.r.hgetall(self.keys.policy)
+        requests = sorted(
+            k.decode()[len(POLICY_JOIN_PREFIX) :] for k in fields if k.decode().startswith(POLICY_JOIN_PREFIX)
+        )
+        alive = self._alive(set(self.members) | set(requests))
+        wanted = [m for m in self.members if m in alive] + [w for w in requests if w in alive and w not in self.members]
+        if requests:
+            self.r.hdel(self.keys.policy, *[POLICY_JOIN_PREFIX + w for w in requests])
+        if wanted == self.members and (self.pg is not None or not wanted):
+            return False
+        self.epoch += 1  # any change of membership, or a group lost to a failure, is a new epoch
+        self.members = wanted
+        self.pg = None
+        return True
+
+    def _alive(self, worker_ids: set[str]) -> set[str]:
+        ids = sorted(worker_ids)
+        pipe = self.r.pipeline(transaction=False)
+        for w in ids:
+            pipe.exists(self.keys.worker_alive(w))
+        return {w for w, ok in zip(ids, pipe.execute(), strict=True) if ok}
+
+    def _announcement(self, version: int, backend: str, buckets: list[BucketSpec]) -> WeightAnnouncement:
+        return WeightAnnouncement(
+            version=version, epoch=self.epoch, backend=backend, master_addr=self.master_addr,
+            master_port=self.master_port, world_size=len(self.members) + 1, members=list(self.members),
+            buckets=buckets, checkpoint_path=latest_checkpoint_dir(self.r, self.keys), timeout_s=self.timeout_s,
+        )  # fmt: skip
+
+    def _epoch_store(self) -> dist.PrefixStore:
+        return dist.PrefixStore(f"{WEIGHT_STORE_PREFIX}{self.epoch}/", self.store)
+
+    def _form_group(self, backend: str) -> Any:
+        """Rendezvous of this epoch; raises if a member does not arrive within `timeout_s`."""
+        return new_group(backend, self._epoch_store(), 0, len(self.members) + 1, self.timeout_s)
+
+    def _send(self, buckets: list[BucketSpec], by_name: dict[str, torch.Tensor], device: torch.device) -> None:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        deadline = time.monotonic() + self.timeout_s
+        for spec in buckets:
+            flat = pack_bucket(by_name, spec, device)  # [numel]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError(f"weight broadcast exceeded its {self.timeout_s:.0f}s deadline")
+            self.pg.broadcast([flat], opts).wait(timedelta(seconds=remaining))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def _culprits(self) -> list[str]:
+        """Members that never reached this epoch's rendezvous, else those whose heartbeat has stopped."""
+        store = self._epoch_store()
+        missing = []
+        for m in self.members:
+            try:
+                if not store.check([WEIGHT_JOINED_KEY + m]):
+                    missing.append(m)
+            except (RuntimeError, dist.DistError):
+                missing.append(m)
+        if missing:
+            return missing
+        alive = self._alive(set(self.members))
+        return [m for m in self.members if m not in alive]
+
+
+def new_group(backend: str, store: dist.Store, rank: int, world_size: int, timeout_s: float) -> Any:
+    """A process group on `store` that lives outside torch.distributed's global state (no init_process_group)."""
+    timeout = timedelta(seconds=timeout_s)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, world_size, opts)
+    raise ValueError(f"weight-group backend must be gloo or nccl, got {backend!r}")
+
+
+class FilesystemBroadcast(WeightBroadcast):
+    """One safetensors file per version in a directory every worker can read; keeps the newest `keep` files."""
+
+    def __init__(self, r: redis.Redis, keys: Keys, directory: Path, *, keep: int = 2) -> None:
+        super().__init__(r, keys)
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.keep = keep
+
+    def broadcast(self, source: torch.nn.Module | Iterable[tuple[str, torch.Tensor]], version: int) -> BroadcastReport:
+        from safetensors.torch import save_file
+
+        t0 = time.perf_counter()
+        tensors = named_tensors(source)
+        path = self.directory / f"v{version:08d}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file({n: t.to("cpu").contiguous() for n, t in tensors}, str(tmp))
+        os.replace(tmp, path)  # a reader never sees a half-written file
+        buckets = plan_buckets(tensors, 1 << 62)
+        ann = WeightAnnouncement(
+            version=version, epoch=0, backend="filesystem", master_addr="", master_port=0, world_size=1,
+            members=[], buckets=buckets, checkpoint_path=str(path.resolve()),
+        )  # fmt: skip
+        self._announce(ann)
+        for old in sorted(self.directory.glob("v*.safetensors"))[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return BroadcastReport(version, 0, [], time.perf_counter() - t0, total_bytes(buckets))
+
+
+def make_broadcast(cfg: Any, r: redis.Redis) -> WeightBroadcast:
+    """The transport a LearnerConfig asks for (`learner.weight_sync`: auto | collective | filesystem).
+
+    Optional `learner.*` fields (or environment) tune it: weight_sync_addr (RLQ_WEIGHT_SYNC_ADDR),
+    weight_sync_port (RLQ_WEIGHT_SYNC_PORT, 0 = any free port), weight_bucket_mb, weight_sync_timeout_s.
+    """
+    rt = cfg.learner
+    keys = Keys(rt.run)
+    if rt.weight_sync == "filesystem":
+        return FilesystemBroadcast(r, keys, Path(rt.run_dir) / "weights")
+    backend = None if rt.dist_backend == "auto" else rt.dist_backend
+    return CollectiveBroadcast(
+        r,
+        keys,
+        master_addr=getattr(rt, "weight_sync_addr", None) or os.environ.get("RLQ_WEIGHT_SYNC_ADDR"),
+        master_port=int(getattr(rt, "weight_sync_port", None) or os.environ.get("RLQ_WEIGHT_SYNC_PORT", "0")),
+        bucket_bytes=int(getattr(rt, "weight_bucket_mb", DEFAULT_BUCKET_BYTES / 2**20) * 2**20),
+        timeout_s=float(getattr(rt, "weight_sync_timeout_s", DEFAULT_TIMEOUT_S)),
+        backend=backend,
+    )

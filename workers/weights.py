@@ -1,0 +1,211 @@
+"""Receiving side of the weight sync, and the vLLM worker extension that loads what arrives.
+
+`WeightReceiver` joins the weight group an announcement names (its own TCPStore client + gloo/NCCL group, never
+torch.distributed's global state), receives one flat tensor per bucket and cuts it into named parameters by the
+announced layout. Everything is received before anything is loaded: a broadcast that stalls or loses its
+learner raises `WeightSyncError` within `announcement.timeout_s` and leaves the model untouched, and the worker
+asks to join again at the next epoch (docs/weight_sync.md).
+
+`VllmWeightExtension` is mixed into vLLM's worker (`LLM(worker_extension_cls=...)`) and driven through
+`llm.collective_rpc`: it receives in the engine's worker process, where the weights live, and loads through
+`model_runner.reload_weights`, vLLM's in-place reload. On the CPU build the plain `model.load_weights` fails
+half-way because linear weights are prepacked into oneDNN handles (the parameters are left with shape [0]).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from broker.keys import WEIGHT_JOINED_KEY, WEIGHT_STORE_PREFIX
+from broker.schemas import BucketSpec, WeightAnnouncement, decode
+
+log = logging.getLogger(__name__)
+
+NamedTensors = list[tuple[str, torch.Tensor]]
+
+
+class WeightSyncError(RuntimeError):
+    """A weight update that did not complete: the worker keeps its weights and re-joins at the next epoch."""
+
+
+def unpack_bucket(flat: torch.Tensor, spec: BucketSpec) -> NamedTensors:
+    """Views into `flat` [spec.numel], one per parameter of the bucket, in the announced shapes."""
+    if flat.numel() != spec.numel:
+        raise WeightSyncError(f"bucket holds {flat.numel()} elements, the layout says {spec.numel}")
+    out = []
+    for ts in spec.tensors:
+        if ts.offset < 0 or ts.offset + ts.numel > spec.numel or ts.numel != _prod(ts.shape):
+            raise WeightSyncError(f"tensor {ts.name} does not fit its bucket: {ts}")
+        out.append((ts.name, flat[ts.offset : ts.offset + ts.numel].view(ts.shape)))
+    return out
+
+
+def _prod(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def new_group(backend: str, store: dist.Store, rank: int, world_size: int, timeout_s: float) -> Any:
+    """A process group on `store` outside torch.distributed's global state (the twin of learner/broadcast.py's)."""
+    timeout = timedelta(seconds=timeout_s)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, world_size, opts)
+    raise WeightSyncError(f"weight-group backend must be gloo or nccl, got {backend!r}")
+
+
+class WeightReceiver:
+    """One worker's membership of the weight group: joins per epoch, receives buckets, never hangs."""
+
+    def __init__(self, worker_id: str, device: torch.device | str = "cpu") -> None:
+        self.worker_id = worker_id
+        self.device = torch.device(device)
+        self.epoch: int | None = None
+        self.pg: Any = None
+        self._store: Any = None
+
+    def receive(self, ann: WeightAnnouncement) -> NamedTensors:
+        """Every parameter of `ann`, received from rank 0 of the weight group.
+
+        Raises:
+            WeightSyncError: not a member, the rendezvous or a bucket did not complete within `ann.timeout_s`,
+                or the learner died; the group is left and must be joined again under a later epoch.
+        """
+        if self.worker_id not in ann.members:
+            raise WeightSyncError(f"{self.worker_id} is not a member of weight-group epoch {ann.epoch}")
+        try:
+            if self.pg is None or self.epoch != ann.epoch:
+                self._join(ann)
+            return self._receive_buckets(ann)
+        except (RuntimeError, dist.DistError, ValueError) as exc:
+            self.leave()
+            if isinstance(exc, WeightSyncError):
+                raise
+            first = str(exc).splitlines()[0][:240] if str(exc) else type(exc).__name__
+            raise WeightSyncError(f"weight update v{ann.version} epoch {ann.epoch} failed: {first}") from None
+
+    def leave(self) -> None:
+        self.pg = None
+        self._store = None
+        self.epoch = None
+
+    def _join(self, ann: WeightAnnouncement) -> None:
+        self.leave()
+        rank = ann.members.index(self.worker_id) + 1
+        timeout = timedelta(seconds=ann.timeout_s)
+        self._store = dist.TCPStore(ann.master_addr, ann.master_port, None, False, timeout)
+        store = dist.PrefixStore(f"{WEIGHT_STORE_PREFIX}{ann.epoch}/", self._store)
+        store.set(WEIGHT_JOINED_KEY + self.worker_id, "1")
+        self.pg = new_group(ann.backend, store, rank, ann.world_size, ann.timeout_s)
+        self.epoch = ann.epoch
+        log.info("joined weight group epoch %d as rank %d of %d", ann.epoch, rank, ann.world_size)
+
+    def _receive_buckets(self, ann: WeightAnnouncement) -> NamedTensors:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        deadline = time.monotonic() + ann.timeout_s
+        out: NamedTensors = []
+        for spec in ann.buckets:
+            flat = torch.empty(spec.numel, dtype=getattr(torch, spec.dtype), device=self.device)  # [numel]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WeightSyncError(f"weight update v{ann.version} exceeded its {ann.timeout_s:.0f}s deadline")
+            self.pg.broadcast([flat], opts).wait(timedelta(seconds=remaining))
+            out += unpack_bucket(flat, spec)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return out
+
+
+def load_safetensors(path: str) -> NamedTensors:
+    """Parameters of one safetensors file, or of every `*.safetensors` in a directory."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+    if not files:
+        raise WeightSyncError(f"no safetensors weights in {path}")
+    return [item for f in files for item in load_file(str(f)).items()]
+
+
+def refresh_tied_cpu_gemms(model: torch.nn.Module) -> int:
+    """Re-pack CPU GEMM handles of layers that keep their weight but were not reloaded themselves.
+
+    vLLM's CPU build packs each linear weight into a oneDNN handle at load time. An lm_head tied to the
+    embedding is never passed to its own loader during a reload, so its handle would keep the old weights
+    (measured: logprobs off by ~20 nats after an update). Re-running the layer's post-load processing packs
+    the current, shared tensor again. Layers whose weight was dropped after packing (shape [0]) were reloaded.
+    """
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        method = getattr(module, "quant_method", None)
+        if hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor) and weight.numel() > 0 and method:
+            method.process_weights_after_loading(module)
+            count += 1
+    return count
+
+
+class VllmWeightExtension:
+    """Methods vLLM mixes into its worker; called as `llm.collective_rpc("rlq_update_weights", ...)`."""
+
+    model_runner: Any
+    device: Any
+
+    def rlq_update_weights(self, announcement: bytes, worker_id: str) -> dict[str, float]:
+        """Receive the broadcast `announcement` describes and load it in place; returns timings (seconds)."""
+        ann = decode(announcement, WeightAnnouncement)
+        assert isinstance(ann, WeightAnnouncement)
+        receiver = self._rlq_receiver(worker_id)
+        t0 = time.perf_counter()
+        tensors = receiver.receive(ann)
+        t1 = time.perf_counter()
+        self._rlq_load(tensors)
+        return {"version": float(ann.version), "receive_s": t1 - t0, "load_s": time.perf_counter() - t1}
+
+    def rlq_load_file(self, path: str) -> dict[str, float]:
+        """Load a safetensors file or directory in place (filesystem sync, or a joining worker's checkpoint)."""
+        t0 = time.perf_counter()
+        self._rlq_load(load_safetensors(path))
+        return {"load_s": time.perf_counter() - t0}
+
+    def rlq_leave_group(self) -> None:
+        receiver = getattr(self, "_rlq_weight_receiver", None)
+        if receiver is not None:
+            receiver.leave()
+
+    def rlq_named_parameters(self) -> list[tuple[str, list[int], str]]:
+        """(name, shape, dtype) of the engine's parameters, for checks and the docs."""
+        model = self.model_runner.get_model()
+        return [(n, list(p.shape), str(p.dtype)) for n, p in model.named_parameters()]
+
+    def _rlq_receiver(self, worker_id: str) -> WeightReceiver:
+        receiver = getattr(self, "_rlq_weight_receiver", None)
+        if receiver is None or receiver.worker_id != worker_id:
+            device = self.device if isinstance(getattr(self, "device", None), torch.device) else "cpu"
+            receiver = WeightReceiver(worker_id, device)
+            self._rlq_weight_receiver = receiver
+        return receiver
+
+    def _rlq_load(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        # Names are Hugging Face's; reload_weights maps them (q/k/v -> qkv_proj, ...) and repacks per layer.
+        # The worker's own reload_weights sets vLLM's current config around the model runner's.
+        reload = getattr(self, "reload_weights", None) or self.model_runner.reload_weights
+        reload(weights_iterator=iter(tensors), is_checkpoint_format=True)
+        model = self.model_runner.get_model()
+        if next(model.parameters()).device.type == "cpu":
+            refresh_tied_cpu_gemms(model)
