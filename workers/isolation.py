@@ -24,7 +24,6 @@ import resource
 import signal
 import time
 from multiprocessing.connection import Connection
-from typing import Any
 
 import msgspec
 
@@ -36,8 +35,6 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 """prctl option: the kernel sends the child a signal when the parent thread dies (Linux only)."""
 GOLD_OK, GOLD_EMPTY, GOLD_BAD = b"ok", b"empty", b"bad"
-JOIN_TIMEOUT_S = 5.0
-"""How long to reap a SIGKILLed child; SIGKILL cannot be ignored, so this only bounds a kernel hiccup."""
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(tuple[str, list[str]])
@@ -61,35 +58,55 @@ class VerifierChild:
 
     def __init__(self, memory_mb: int = 0) -> None:
         self.memory_mb = memory_mb
-        self._process: Any = None  # multiprocessing.Process of the fork context
+        self._pid: int | None = None
+        self._exited = False  # reaped already: its pid may belong to someone else now, never signal it
         self._conn: Connection | None = None
         self.answers = self.timeouts = self.crashes = self.respawns = 0
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        return self._pid
 
     def start(self) -> None:
-        if self._process is not None:
+        """Fork the child if none is running. A bare os.fork, not multiprocessing.Process: Celery's pool
+        processes are daemonic, and multiprocessing refuses to give a daemonic process children."""
+        if self._pid is not None:
             return
         warm_up()
-        context = multiprocessing.get_context("fork")
-        parent_end, child_end = context.Pipe(duplex=True)
-        process = context.Process(target=_child_main, args=(child_end, self.memory_mb), name="rlq-verify", daemon=True)
-        process.start()
+        parent_end, child_end = multiprocessing.Pipe(duplex=True)
+        pid = os.fork()
+        if pid == 0:  # the child never returns into the caller's code (Celery, pytest): it always _exits
+            code = 1
+            try:
+                parent_end.close()
+                _child_main(child_end, self.memory_mb)
+                code = 0
+            finally:
+                os._exit(code)
         child_end.close()
-        self._process, self._conn = process, parent_end
+        self._pid, self._conn = pid, parent_end
 
     def close(self) -> None:
         """SIGKILL and reap the child (it holds no state worth a graceful stop)."""
-        if self._process is None:
+        if self._pid is None:
             return
-        if self._process.is_alive():
-            os.kill(self._process.pid, signal.SIGKILL)
-        self._process.join(JOIN_TIMEOUT_S)
+        if not self._exited:
+            os.kill(self._pid, signal.SIGKILL)
+            self._reap(block=True)
         if self._conn is not None:
             self._conn.close()
-        self._process, self._conn = None, None
+        self._pid, self._conn, self._exited = None, None, False
+
+    def _reap(self, *, block: bool) -> int | None:
+        """The child's exit status once it has exited (None while it runs); SIGKILL cannot be ignored, so a
+        blocking reap after it returns at once."""
+        if self._pid is None or self._exited:
+            return None
+        pid, status = os.waitpid(self._pid, 0 if block else os.WNOHANG)
+        if not pid:
+            return None
+        self._exited = True
+        return os.waitstatus_to_exitcode(status)
 
     def _replace(self) -> None:
         self.close()
@@ -164,10 +181,8 @@ class VerifierChild:
         self._replace()
 
     def _exitcode(self) -> int | None:
-        if self._process is None:
-            return None
-        self._process.join(0.1)
-        return self._process.exitcode
+        time.sleep(0.05)  # EOF can arrive a moment before the exit status
+        return self._reap(block=False)
 
 
 _VERDICT_BYTES: dict[bytes, Verdict] = {v.encode(): v for v in VERDICTS}  # type: ignore[misc]

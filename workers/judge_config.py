@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-TIME_LIMIT_MARGIN_S = 10.0
+TIME_LIMIT_MARGIN_S = 5.0
 """Slack between the group deadline and Celery's hard kill: decode, publish and one child respawn fit in it."""
 
 
