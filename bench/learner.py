@@ -60,8 +60,8 @@ def make_groups(args, vocab: int) -> list[ScoredGroup]:
         samples = []
         for _ in range(args.generations):
             n = int(rng.integers(args.completion_len // 2, args.completion_len + 1))
-            samples.append(Sample(token_ids=Array.from_numpy(rng.integers(0, vocab, n), "int32"),
-                                  logprobs=Array.from_numpy(-rng.random(n) * 5, "float32"), finish_reason="stop"))  # fmt: skip
+            ids, logprobs = rng.integers(0, vocab, n), -rng.random(n) * 5
+            samples.append(Sample(Array.from_numpy(ids, "int32"), Array.from_numpy(logprobs, "float32"), "stop"))
         rollout = RolloutGroup(group_id=f"p{p}@b", batch_id="b", prompt=prompt, samples=samples, policy_version=0,
                                worker_id="bench")  # fmt: skip
         rewards = Array.from_numpy(rng.integers(0, 2, args.generations), "float32")
