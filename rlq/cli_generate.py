@@ -1,0 +1,39 @@
+"""`rlq worker generate`: one generation worker (vLLM or transformers) for a run.
+
+Torch and vLLM load only inside the command, after the config validated, so `rlq --help` stays light.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import typer
+
+
+def generate_command(
+    config: Path = typer.Option(..., "--config", "-c", help="Run config YAML (policy.generation: this role)."),
+    overrides: list[str] = typer.Argument(None, help="key=value, ++key=value, +key=value, ~key"),
+    worker_id: str | None = typer.Option(None, "--worker-id", help="Unique name (default: gen-<host>-<pid>)."),
+    max_batches: int | None = typer.Option(None, min=1, help="Stop after this many batches (default: never)."),
+) -> None:
+    """Pull prompt batches, sample with the current policy, send rollout groups to the judges; weights live."""
+    from rlq.config import load_run_config
+    from rlq.errors import UserError
+
+    cfg = load_run_config(config, overrides or [])
+    gen = cfg.policy.generation
+    model = gen.model_name or cfg.policy.model_name
+    if not Path(model).exists():
+        raise UserError(f"model {model!r} is not a local directory (no downloads at run time)")
+    wid = worker_id or f"gen-{socket.gethostname()}-{os.getpid()}"
+    try:
+        from setproctitle import setproctitle
+
+        setproctitle(f"rlq worker generate {wid} ({cfg.run_name})")
+    except ImportError:
+        pass
+    from workers.generate import run
+
+    run(gen, run=cfg.run_name, broker_url=cfg.broker_url(), worker_id=wid, model_name=model, max_batches=max_batches)

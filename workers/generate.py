@@ -1,0 +1,351 @@
+"""The generation role: prompt batches in, rollout groups out, weights updated live between batches.
+
+Loop: take one PromptBatch from the prompts stream (consumer group `generate`; entries a dead worker left
+pending are reclaimed by the broker layer), wait until the weights are at least `min_policy_version`, sample
+`n_samples` completions per prompt with their behaviour logprobs, tag every group with the policy version that
+produced it, hand the groups to the judges (`RolloutSink`) and only then acknowledge the batch.
+
+Between batches the worker reads the latest WeightAnnouncement from the policy hash: as a member of its epoch
+it takes part in the broadcast; otherwise it writes a join request and is admitted when the learner forms the
+group again (docs/weight_sync.md). A heartbeat thread keeps the registry entry (capacity, version, status,
+throughput) fresh even while a long batch or a sync runs. SIGTERM finishes the batch in hand, then stops; a
+batch still waiting for weights is released to the other workers instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from broker.connection import connect
+from broker.keys import POLICY_ANNOUNCEMENT, POLICY_JOIN_PREFIX, POLICY_SYNCED_PREFIX, Keys
+from broker.registry import Registry
+from broker.schemas import (
+    Array,
+    MessageError,
+    PromptBatch,
+    RolloutGroup,
+    Sample,
+    WeightAnnouncement,
+    WorkerHeartbeat,
+    decode,
+)
+from broker.streams import Delivery, StreamConsumer, publish_once
+from workers.engines import Completion, Engine, make_engine, request_seed
+from workers.generate_config import GenerationConfig
+
+log = logging.getLogger(__name__)
+
+CONSUMER_GROUP = "generate"
+THROUGHPUT_EMA = 0.3
+
+
+def rollout_stream(run: str) -> str:
+    """Where `StreamSink` puts rollout groups (tests and debugging; production goes through the judges)."""
+    return f"{Keys(run).prompts.rsplit(':', 1)[0]}:rollouts"
+
+
+class RolloutSink(ABC):
+    """Where finished groups go; `submit` returns once they are safely queued."""
+
+    @abstractmethod
+    def submit(self, groups: list[RolloutGroup]) -> None: ...
+
+
+class CelerySink(RolloutSink):
+    """The judges' Celery queue of the run (workers/judge.py)."""
+
+    def __init__(self, broker_url: str, run: str) -> None:
+        from workers.judge import make_app, submit_groups
+
+        self.app = make_app(broker_url, run)
+        self.run = run
+        self._submit = submit_groups
+
+    def submit(self, groups: list[RolloutGroup]) -> None:
+        self._submit(self.app, self.run, groups)
+
+
+class StreamSink(RolloutSink):
+    """XADD each group once (by group id) to a stream."""
+
+    def __init__(self, r: redis.Redis, stream: str) -> None:
+        self.r = r
+        self.stream = stream
+
+    def submit(self, groups: list[RolloutGroup]) -> None:
+        for g in groups:
+            publish_once(self.r, self.stream, g.group_id, g)
+
+
+def checkpoint_version(policy_dir: str) -> int:
+    """The policy version of a learner checkpoint (`<step>/policy` next to `learner_state.json`), else 0."""
+    state = Path(policy_dir).parent / "learner_state.json"
+    try:
+        return int(json.loads(state.read_text())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def starting_weights(r: redis.Redis, keys: Keys, fallback: str) -> tuple[str, int]:
+    """(model directory, version) a new worker starts from: the learner's latest checkpoint, else `fallback`."""
+    raw: Any = r.hget(keys.policy, "checkpoint_path")
+    if raw:
+        path = Path(raw.decode() if isinstance(raw, bytes) else raw)
+        policy = path / "policy" if (path / "policy").is_dir() else path
+        if (policy / "config.json").exists():
+            return str(policy), checkpoint_version(str(policy))
+    return fallback, 0
+
+
+def build_groups(
+    batch: PromptBatch, completions: list[list[Completion]], version: int, worker_id: str, temperature: float
+) -> list[RolloutGroup]:
+    groups = []
+    for prompt, comps in zip(batch.prompts, completions, strict=True):
+        samples = [
+            Sample(
+                token_ids=Array.from_numpy(c.token_ids, "int32"),
+                logprobs=Array.from_numpy(c.logprobs, "float32"),
+                finish_reason=c.finish_reason,
+                text=c.text,
+            )
+            for c in comps
+        ]
+        groups.append(
+            RolloutGroup(
+                group_id=f"{prompt.prompt_id}@{batch.batch_id}", batch_id=batch.batch_id, prompt=prompt,
+                samples=samples, policy_version=version, worker_id=worker_id, temperature=temperature,
+            )
+        )  # fmt: skip
+    return groups
+
+
+class GenerationWorker:
+    """One generation worker process: engine, stream consumer, weight sync and heartbeat."""
+
+    def __init__(
+        self,
+        cfg: GenerationConfig,
+        *,
+        run: str,
+        broker_url: str,
+        worker_id: str,
+        model_name: str,
+        sink: RolloutSink | None = None,
+        engine: Engine | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.rt = cfg.worker
+        self.worker_id = worker_id
+        self.keys = Keys(run)
+        self.r = connect(broker_url, client_name=f"rlq-generate-{worker_id}")
+        self.registry = Registry(self.r, self.keys)
+        self.status = "starting"
+        self.version = 0
+        self.throughput = 0.0
+        self.stopping = threading.Event()
+        self._beat_stop = threading.Event()
+        self._handled: tuple[int, int] | None = None  # (epoch, version) of the last announcement acted on
+        self._join_asked: int | None = None  # epoch of the announcement that prompted the last join request
+        self._beat()
+        self._beater = threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True)
+        self._beater.start()
+        path, self.version = starting_weights(self.r, self.keys, model_name)
+        log.info("%s starts from %s (policy version %d)", worker_id, path, self.version)
+        self.engine = engine or make_engine(cfg, worker_id, path)
+        self.sink = sink or CelerySink(broker_url, run)
+        self.consumer = StreamConsumer(
+            self.r, self.keys.prompts, CONSUMER_GROUP, worker_id, expected=PromptBatch, dead_stream=self.keys.dead,
+            max_deliveries=self.rt.max_deliveries, claim_idle_ms=self.rt.claim_idle_ms, block_ms=self.rt.read_block_ms,
+        )  # fmt: skip
+        self.consumer.ensure_group()
+        self.status = "idle"
+
+    # --- the loop -------------------------------------------------------------------------------------------
+
+    def run(self, max_batches: int | None = None) -> int:
+        """Serve batches until stopped (or `max_batches` done); returns the number of batches handled."""
+        done = 0
+        try:
+            while not self.stopping.is_set() and (max_batches is None or done < max_batches):
+                self.sync()
+                for delivery in self.consumer.read(count=1):
+                    done += self.handle(delivery)
+        finally:
+            self.close()
+        return done
+
+    def handle(self, delivery: Delivery) -> int:
+        """Generate one batch and hand it on; returns 1 if handled, 0 if released or dead-lettered."""
+        batch = delivery.message
+        assert isinstance(batch, PromptBatch)
+        problem = self._check(batch)
+        if problem:
+            self.consumer.dead_letter(delivery, problem)
+            return 0
+        if not self._wait_for_version(batch.min_policy_version):
+            self.consumer.release([delivery.entry_id])  # another worker (or this one later) takes it
+            return 0
+        self.status = "busy"
+        t0 = time.perf_counter()
+        version = self.version  # weights never change inside a batch: updates happen between batches only
+        seeds = [request_seed(self.cfg.vllm_cfg.seed, f"{p.prompt_id}@{batch.batch_id}") for p in batch.prompts]
+        prompts = [p.token_ids.to_numpy().tolist() for p in batch.prompts]
+        completions = self.engine.generate(prompts, batch.n_samples, seeds)
+        generate_s = time.perf_counter() - t0
+        groups = build_groups(batch, completions, version, self.worker_id, self.cfg.temperature)
+        timings = {"queue_wait_s": max(0.0, time.time() - batch.created_at - generate_s), "generate_s": generate_s}
+        for g in groups:
+            g.timings.update(timings)
+        self.sink.submit(groups)
+        self.consumer.ack([delivery.entry_id])  # after the hand-off: a crash before this re-delivers the batch
+        tokens = sum(len(c.token_ids) for comps in completions for c in comps)
+        self._observe(tokens / max(generate_s, 1e-9))
+        self.status = "idle"
+        log.info("batch %s: %d groups, %d tokens in %.2fs at v%d", batch.batch_id, len(groups), tokens,
+                 generate_s, version)  # fmt: skip
+        return 1
+
+    def _check(self, batch: PromptBatch) -> str:
+        limit = self.cfg.vllm_cfg.max_model_len - 1
+        long = [p.prompt_id for p in batch.prompts if len(p.token_ids) > limit]
+        if long:
+            return f"prompts longer than max_model_len - 1 = {limit} tokens: {', '.join(long[:5])}"
+        return ""
+
+    def _wait_for_version(self, wanted: int) -> bool:
+        deadline = time.monotonic() + self.rt.min_version_wait_s
+        while self.version < wanted:
+            if self.stopping.is_set() or time.monotonic() > deadline:
+                log.warning("holding v%d, batch wants v%d: releasing it", self.version, wanted)
+                return False
+            self.status = "syncing"
+            if not self.sync():
+                time.sleep(0.1)
+        return True
+
+    # --- weights --------------------------------------------------------------------------------------------
+
+    def sync(self) -> bool:
+        """Act on the latest announcement: take part in its broadcast, or ask to join. True if weights changed."""
+        ann = self._announcement()
+        if ann is None:
+            self._ask_to_join(-1)
+            return False
+        if (ann.epoch, ann.version) == self._handled:
+            return False
+        if ann.backend == "filesystem":
+            return ann.version > self.version and self._update(ann)
+        if self.worker_id in ann.members:
+            return self._update(ann)
+        self._ask_to_join(ann.epoch)
+        return False
+
+    def _update(self, ann: WeightAnnouncement) -> bool:
+        self._handled = (ann.epoch, ann.version)
+        self.status = "syncing"
+        t0 = time.perf_counter()
+        try:
+            stats = self.engine.update_weights(ann)
+        except Exception as exc:  # WeightSyncError, or the engine's RPC failing: keep the old weights
+            log.error("weight update v%d failed after %.1fs, keeping v%d and re-joining: %s",
+                      ann.version, time.perf_counter() - t0, self.version, exc)  # fmt: skip
+            self._join_asked = None
+            self._ask_to_join(ann.epoch)
+            return False
+        finally:
+            self.status = "idle"
+        self.version = ann.version
+        self.r.hset(self.keys.policy, POLICY_SYNCED_PREFIX + self.worker_id, ann.version)
+        self._beat()
+        log.info("weights v%d loaded (receive %.3fs, load %.3fs, epoch %d)", ann.version, stats.receive_s,
+                 stats.load_s, ann.epoch)  # fmt: skip
+        return True
+
+    def _ask_to_join(self, epoch: int) -> None:
+        if self._join_asked == epoch:
+            return
+        self._join_asked = epoch
+        self.r.hset(self.keys.policy, POLICY_JOIN_PREFIX + self.worker_id, time.time())
+        log.info("asked to join the weight group (latest epoch seen: %d)", epoch)
+
+    def _announcement(self) -> WeightAnnouncement | None:
+        raw: Any = self.r.hget(self.keys.policy, POLICY_ANNOUNCEMENT)
+        if raw is None:
+            return None
+        try:
+            ann = decode(raw, WeightAnnouncement)
+        except MessageError as exc:
+            log.error("ignoring a bad weight announcement: %s", exc)
+            return None
+        return ann if isinstance(ann, WeightAnnouncement) else None
+
+    # --- liveness -------------------------------------------------------------------------------------------
+
+    def _observe(self, tokens_per_s: float) -> None:
+        a = THROUGHPUT_EMA
+        self.throughput = tokens_per_s if self.throughput == 0 else a * tokens_per_s + (1 - a) * self.throughput
+
+    def _beat(self) -> None:
+        beat = WorkerHeartbeat(
+            worker_id=self.worker_id, role="generate", accelerator=_accelerator(), capacity=self.rt.capacity,
+            policy_version=self.version, status=self.status, throughput=self.throughput,
+        )  # fmt: skip
+        self.registry.heartbeat(beat, ttl_s=self.rt.heartbeat_ttl_s)
+
+    def _beat_loop(self) -> None:
+        while not self._beat_stop.wait(self.rt.heartbeat_s):
+            try:
+                self._beat()
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def request_stop(self, *_: Any) -> None:
+        """SIGTERM/SIGINT: finish the batch in hand, then stop."""
+        log.warning("stop requested: finishing the batch in hand")
+        self.stopping.set()
+
+    def close(self) -> None:
+        self.status = "stopping"
+        self._beat_stop.set()
+        try:
+            self.registry.remove(self.worker_id)
+            self.r.hdel(self.keys.policy, POLICY_JOIN_PREFIX + self.worker_id)
+        except redis.RedisError as exc:
+            log.warning("could not deregister: %s", exc)
+        self.engine.close()
+
+
+def _accelerator() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{torch.cuda.get_device_name()}"
+    except ImportError:
+        pass
+    return "cpu"
+
+
+def run(
+    cfg: GenerationConfig, *, run: str, broker_url: str, worker_id: str, model_name: str, max_batches: int | None = None
+) -> int:
+    """The role's entry point: build the worker, stop cleanly on SIGTERM/SIGINT, serve until stopped."""
+    sink: RolloutSink | None = None
+    if cfg.worker.sink == "stream":
+        sink = StreamSink(connect(broker_url), rollout_stream(run))
+    worker = GenerationWorker(
+        cfg, run=run, broker_url=broker_url, worker_id=worker_id, model_name=model_name, sink=sink
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, worker.request_stop)
+    return worker.run(max_batches)
