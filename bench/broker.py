@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,9 +32,9 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() !=
 import numpy as np  # noqa: E402
 
 from broker.connection import connect  # noqa: E402
-from broker.schemas import Array, Prompt, RolloutGroup, Sample, encode  # noqa: E402
-from broker.server import RedisServer  # noqa: E402
-from broker.streams import StreamConsumer, StreamProducer  # noqa: E402
+from broker.schemas import Array, Prompt, RolloutGroup, Sample, decode, encode  # noqa: E402
+from broker.server import RedisServer, find_redis_server  # noqa: E402
+from broker.streams import StreamConsumer, StreamProducer, tune_allocator  # noqa: E402
 
 RESULT = Path(__file__).parent / "results" / "broker.json"
 TARGET_GROUPS_S = 3000.0
@@ -55,8 +57,28 @@ def make_group(i: int, n_samples: int = 16, length: int = 1024) -> RolloutGroup:
     )
 
 
-def run_project(r, groups: list[RolloutGroup], batch: int) -> float:
-    """Seconds to push every group through the stream and back, batch by batch."""
+class Meter:
+    """Wall time, this process's CPU time and the Redis server's CPU time of one timed pass."""
+
+    def __init__(self, r) -> None:
+        self.r = r
+
+    def __enter__(self) -> Meter:
+        self.server0, self.cpu0, self.wall0 = self._server_cpu(), time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.wall0
+        self.client_cpu = time.process_time() - self.cpu0
+        self.server_cpu = self._server_cpu() - self.server0
+
+    def _server_cpu(self) -> float:
+        info = self.r.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def run_project(r, groups: list[RolloutGroup], batch: int) -> Meter:
+    """Push every group through the stream and back, batch by batch: add_many, read, ack."""
     stream = "bench:stream"
     r.delete(stream)
     producer = StreamProducer(r, stream)
@@ -65,52 +87,50 @@ def run_project(r, groups: list[RolloutGroup], batch: int) -> float:
     )
     consumer.ensure_group()
     received = 0
-    start = time.perf_counter()
-    for lo in range(0, len(groups), batch):
-        producer.add_many(groups[lo : lo + batch])
-        deliveries = consumer.read(count=batch, block_ms=0)
-        received += len(deliveries)
-        consumer.ack([d.entry_id for d in deliveries])
-    elapsed = time.perf_counter() - start
+    with Meter(r) as meter:
+        for lo in range(0, len(groups), batch):
+            producer.add_many(groups[lo : lo + batch])
+            deliveries = consumer.read(count=batch, block_ms=0)
+            received += len(deliveries)
+            consumer.ack([d.entry_id for d in deliveries])
     assert received == len(groups), f"lost messages: {received} of {len(groups)}"
-    assert r.xlen("bench:dead") == 0
+    assert r.xlen("bench:dead") == 0 and r.xpending(stream, "g")["pending"] == 0
     r.delete(stream)
-    return elapsed
+    return meter
 
 
-def run_raw(r, payloads: list[bytes], batch: int) -> float:
-    """Seconds to SET then GET the same bytes, pipelined batch by batch."""
-    start = time.perf_counter()
+def run_raw(r, payloads: list[bytes], batch: int) -> Meter:
+    """SET then GET the same bytes, pipelined batch by batch."""
     moved = 0
-    for lo in range(0, len(payloads), batch):
-        chunk = payloads[lo : lo + batch]
-        pipe = r.pipeline(transaction=False)
-        for j, payload in enumerate(chunk):
-            pipe.set(f"bench:raw:{lo + j}", payload)
-        pipe.execute()
-        pipe = r.pipeline(transaction=False)
-        for j in range(len(chunk)):
-            pipe.get(f"bench:raw:{lo + j}")
-        moved += sum(len(v) for v in pipe.execute())
-    elapsed = time.perf_counter() - start
+    with Meter(r) as meter:
+        for lo in range(0, len(payloads), batch):
+            chunk = payloads[lo : lo + batch]
+            pipe = r.pipeline(transaction=False)
+            for j, payload in enumerate(chunk):
+                pipe.set(f"bench:raw:{lo + j}", payload)
+            pipe.execute()
+            pipe = r.pipeline(transaction=False)
+            for j in range(len(chunk)):
+                pipe.get(f"bench:raw:{lo + j}")
+            moved += sum(len(v) for v in pipe.execute())
     assert moved == sum(len(p) for p in payloads)
     r.flushdb()
-    return elapsed
+    return meter
 
 
-def run_naive(r, groups: list[RolloutGroup]) -> float:
-    """Seconds for the one-message-at-a-time loop: XADD, XREADGROUP COUNT 1, XACK per group."""
+def run_naive(r, groups: list[RolloutGroup]) -> Meter:
+    """The one-message-at-a-time loop: XADD, XREADGROUP COUNT 1, decode, XACK per group."""
     stream = "bench:naive"
     r.delete(stream)
     r.xgroup_create(stream, "g", id="0", mkstream=True)
-    start = time.perf_counter()
-    for group in groups:
-        r.xadd(stream, {b"m": encode(group)})
-        ((_, ((entry_id, _fields),)),) = r.xreadgroup("g", "c0", {stream: ">"}, count=1)
-        r.xack(stream, "g", entry_id)
-    elapsed = time.perf_counter() - start
+    with Meter(r) as meter:
+        for group in groups:
+            r.xadd(stream, {b"m": encode(group)})
+            ((_, ((entry_id, fields),)),) = r.xreadgroup("g", "c0", {stream: ">"}, count=1)
+            decode(fields[b"m"], RolloutGroup)
+            r.xack(stream, "g", entry_id)
     r.delete(stream)
-    return elapsed
+    return meter
 
 
 def main() -> None:
@@ -118,8 +138,14 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=2000, help="groups per timed pass")
     parser.add_argument("--batch", type=int, default=64, help="groups per XADD pipeline / XREADGROUP / XACK")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes per path; the best one counts")
+    parser.add_argument("--redis-server", help="redis-server binary (default: the one RedisServer finds)")
+    parser.add_argument("--no-tune", action="store_true", help="leave glibc's malloc thresholds at their defaults")
     parser.add_argument("--no-write", action="store_true", help="print only, do not write the result file")
     args = parser.parse_args()
+    if args.redis_server:  # RedisServer takes the first redis-server on PATH
+        os.environ["PATH"] = f"{Path(args.redis_server).resolve().parent}{os.pathsep}{os.environ['PATH']}"
+    tuned = False if args.no_tune else tune_allocator()  # this process only: both paths alike, not the server
+    server_version = subprocess.run([find_redis_server(), "--version"], capture_output=True, text=True).stdout.strip()
 
     distinct = [make_group(i) for i in range(64)]
     groups = [distinct[i % len(distinct)] for i in range(args.groups)]
@@ -130,28 +156,42 @@ def main() -> None:
         r = connect(server.url)
         run_project(r, groups[: args.batch * 4], args.batch)  # warm-up: connections, allocator, code paths
         run_raw(r, payloads[: args.batch * 4], args.batch)
-        project_s, raw_s = [], []
+        project_m, raw_m = [], []
         for _ in range(args.repeats):  # interleaved, so a noisy neighbour hurts both paths alike
-            project_s.append(run_project(r, groups, args.batch))
-            raw_s.append(run_raw(r, payloads, args.batch))
-        naive_n = min(args.groups, 1000)
-        naive_s = min(run_naive(r, groups[:naive_n]) for _ in range(2))
+            project_m.append(run_project(r, groups, args.batch))
+            raw_m.append(run_raw(r, payloads, args.batch))
+        naive_n = min(args.groups, 500)
+        naive_m = [run_naive(r, groups[:naive_n]) for _ in range(3)]
         r.close()
 
-    project = args.groups / min(project_s)
-    raw = args.groups / min(raw_s)
+    n = args.groups
+    project, raw = n / min(m.wall for m in project_m), n / min(m.wall for m in raw_m)
+    # CPU time per group (client + server) barely depends on what else runs on the machine; wall time does.
+    project_cpu = min(m.client_cpu + m.server_cpu for m in project_m) / n
+    raw_cpu = min(m.client_cpu + m.server_cpu for m in raw_m) / n
     figures = {
+        "redis_server": server_version,
         "group_bytes": group_bytes,
-        "groups_per_pass": args.groups,
+        "groups_per_pass": n,
         "batch": args.batch,
         "repeats": args.repeats,
         "project_groups_per_s": round(project, 1),
         "raw_set_get_groups_per_s": round(raw, 1),
         "ratio_to_raw": round(project / raw, 3),
         "project_MB_per_s": round(project * group_bytes / 1e6, 1),
-        "naive_one_at_a_time_groups_per_s": round(naive_n / naive_s, 1),
-        "project_groups_per_s_median": round(args.groups / float(np.median(project_s)), 1),
-        "raw_groups_per_s_median": round(args.groups / float(np.median(raw_s)), 1),
+        "naive_one_at_a_time_groups_per_s": round(naive_n / min(m.wall for m in naive_m), 1),
+        "project_groups_per_s_median": round(n / float(np.median([m.wall for m in project_m])), 1),
+        "raw_groups_per_s_median": round(n / float(np.median([m.wall for m in raw_m])), 1),
+        "project_cpu_us_per_group": round(project_cpu * 1e6, 1),
+        "project_client_cpu_us_per_group": round(min(m.client_cpu for m in project_m) / n * 1e6, 1),
+        "project_server_cpu_us_per_group": round(min(m.server_cpu for m in project_m) / n * 1e6, 1),
+        "raw_cpu_us_per_group": round(raw_cpu * 1e6, 1),
+        "raw_client_cpu_us_per_group": round(min(m.client_cpu for m in raw_m) / n * 1e6, 1),
+        "raw_server_cpu_us_per_group": round(min(m.server_cpu for m in raw_m) / n * 1e6, 1),
+        "cpu_ratio_to_raw": round(raw_cpu / project_cpu, 3),
+        "client_malloc_tuned": tuned,
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "cpus": os.cpu_count(),
     }
     targets = {"project_groups_per_s": f">= {TARGET_GROUPS_S:g}", "ratio_to_raw": f">= {TARGET_RATIO:g}"}
     met = project >= TARGET_GROUPS_S and project / raw >= TARGET_RATIO
