@@ -236,16 +236,23 @@ class Trainer:
         return norm
 
 
-def reduce_stats(stats: dict[str, float], timings: dict[str, float], world_size: int) -> dict[str, float]:
-    """All-reduce one step's sums over ranks and turn them into metrics (call on every rank)."""
-    sums = torch.tensor([stats[k] for k in STAT_KEYS], dtype=torch.float64)
-    peaks = torch.tensor([stats["ratio_max"], timings["fwd_bwd_s"], timings["optimizer_s"]], dtype=torch.float64)
+def reduce_stats(
+    stats: dict[str, float], timings: dict[str, float], world_size: int, device: torch.device | None = None
+) -> dict[str, float]:
+    """All-reduce one step's sums over ranks and turn them into metrics (call on every rank).
+
+    `device` is where the collective runs: the rank's GPU under NCCL, the CPU under gloo.
+    """
+    sums = torch.tensor([stats[k] for k in STAT_KEYS], dtype=torch.float64, device=device)
+    peaks = [stats["ratio_max"], timings["fwd_bwd_s"], timings["optimizer_s"]]
+    peak_t = torch.tensor(peaks, dtype=torch.float64, device=device)
     if world_size > 1:
         import torch.distributed as dist
 
         dist.all_reduce(sums)
-        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+        dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
     total = dict(zip(STAT_KEYS, sums.tolist(), strict=True))
+    peaks = peak_t.tolist()
     tokens = max(total["tokens"], 1.0)
     updates = max(total["updates"] / world_size, 1.0)
     return {
@@ -253,7 +260,7 @@ def reduce_stats(stats: dict[str, float], timings: dict[str, float], world_size:
         "loss/pg": total["pg_loss_sum"] / tokens,
         "loss/clip_fraction": total["clipped_sum"] / tokens,
         "loss/ratio_mean": total["ratio_sum"] / tokens,
-        "loss/ratio_max": peaks[0].item(),
+        "loss/ratio_max": peaks[0],
         "loss/is_weight_mean": total["is_weight_sum"] / tokens,
         "loss/kl": total["kl_sum"] / tokens,
         "loss/entropy": total["entropy_sum"] / tokens,
@@ -262,6 +269,6 @@ def reduce_stats(stats: dict[str, float], timings: dict[str, float], world_size:
         "loss/trained_tokens": total["tokens"],
         "perf/tokens": total["all_tokens"],
         "perf/updates": updates,
-        "perf/fwd_bwd_s": peaks[1].item(),
-        "perf/optimizer_s": peaks[2].item(),
+        "perf/fwd_bwd_s": peaks[1],
+        "perf/optimizer_s": peaks[2],
     }

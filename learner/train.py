@@ -341,7 +341,7 @@ def run(cfg: LearnerConfig) -> int:
 def replica_spread(model: torch.nn.Module, world_size: int) -> float:
     """Largest difference between the ranks' parameter checksums (0.0: every replica holds the same weights)."""
     with torch.no_grad():
-        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().cpu()
+        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
     if world_size == 1:
         return 0.0
     gathered = [torch.zeros_like(checksum) for _ in range(world_size)]
@@ -365,7 +365,7 @@ def _loop(cfg, info: DistInfo, trainer: Trainer, coordinator, stop, version: int
             return version
         scatter_s = time.perf_counter() - t_scatter
         stats, timings = trainer.train(share["minibatches"])
-        metrics = reduce_stats(stats, timings, info.world_size)
+        metrics = reduce_stats(stats, timings, info.world_size, info.device)
         version += 1
         every = cfg.learner.check_replicas_every
         if every and version % every == 0:
