@@ -87,6 +87,7 @@ def stream_report(r: redis.Redis, stream: str, keys: Keys) -> dict[str, Any]:
         "length": 0,
         "first_id": None,
         "last_id": None,
+        "last_generated_id": None,
         "groups": [],
     }
     if _text(_any(r.type(stream))) != "stream":
