@@ -26,3 +26,11 @@ def redis_url(redis_server: RedisServer) -> str:
 def run_name() -> str:
     """A fresh run namespace per test, so tests sharing the server never see each other's keys."""
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """An untrained tiny Qwen3 + locally trained tokenizer (rlq.tiny_policy.build_base_model), built once."""
+    from rlq.tiny_policy import build_base_model
+
+    return build_base_model(tmp_path_factory.mktemp("tiny-base") / "model", seed=0)
