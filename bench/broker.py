@@ -5,7 +5,8 @@ One run starts its own redis-server, then times, interleaved and best of `--repe
     appended with StreamProducer.add_many (pipelined XADD), read back with StreamConsumer.read (batched
     XREADGROUP + decode + validation) and acknowledged with StreamConsumer.ack (one XACK per batch);
   * raw: the same encoded bytes through pipelined SET then pipelined GET, no encode/decode at all;
-  * naive: one message at a time (XADD, XREADGROUP COUNT 1, XACK), for reference.
+  * stream bytes only: the same pre-encoded bytes through XADD/XREADGROUP/XACK without the codec, and
+  * naive: one message at a time (XADD, XREADGROUP COUNT 1, decode, XACK), both for reference.
 Prints the figures and writes bench/results/broker.json.
 
     python bench/broker.py [--groups 1024] [--batch 32] [--repeats 7] [--redis-server PATH]
@@ -118,6 +119,24 @@ def run_raw(r, payloads: list[bytes], batch: int) -> Meter:
     return meter
 
 
+def run_stream_bytes(r, payloads: list[bytes], batch: int) -> Meter:
+    """The project's stream round trip on pre-encoded bytes, no decode: what the stream itself costs."""
+    stream = "bench:bytes"
+    r.delete(stream)
+    r.xgroup_create(stream, "g", id="0", mkstream=True)
+    producer = StreamProducer(r, stream)
+    moved = 0
+    with Meter(r) as meter:
+        for lo in range(0, len(payloads), batch):
+            producer.add_encoded(payloads[lo : lo + batch])
+            ((_, entries),) = r.xreadgroup("g", "c0", {stream: ">"}, count=batch)
+            moved += sum(len(fields[b"m"]) for _, fields in entries)
+            r.xack(stream, "g", *[entry_id for entry_id, _ in entries])
+    assert moved == sum(len(p) for p in payloads)
+    r.delete(stream)
+    return meter
+
+
 def run_naive(r, groups: list[RolloutGroup]) -> Meter:
     """The one-message-at-a-time loop: XADD, XREADGROUP COUNT 1, decode, XACK per group."""
     stream = "bench:naive"
@@ -156,10 +175,11 @@ def main() -> None:
         r = connect(server.url)
         run_project(r, groups[: args.batch * 4], args.batch)  # warm-up: connections, allocator, code paths
         run_raw(r, payloads[: args.batch * 4], args.batch)
-        project_m, raw_m = [], []
-        for _ in range(args.repeats):  # interleaved, so a noisy neighbour hurts both paths alike
+        project_m, raw_m, bytes_m = [], [], []
+        for _ in range(args.repeats):  # interleaved, so a noisy neighbour hurts every path alike
             project_m.append(run_project(r, groups, args.batch))
             raw_m.append(run_raw(r, payloads, args.batch))
+            bytes_m.append(run_stream_bytes(r, payloads, args.batch))
         naive_n = min(args.groups, 500)
         naive_m = [run_naive(r, groups[:naive_n]) for _ in range(3)]
         r.close()
@@ -189,6 +209,8 @@ def main() -> None:
         "raw_client_cpu_us_per_group": round(min(m.client_cpu for m in raw_m) / n * 1e6, 1),
         "raw_server_cpu_us_per_group": round(min(m.server_cpu for m in raw_m) / n * 1e6, 1),
         "cpu_ratio_to_raw": round(raw_cpu / project_cpu, 3),
+        "stream_bytes_only_groups_per_s": round(n / min(m.wall for m in bytes_m), 1),
+        "stream_bytes_only_cpu_us_per_group": round(min(m.client_cpu + m.server_cpu for m in bytes_m) / n * 1e6, 1),
         "client_malloc_tuned": tuned,
         "load_average_1m": round(os.getloadavg()[0], 2),
         "cpus": os.cpu_count(),
