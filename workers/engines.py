@@ -81,7 +81,7 @@ class VllmEngine(Engine):
         super().__init__(cfg, worker_id)
         vc = cfg.vllm_cfg
         # Read by the CPU engine when it starts; without it the engine claims ~92 % of the machine's RAM.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{vc.cpu_kvcache_space_gib:g}")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(vc.cpu_kvcache_space_gib))
         from vllm import LLM
 
         self.detokenize = has_tokenizer(model_path)

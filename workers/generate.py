@@ -161,6 +161,7 @@ class GenerationWorker:
         self._beater.start()
         path, self.version = starting_weights(self.r, self.keys, model_name)
         log.info("%s starts from %s (policy version %d)", worker_id, path, self.version)
+        self._owns_engine = engine is None  # an engine passed in (tests, bench) outlives the worker
         self.engine = engine or make_engine(cfg, worker_id, path)
         self.sink = sink or CelerySink(broker_url, run)
         self.consumer = StreamConsumer(
@@ -322,7 +323,8 @@ class GenerationWorker:
             self.r.hdel(self.keys.policy, POLICY_JOIN_PREFIX + self.worker_id)
         except redis.RedisError as exc:
             log.warning("could not deregister: %s", exc)
-        self.engine.close()
+        if self._owns_engine:
+            self.engine.close()
 
 
 def _accelerator() -> str:

@@ -24,10 +24,10 @@ class VllmConfig(_Strict):
     )
     max_model_len: int = Field(2048, ge=16, description="Prompt + completion tokens the engine accepts.")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU only: share of memory vLLM takes.")
-    cpu_kvcache_space_gib: float = Field(
-        1.0,
-        gt=0,
-        le=256,
+    cpu_kvcache_space_gib: int = Field(
+        1,
+        ge=1,
+        le=1024,
         description="CPU only: KV cache size (VLLM_CPU_KVCACHE_SPACE). Unset, the CPU engine claims ~92 % of RAM.",
     )
     enforce_eager: bool = Field(False, description="Skip torch.compile (faster start, slower decoding).")
