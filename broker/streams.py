@@ -34,6 +34,9 @@ ACK_CHUNK = 1000
 MAX_CLAIM_INTERVAL_S = 5.0
 """A consumer looks for entries of dead consumers at least this often (and every claim_idle_ms / 2)."""
 
+PEL_SCAN_PAGES = 100
+"""Pages of 100 pending entries examined when looking for entries deleted while pending."""
+
 MAX_DEAD_PAYLOAD_BYTES = 1024 * 1024
 """A dead letter keeps at most this much of the original payload, so it stays a decodable message itself."""
 
@@ -225,7 +228,10 @@ class StreamConsumer:
                 self.stream, self.group, self.consumer, self.claim_idle_ms, self._claim_cursor, count - len(claimed)
             )
             self._claim_cursor = _text(reply[0])
-            claimed += [(_text(i), f) for i, f in reply[1]]
+            claimed += [(_text(i), f) for i, f in reply[1] if i is not None]
+            if any(i is None for i, _ in reply[1]):
+                # Redis < 7 hands back an entry deleted while pending as a bare nil, without its id.
+                self._ack_deleted_pending()
             if self._claim_cursor == "0-0":
                 break
         if not claimed:
@@ -233,6 +239,25 @@ class StreamConsumer:
         counts = self._delivery_counts([i for i, _ in claimed])
         log.info("reclaimed %d idle entries of %s/%s", len(claimed), self.stream, self.group)
         return [(i, f, counts.get(i, self.max_deliveries + 1)) for i, f in claimed]
+
+    def _ack_deleted_pending(self) -> None:
+        """Acknowledge this consumer's pending entries that no longer exist (there is nothing left to deliver)."""
+        start, gone = "-", []
+        for _ in range(PEL_SCAN_PAGES):
+            rows: Any = self.r.xpending_range(self.stream, self.group, start, "+", 100, consumername=self.consumer)
+            if not rows:
+                break
+            ids = [_text(row["message_id"]) for row in rows]
+            pipe = self.r.pipeline(transaction=False)
+            for entry_id in ids:
+                pipe.xrange(self.stream, min=entry_id, max=entry_id)
+            gone += [entry_id for entry_id, found in zip(ids, pipe.execute(), strict=True) if not found]
+            start = "(" + ids[-1]
+        if gone:
+            log.warning(
+                "%d pending entries of %s were deleted before delivery; acknowledging them", len(gone), self.stream
+            )
+            self.ack(gone)
 
     def _delivery_counts(self, entry_ids: list[str]) -> dict[str, int]:
         pipe = self.r.pipeline(transaction=False)

@@ -229,3 +229,20 @@ def test_send_dead_letter_returns_an_id_in_the_dead_stream(r, keys) -> None:
         2,
         b"x",
     )
+
+
+def test_entry_deleted_while_pending_is_acknowledged_on_reclaim(r, keys) -> None:
+    ids = StreamProducer(r, keys.prompts).add_many([batch(i) for i in range(3)])
+    dying = consumer(r, keys, "dying", claim_idle_ms=10)
+    assert len(dying.read(block_ms=0)) == 3
+    r.xdel(keys.prompts, ids[1])  # someone deleted it by hand (safe_trim never does)
+    time.sleep(0.05)
+    survivor = consumer(r, keys, "survivor", claim_idle_ms=10)
+    got = []
+    for _ in range(3):
+        deliveries = survivor.read(block_ms=0)
+        got += [d.message.batch_id for d in deliveries]
+        survivor.ack([d.entry_id for d in deliveries])
+    assert got == ["b0", "b2"]
+    assert pending_ids(r, keys) == [], "the deleted entry does not stay pending forever"
+    assert r.xlen(keys.dead) == 0
