@@ -17,6 +17,9 @@ from learner.config import LearnerConfig
 
 log = logging.getLogger(__name__)
 
+TRAIN_FILE = "train.jsonl"
+"""The training split inside a prepared data directory."""
+
 
 def read_rows(path: Path) -> list[dict]:
     """Every row of a prepared JSONL file. Raises ValueError naming the line of a malformed row."""
@@ -56,7 +59,10 @@ def prompt_from_row(row: dict, index: int, tokenizer) -> Prompt:
 
 def prompt_source(cfg: LearnerConfig, tokenizer) -> tuple[Callable[[int], Prompt], int]:
     """(index -> Prompt, number of rows); prompts are tokenised on first use and cached."""
-    rows = read_rows(Path(cfg.data.path))
+    path = Path(cfg.data.path)
+    if path.is_dir():  # a prepare-data output directory: its training split
+        path = path / TRAIN_FILE
+    rows = read_rows(path)
     cache: dict[int, Prompt] = {}
 
     def prompt_at(index: int) -> Prompt:
@@ -64,5 +70,5 @@ def prompt_source(cfg: LearnerConfig, tokenizer) -> tuple[Callable[[int], Prompt
             cache[index] = prompt_from_row(rows[index], index, tokenizer)
         return cache[index]
 
-    log.info("%d training prompts from %s", len(rows), cfg.data.path)
+    log.info("%d training prompts from %s", len(rows), path)
     return prompt_at, len(rows)

@@ -84,6 +84,8 @@ def init_distributed(backend: str) -> DistInfo:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    if rank == 0:
+        log.info("learner rank 0 of %d, %s on %s", world, "nccl" if cuda else "gloo", device)
     return DistInfo(rank, world, local_rank, device)
 
 

@@ -28,39 +28,14 @@ from broker.schemas import Array, PromptBatch, RolloutGroup, Sample, ScoredGroup
 from broker.streams import StreamConsumer, publish_once
 
 REPO = Path(__file__).resolve().parents[2]
-CHARS = list("0123456789+-*= abcdefghijklmnopqrstuvwxyz?.:\n")
-
-
-def make_tiny_policy(out: Path) -> Path:
-    """A ~70k-parameter Qwen3 with a character tokenizer, saved as a Hugging Face directory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>", *CHARS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    fast.chat_template = (
-        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"
-    )
-    fast.save_pretrained(out)
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True,
-        pad_token_id=0, eos_token_id=1, bos_token_id=1,
-    )  # fmt: skip
-    Qwen3ForCausalLM(config).save_pretrained(out)
-    return out
 
 
 def write_prompts(path: Path, n: int = 40) -> Path:
-    rng = np.random.default_rng(0)
-    with open(path, "w") as fh:
-        for i in range(n):
-            a, b = (int(x) for x in rng.integers(0, 10, 2))
-            row = {"prompt_id": f"arith-{i:04d}", "messages": [{"role": "user", "content": f"{a}+{b}"}]}
-            fh.write(json.dumps({**row, "ground_truth": str((a + b) % 10), "verifier": "math"}) + "\n")
+    """`n` arithmetic problems as prepared JSONL rows (the `rlq.data.Example` contract the feeder reads)."""
+    from rlq.data import ArithConfig, generate_arith
+
+    train, _ = generate_arith(ArithConfig(n_train=n, n_val=0, seed=0))
+    path.write_text("".join(example.model_dump_json() + "\n" for example in train))
     return path
 
 
@@ -90,8 +65,8 @@ def start_learner(config: Path, nproc: int, log_path: Path, *overrides: str) -> 
 
 
 def reward_of(completion: str, ground_truth: str) -> float:
-    """Fraction of characters equal to the answer digit: varied, cheap, and learnable."""
-    return sum(ch == ground_truth for ch in completion) / max(len(completion), 1)
+    """Fraction of characters that occur in the answer: varied, cheap, and learnable."""
+    return sum(ch in ground_truth for ch in completion) / max(len(completion), 1)
 
 
 class StandInRollouts(threading.Thread):
@@ -106,6 +81,7 @@ class StandInRollouts(threading.Thread):
         self.redis = connect(redis_url)
         self.keys = Keys(run)
         self.max_new_tokens = max_new_tokens
+        self.eos, self.pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         self.stop = threading.Event()
         self.published: list[str] = []
         self.error: BaseException | None = None
@@ -152,13 +128,13 @@ class StandInRollouts(threading.Thread):
             ids = torch.from_numpy(prompt.token_ids.to_numpy().astype(np.int64))[None].repeat(batch.n_samples, 1)
             gen = self.model.generate(
                 ids, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=self.max_new_tokens,
-                output_scores=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=1,
+                output_scores=True, return_dict_in_generate=True, pad_token_id=self.pad, eos_token_id=self.eos,
             )  # fmt: skip
             completion = gen.sequences[:, ids.shape[1] :]
             logprobs = torch.stack(gen.scores, 1).log_softmax(-1).gather(-1, completion[..., None])[..., 0]
             samples, rewards = [], []
             for row, lp in zip(completion.tolist(), logprobs.tolist(), strict=True):
-                n = row.index(1) + 1 if 1 in row else len(row)
+                n = row.index(self.eos) + 1 if self.eos in row else len(row)
                 text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
                 samples.append(
                     Sample(

@@ -17,7 +17,6 @@ from broker.keys import Keys
 from broker.schemas import WeightAnnouncement, decode
 from tests.integration.learner_support import (
     StandInRollouts,
-    make_tiny_policy,
     read_jsonl,
     start_learner,
     write_config,
@@ -25,19 +24,14 @@ from tests.integration.learner_support import (
 )
 
 
-@pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory) -> object:
-    return make_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy")
-
-
 @pytest.mark.slow
-def test_two_gloo_ranks_take_real_steps_and_stay_identical(tmp_path, tiny_policy, redis_url, run_name):
+def test_two_gloo_ranks_take_real_steps_and_stay_identical(tmp_path, tiny_model_dir, redis_url, run_name):
     run_dir = tmp_path / "run"
     config = write_config(
-        tmp_path / "learner.yaml", model=tiny_policy, data=write_prompts(tmp_path / "prompts.jsonl"),
+        tmp_path / "learner.yaml", model=tiny_model_dir, data=write_prompts(tmp_path / "prompts.jsonl"),
         run=run_name, redis_url=redis_url, run_dir=run_dir, max_num_steps=3, max_staleness=1,
     )  # fmt: skip
-    rollouts = StandInRollouts(tiny_policy, redis_url, run_name)
+    rollouts = StandInRollouts(tiny_model_dir, redis_url, run_name)
     rollouts.start()
     learner = start_learner(config, 2, tmp_path / "learner.log", "learner.weight_sync=filesystem")
     try:
@@ -71,7 +65,7 @@ def test_two_gloo_ranks_take_real_steps_and_stay_identical(tmp_path, tiny_policy
     final = run_dir / "ckpt" / "step_3"
     assert (run_dir / "ckpt" / "latest").read_text() == "step_3"
     before, after = (
-        load_file(str(tiny_policy / "model.safetensors")),
+        load_file(str(tiny_model_dir / "model.safetensors")),
         load_file(str(final / "policy/model.safetensors")),
     )
     assert any(not torch.equal(before[k], after[k]) for k in before)

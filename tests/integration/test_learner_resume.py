@@ -23,7 +23,6 @@ from broker.schemas import ScoredGroup, decode
 from broker.streams import PAYLOAD_FIELD
 from tests.integration.learner_support import (
     StandInRollouts,
-    make_tiny_policy,
     read_jsonl,
     start_learner,
     write_config,
@@ -64,8 +63,8 @@ def scored_ids_not_consumed(r, keys: Keys) -> set[str]:
 
 
 @pytest.mark.slow
-def test_sigkill_and_restart_loses_nothing_and_trains_nothing_twice(tmp_path, redis_url, run_name):
-    policy = make_tiny_policy(tmp_path / "policy")
+def test_sigkill_and_restart_loses_nothing_and_trains_nothing_twice(tmp_path, tiny_model_dir, redis_url, run_name):
+    policy = tiny_model_dir
     run_dir = tmp_path / "run"
     config = write_config(
         tmp_path / "learner.yaml", model=policy, data=write_prompts(tmp_path / "prompts.jsonl"), run=run_name,

@@ -11,12 +11,11 @@ from learner.batch import TrainSample, assemble
 from learner.loss import LossSettings
 from learner.step import PolicyLogprobs, Trainer, collate, reduce_stats
 from learner.train import load_model
-from tests.integration.learner_support import make_tiny_policy
 
 
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    return make_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy")
+@pytest.fixture
+def policy_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def samples(n: int = 8, seed: int = 0) -> list[TrainSample]:
