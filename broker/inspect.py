@@ -191,6 +191,9 @@ def peek(r: redis.Redis, stream: str, *, count: int = 10, last: bool = False) ->
     Each entry also says, per consumer group, whether it is unread, pending (with owner, idle time and
     delivery count) or acknowledged.
     """
+    kind = _text(_any(r.type(stream)))
+    if kind not in ("stream", "none"):
+        raise ValueError(f"{stream} is a {kind}, not a stream")
     rows: Any = r.xrevrange(stream, count=count) if last else r.xrange(stream, count=count)
     if last:
         rows = rows[::-1]

@@ -18,6 +18,7 @@ import msgspec
 import redis
 from redis.exceptions import ResponseError
 
+from broker.connection import SOCKET_TIMEOUT_S
 from broker.schemas import DeadLetter, Message, MessageError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,9 @@ ACK_CHUNK = 1000
 
 MAX_CLAIM_INTERVAL_S = 5.0
 """A consumer looks for entries of dead consumers at least this often (and every claim_idle_ms / 2)."""
+
+MAX_BLOCK_MS = int(SOCKET_TIMEOUT_S * 1000) // 2
+"""Longest XREADGROUP BLOCK, well inside the client's socket timeout."""
 
 PEL_SCAN_PAGES = 100
 """Pages of 100 pending entries examined when looking for entries deleted while pending."""
@@ -82,8 +86,18 @@ def send_dead_letter(
     deliveries: int,
     payload: bytes,
     consumer: str = "",
+    ack_group: str | None = None,
 ) -> str:
-    """Copy one failed entry (its original bytes untouched) to `dead_stream` with the reason; returns its id."""
+    """Copy one failed entry (its original bytes untouched) to `dead_stream` with the reason; returns its id.
+
+    With `ack_group`, the source entry is acknowledged for that group in the same MULTI/EXEC, so an entry is
+    never both dead-lettered and still pending (nor acknowledged without its letter).
+    """
+    if len(payload) > MAX_DEAD_PAYLOAD_BYTES:
+        # The original stays in the source stream at entry_id until it is trimmed; copying all of it would
+        # make the dead letter itself too big to decode.
+        reason = f"{reason} (payload of {len(payload)} bytes cut to its first {MAX_DEAD_PAYLOAD_BYTES})"
+        payload = payload[:MAX_DEAD_PAYLOAD_BYTES]
     letter = DeadLetter(
         source_stream=source_stream,
         entry_id=entry_id,
@@ -92,7 +106,14 @@ def send_dead_letter(
         payload=bytes(payload),
         consumer=consumer,
     )
-    dead_id = r.xadd(dead_stream, {PAYLOAD_FIELD: encode(letter)})
+    fields = {PAYLOAD_FIELD: encode(letter)}
+    if ack_group is None:
+        dead_id = r.xadd(dead_stream, fields)  # type: ignore[arg-type]
+    else:
+        pipe = r.pipeline(transaction=True)
+        pipe.xadd(dead_stream, fields)  # type: ignore[arg-type]
+        pipe.xack(source_stream, ack_group, entry_id)
+        dead_id, _ = pipe.execute()
     log.warning("dead-lettered %s %s after %d deliveries: %s", source_stream, entry_id, deliveries, reason)
     return _text(dead_id)
 
@@ -186,7 +207,8 @@ class StreamConsumer:
         Blocks up to `block_ms` only when there is nothing to reclaim.
         """
         count = count or self.count
-        block = self.block_ms if block_ms is None else block_ms
+        # Redis answers a blocked read only when it ends; past the socket timeout the client would give up first.
+        block = min(self.block_ms if block_ms is None else block_ms, MAX_BLOCK_MS)
         raw = self._reclaim(count)  # [(entry_id, fields, deliveries)]
         if len(raw) < count:
             # BLOCK 0 would mean "forever" to Redis; block_ms=0 here means "do not wait".
@@ -298,12 +320,7 @@ class StreamConsumer:
         return out
 
     def _dead_letter(self, entry_id: str, payload: bytes, reason: str, deliveries: int) -> str:
-        if len(payload) > MAX_DEAD_PAYLOAD_BYTES:
-            # The original is still in the source stream at entry_id until it is trimmed; copying it would
-            # make the dead letter itself undecodable.
-            reason = f"{reason} (payload of {len(payload)} bytes cut to its first {MAX_DEAD_PAYLOAD_BYTES})"
-            payload = payload[:MAX_DEAD_PAYLOAD_BYTES]
-        dead_id = send_dead_letter(
+        return send_dead_letter(
             self.r,
             self.dead_stream,
             source_stream=self.stream,
@@ -312,9 +329,8 @@ class StreamConsumer:
             deliveries=deliveries,
             payload=payload,
             consumer=self.consumer,
+            ack_group=self.group,
         )
-        self.r.xack(self.stream, self.group, entry_id)
-        return dead_id
 
 
 def _payload_of(fields: dict | None) -> tuple[bytes, str | None]:

@@ -50,6 +50,8 @@ def _broker(url: str, run: str) -> Iterator[tuple[Any, Any]]:
         yield client, keys
     except (ConnectionError, TimeoutError, OSError) as exc:
         _fail(f"cannot reach Redis at {describe(url)}: {exc}")
+    except ValueError as exc:  # a bad argument found on the server side, e.g. peek at a hash
+        _fail(str(exc))
     finally:
         client.close()
 

@@ -248,3 +248,14 @@ def test_unreachable_broker_gives_one_line_and_exit_2() -> None:
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"cannot reach Redis at 127.0.0.1:{port}: ")
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_cli_peek_at_a_non_stream_is_one_line(r, busy_run: Keys) -> None:
+    result = CliRunner().invoke(app, ["peek", "workers", "--broker", _url(r), "--run", busy_run.run])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"{busy_run.workers} is a hash, not a stream"
+
+
+def test_cli_dlq_needs_ids_or_all(r, busy_run: Keys) -> None:
+    result = CliRunner().invoke(app, ["dlq", "purge", "--broker", _url(r), "--run", busy_run.run])
+    assert result.exit_code == 2 and r.xlen(busy_run.dead) == 2
