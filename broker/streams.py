@@ -260,7 +260,8 @@ class StreamConsumer:
             return []
         counts = self._delivery_counts([i for i, _ in claimed])
         log.info("reclaimed %d idle entries of %s/%s", len(claimed), self.stream, self.group)
-        return [(i, f, counts.get(i, self.max_deliveries + 1)) for i, f in claimed]
+        # No longer pending means its slow (not dead) first owner acknowledged it meanwhile: nothing to do.
+        return [(i, f, counts[i]) for i, f in claimed if i in counts]
 
     def _ack_deleted_pending(self) -> None:
         """Acknowledge this consumer's pending entries that no longer exist (there is nothing left to deliver)."""
