@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pickle
+import signal
+import subprocess
+import sys
 import time
 
 import msgspec
@@ -246,3 +249,39 @@ def test_entry_deleted_while_pending_is_acknowledged_on_reclaim(r, keys) -> None
     assert got == ["b0", "b2"]
     assert pending_ids(r, keys) == [], "the deleted entry does not stay pending forever"
     assert r.xlen(keys.dead) == 0
+
+
+KILLED_READER = """
+import os, signal, sys
+from broker.connection import connect
+from broker.schemas import PromptBatch
+from broker.streams import StreamConsumer
+url, stream, dead = sys.argv[1:4]
+c = StreamConsumer(connect(url), stream, "gen", "doomed", expected=PromptBatch, dead_stream=dead)
+got = c.read(count=3, block_ms=0)
+print(" ".join(d.message.batch_id for d in got), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # dies holding 3 unacknowledged entries
+"""
+
+
+def test_a_process_killed_after_reading_loses_nothing(r, keys, redis_url) -> None:
+    StreamProducer(r, keys.prompts).add_many([batch(i) for i in range(5)])
+    consumer(r, keys, "survivor")  # creates the group
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_READER, redis_url, keys.prompts, keys.dead],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL
+    assert proc.stdout.split() == ["b0", "b1", "b2"]
+    assert {row["consumer"] for row in r.xpending_range(keys.prompts, "gen", "-", "+", 10)} == {b"doomed"}
+    time.sleep(0.05)
+    survivor = consumer(r, keys, "survivor", claim_idle_ms=20)
+    processed = []
+    for _ in range(4):
+        deliveries = survivor.read(count=10, block_ms=0)
+        processed += [d.message.batch_id for d in deliveries]
+        survivor.ack([d.entry_id for d in deliveries])
+    assert sorted(processed) == [f"b{i}" for i in range(5)]
+    assert pending_ids(r, keys) == []
