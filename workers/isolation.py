@@ -2,26 +2,33 @@
 
 A fork per answer (what NeMo Gym does) costs ~8x the verification itself, so the child is forked once, warm
 (math-verify imported and exercised in the parent first, so every fork inherits the caches), and fed whole
-groups: one pipe write per group, then one small reply per answer. The parent waits for each reply with a
-deadline; when it expires the child is SIGKILLed (no signal handler, no cooperation needed: sympy stuck in C
-code, a `str()` of a huge expression, an antlr recursion all stop), the answer is scored "timeout", and a
-fresh child is forked for the rest. A child that dies on its own (OOM, crash) scores its answer "error".
+groups: one pipe write per group and one reply when the group is done. While it works, the child records in
+a shared page which answer it is on and since when, and each finished verdict; the parent sleeps until the
+reply or the current answer's deadline, whichever is first, so it is not woken once per answer. When a
+deadline passes the child is SIGKILLed (no cooperation needed: sympy stuck in C code, a `str()` of a huge
+expression, an antlr recursion all stop), the answer is scored "timeout", the verdicts already in the shared
+page are kept, and a fresh child is forked for the rest. A child that dies on its own (OOM, crash) scores
+its answer "error".
 
-Wire between parent and child: msgpack via msgspec (never pickle), frames from `Connection.send_bytes`.
+Between parent and child: msgpack via msgspec (never pickle), frames from `Connection.send_bytes`.
   parent -> child: [ground_truth: str, answers: list[str]]
-  child -> parent: b"ok" | b"empty" | b"bad" once (the ground truth parsed?), then, only after b"ok", one
-                   verdict per answer, in order.
-Nothing parsed ever crosses the pipe: sympy objects stay inside the child and are never stringified.
+  child -> parent: b"ok" when every verdict is in the shared page; b"empty" | b"bad" if the ground truth
+                   could not be parsed (every answer is then "error").
+  shared page:     float64 started_at (CLOCK_MONOTONIC, shared by all processes), int64 index (-1: parsing
+                   the ground truth), then one byte per answer: 0 = not yet, else 1 + VERDICTS.index(verdict).
+Nothing parsed ever crosses: sympy objects stay inside the child and are never stringified.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import multiprocessing
 import os
 import resource
 import signal
+import struct
 import time
 from multiprocessing.connection import Connection
 
@@ -35,6 +42,9 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 """prctl option: the kernel sends the child a signal when the parent thread dies (Linux only)."""
 GOLD_OK, GOLD_EMPTY, GOLD_BAD = b"ok", b"empty", b"bad"
+PROGRESS = struct.Struct("<dq")  # started_at (monotonic s), index of the answer in progress (-1: ground truth)
+MAX_BATCH = 4096
+"""Answers per round trip (one byte each in the shared page); longer groups go in several."""
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(tuple[str, list[str]])
@@ -61,6 +71,7 @@ class VerifierChild:
         self._pid: int | None = None
         self._exited = False  # reaped already: its pid may belong to someone else now, never signal it
         self._conn: Connection | None = None
+        self._page = mmap.mmap(-1, PROGRESS.size + MAX_BATCH)  # anonymous + shared: forks see the same bytes
         self.answers = self.timeouts = self.crashes = self.respawns = 0
 
     @property
@@ -79,7 +90,7 @@ class VerifierChild:
             code = 1
             try:
                 parent_end.close()
-                _child_main(child_end, self.memory_mb)
+                _child_main(child_end, self._page, self.memory_mb)
                 code = 0
             finally:
                 os._exit(code)
@@ -108,11 +119,6 @@ class VerifierChild:
         self._exited = True
         return os.waitstatus_to_exitcode(status)
 
-    def _replace(self) -> None:
-        self.close()
-        self.respawns += 1
-        self.start()
-
     def verify_answers(
         self, ground_truth: str, answers: list[str | None], *, answer_timeout_s: float, group_timeout_s: float
     ) -> list[Verdict]:
@@ -137,61 +143,76 @@ class VerifierChild:
         group_deadline: float,
     ) -> int:
         """Send `todo` to the child and fill `verdicts`; returns how many of `todo` are settled. A timeout or a
-        crash settles the answer in flight and replaces the child; the caller resends the rest."""
+        crash settles the answer in flight (and those before it) and replaces the child; the caller resends
+        the rest."""
         self.start()
         assert self._conn is not None
+        todo = todo[:MAX_BATCH]
+        PROGRESS.pack_into(self._page, 0, time.monotonic(), -1)
+        self._page[PROGRESS.size : PROGRESS.size + len(todo)] = bytes(len(todo))
         self._conn.send_bytes(_encoder.encode((ground_truth, [answers[i] for i in todo])))
-        gold = self._receive(min(time.monotonic() + answer_timeout_s, group_deadline))
-        if gold != GOLD_OK:
-            # The ground truth is the same for every answer: one timeout/failure settles them all.
-            verdict: Verdict = "timeout" if gold is None else "error"
-            self._settle_failure(gold, "ground truth")
-            for i in todo:
-                verdicts[i] = verdict
+        reply = self._wait(answer_timeout_s, group_deadline)
+        index = len(todo)  # settled so far
+        if reply in (GOLD_EMPTY, GOLD_BAD):
+            log.warning("ground truth could not be parsed (%s); its group is scored error", reply.decode())
+        elif reply != GOLD_OK:
+            index = self._settle_failure(reply, todo)  # the child is dead now: the page no longer changes
+        codes = self._page[PROGRESS.size : PROGRESS.size + len(todo)]
+        failed: Verdict = "timeout" if reply is None else "error"
+        for position, answer in enumerate(todo):
+            if codes[position]:
+                verdicts[answer] = _CODES[codes[position]]
+            elif reply in (GOLD_EMPTY, GOLD_BAD) or index < 0 or position == index:
+                verdicts[answer] = "error" if reply in (GOLD_EMPTY, GOLD_BAD) else failed
+        if index < 0:  # it never got past the ground truth, which every answer shares
             return len(todo)
-        for done, index in enumerate(todo):
-            reply = self._receive(min(time.monotonic() + answer_timeout_s, group_deadline))
-            if reply is None or reply not in _VERDICT_BYTES:
-                verdicts[index] = "timeout" if reply is None else "error"
-                self._settle_failure(reply, f"answer {index}")
-                return done + 1
-            verdicts[index] = _VERDICT_BYTES[reply]
-        return len(todo)
+        return min(index + 1, len(todo))
 
-    def _receive(self, deadline: float) -> bytes | None:
-        """The child's next reply; None on the deadline; b"" if the child died (EOF)."""
+    def _wait(self, answer_timeout_s: float, group_deadline: float) -> bytes | None:
+        """Sleep until the child's reply (b"" if it died) or until the answer in progress runs out of time
+        (None)."""
         assert self._conn is not None
-        if not self._conn.poll(max(0.0, deadline - time.monotonic())):
-            return None
-        try:
-            return self._conn.recv_bytes()
-        except (EOFError, OSError):
-            return b""
+        while True:
+            progress = PROGRESS.unpack_from(self._page, 0)
+            deadline = min(progress[0] + answer_timeout_s, group_deadline)
+            if self._conn.poll(max(0.0, deadline - time.monotonic())):
+                try:
+                    return self._conn.recv_bytes()
+                except (EOFError, OSError):
+                    return b""
+            if PROGRESS.unpack_from(self._page, 0) == progress or time.monotonic() >= group_deadline:
+                return None  # no progress since the deadline was set: stuck
 
-    def _settle_failure(self, reply: bytes | None, what: str) -> None:
+    def _settle_failure(self, reply: bytes | None, todo: list[int]) -> int:
+        """Stop the child (SIGKILL unless it already died), fork a fresh one; returns the batch position it was
+        on (-1: the ground truth)."""
+        exit_code = self._exitcode() if reply == b"" else None
+        pid = self.pid
+        self.close()
+        index = int(PROGRESS.unpack_from(self._page, 0)[1])
+        what = "the ground truth" if index < 0 else f"answer {todo[index]}"
         if reply is None:
             self.timeouts += 1
-            log.warning("verifier child %s: deadline passed on %s; SIGKILL and respawn", self.pid, what)
-        elif reply in (GOLD_EMPTY, GOLD_BAD):
-            log.warning("ground truth could not be parsed (%s); its group is scored error", reply.decode())
-            return  # the child is healthy
+            log.warning("verifier child %s: deadline passed on %s; SIGKILL and respawn", pid, what)
         else:
             self.crashes += 1
-            log.warning("verifier child %s died on %s (exit code %s); respawning", self.pid, what, self._exitcode())
-        self._replace()
+            log.warning("verifier child %s died on %s (exit code %s); respawning", pid, what, exit_code)
+        self.respawns += 1
+        self.start()
+        return index
 
     def _exitcode(self) -> int | None:
         time.sleep(0.05)  # EOF can arrive a moment before the exit status
         return self._reap(block=False)
 
 
-_VERDICT_BYTES: dict[bytes, Verdict] = {v.encode(): v for v in VERDICTS}  # type: ignore[misc]
+_CODES: dict[int, Verdict] = {i + 1: v for i, v in enumerate(VERDICTS)}  # type: ignore[misc]
 
 
 # The child ----------------------------------------------------------------------------------------------------
 
 
-def _child_main(conn: Connection, memory_mb: int) -> None:
+def _child_main(conn: Connection, page: mmap.mmap, memory_mb: int) -> None:
     """Serve groups until the parent closes the pipe (or dies: PDEATHSIG)."""
     _die_with_parent()
     if memory_mb > 0:
@@ -205,25 +226,24 @@ def _child_main(conn: Connection, memory_mb: int) -> None:
             ground_truth, answers = _request_decoder.decode(conn.recv_bytes())
         except EOFError:
             return
-        _serve(conn, ground_truth, answers)
+        conn.send_bytes(_serve(page, ground_truth, answers))
 
 
-def _serve(conn: Connection, ground_truth: str, answers: list[str]) -> None:
+def _serve(page: mmap.mmap, ground_truth: str, answers: list[str]) -> bytes:
     try:
         gold = parse_gold(ground_truth)
     except BaseException:  # the message could hold a sympy repr: say nothing about it
-        conn.send_bytes(GOLD_BAD)
-        return
+        return GOLD_BAD
     if not gold:
-        conn.send_bytes(GOLD_EMPTY)
-        return
-    conn.send_bytes(GOLD_OK)
-    for answer in answers:
+        return GOLD_EMPTY
+    for index, answer in enumerate(answers):
+        PROGRESS.pack_into(page, 0, time.monotonic(), index)
         try:
             verdict: str = check(gold, answer)
         except BaseException:  # MemoryError under RLIMIT_AS, RecursionError, sympy bugs
             verdict = "error"
-        conn.send_bytes(verdict.encode())
+        page[PROGRESS.size + index] = 1 + VERDICTS.index(verdict)
+    return GOLD_OK
 
 
 def _die_with_parent() -> None:

@@ -84,6 +84,7 @@ def make_app(broker_url: str, run: str = "default", cfg: JudgeConfig | None = No
         task_time_limit=cfg.task_time_limit_s,
         task_default_queue=keys.judge_queue,
         task_ignore_result=True,  # results go to the scored stream, not a result backend
+        worker_disable_rate_limits=True,  # none are used; skips a per-task check in the consumer
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             # kombu's default is 1 h; a task held by a dead worker comes back after this (+ the sweep interval).

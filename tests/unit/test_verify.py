@@ -128,3 +128,10 @@ def test_child_that_dies_scores_error_and_is_replaced(child):
     verdicts = child.verify_answers("3", [NESTED_POWER, "3"], answer_timeout_s=30, group_timeout_s=60)
     assert verdicts == ["error", "correct"], "a crash is an error (seen at once), not a timeout"
     assert child.crashes == 1 and child.pid != victim
+
+
+def test_a_ground_truth_that_hangs_times_out_every_answer_once(child):
+    deep = "\\left(" * 10_000 + "1" + "\\right)" * 10_000  # antlr never finishes parsing it
+    verdicts = child.verify_answers(deep, ["1", None, "2"], answer_timeout_s=BUDGET_S, group_timeout_s=30)
+    assert verdicts == ["timeout", "no_answer", "timeout"]
+    assert child.timeouts == 1, "one kill settles every answer: they share the ground truth"
