@@ -277,8 +277,11 @@ class Collector:
             self._accept(delivery.message, learner_version, result)
         return len(deliveries)
 
-    def collect(self, learner_version: int, *, timeout_s: float) -> CollectResult:
-        """Block until `num_prompts_per_step` admissible groups are at hand.
+    def collect(
+        self, learner_version: int, *, timeout_s: float, should_stop: Callable[[], bool] | None = None
+    ) -> CollectResult | None:
+        """Block until `num_prompts_per_step` admissible groups are at hand; None when `should_stop()` turns true
+        first (what was read stays buffered, drops are reported with the next step).
 
         Raises:
             TimeoutError: no scored group arrived for `timeout_s`.
@@ -289,6 +292,9 @@ class Collector:
         start = last_progress = time.monotonic()
         self._refilter(learner_version, result)
         while len(self.buffer) < need:
+            if should_stop is not None and should_stop():
+                self._carried = result.dropped
+                return None
             self.feeder.top_up(learner_version, held=len(self.buffer))
             deliveries = self.consumer.read(block_ms=self.read_block_ms)
             if deliveries:
@@ -347,6 +353,7 @@ class Collector:
             "cursor": self.feeder.cursor,
             "in_flight": self.feeder.in_flight,
             "seen": sorted(self.seen),
+            "carried": self._carried,
             "buffer": msgspec.msgpack.encode([encode(g) for g in self.buffer]),
         }
 
@@ -354,5 +361,6 @@ class Collector:
         self.feeder.cursor = int(state["cursor"])
         self.feeder.in_flight = int(state["in_flight"])
         self.seen = set(state["seen"])
+        self._carried = {k: list(v) for k, v in state.get("carried", {}).items()}
         raw = msgspec.msgpack.decode(state["buffer"]) if state.get("buffer") else []
         self.buffer = [decode(b, ScoredGroup) for b in raw]  # type: ignore[misc]

@@ -159,9 +159,11 @@ class Coordinator:
         self.tokenizer = tokenizer
         self.weights = _weight_sync(cfg, self.redis)
         self.model = model
+        self.last_saved = -1
 
     def restore(self, state: dict, pending: bytes) -> None:
         self.collector.restore({**state["collector"], "buffer": pending})
+        self.last_saved = int(state["version"])
         moved = self.ledger.rewind(state["version"])
         log.info("resumed at version %d; %d ledger steps after it moved aside", state["version"], moved)
 
@@ -172,9 +174,11 @@ class Coordinator:
         if taken:
             log.info("took back %d scored groups read but not covered by a checkpoint", taken)
 
-    def prepare(self, version: int, world_size: int) -> tuple[list[dict], dict, float]:
-        """Collect the step's groups and cut them into per-rank payloads."""
-        result = self.collector.collect(version, timeout_s=self.cfg.learner.data_timeout_s)
+    def prepare(self, version: int, world_size: int, should_stop) -> tuple[list[dict], dict, float] | None:
+        """Collect the step's groups and cut them into per-rank payloads (None: asked to stop meanwhile)."""
+        result = self.collector.collect(version, timeout_s=self.cfg.learner.data_timeout_s, should_stop=should_stop)
+        if result is None:
+            return None
         samples = [
             s
             for g in result.groups
@@ -235,6 +239,8 @@ class Coordinator:
         return {**report.metrics(), "sync/failed": 0.0}
 
     def save(self, version: int, trainer: Trainer) -> None:
+        if version == self.last_saved:
+            return
         state = self.collector.state()
         pending = state.pop("buffer")
         path = save_checkpoint(
@@ -248,6 +254,7 @@ class Coordinator:
             keep_last=self.cfg.checkpointing.keep_last,
         )
         acked = self.consumer.ack(self.collector.take_acks())
+        self.last_saved = version
         self.redis.hset(self.keys.policy, "checkpoint_path", str(path.resolve()))
         log.info("checkpoint %s written; %d scored entries acknowledged", path, acked)
 
@@ -267,7 +274,8 @@ def _weight_sync(cfg: LearnerConfig, redis_client):
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT on rank 0: finish the step in hand, checkpoint, stop."""
+    """SIGTERM/SIGINT (torchrun forwards them to every rank): rank 0 finishes the step in hand or stops waiting
+    for data, checkpoints and tells the other ranks to stop; they wait for that word instead of dying mid-step."""
 
     def __init__(self) -> None:
         self.set = False
@@ -320,10 +328,10 @@ def run(cfg: LearnerConfig) -> int:
         reference=reference,
         pad_id=tokenizer.pad_token_id or 0,
     )
-    coordinator = stop = None
+    coordinator = None
+    stop = _StopFlag()
     if info.is_main:
         coordinator = Coordinator(cfg, tokenizer, model)
-        stop = _StopFlag()
         if state is not None:
             coordinator.restore(state, pending)
         coordinator.recover(version)
@@ -357,10 +365,15 @@ def _loop(cfg, info: DistInfo, trainer: Trainer, coordinator, stop, version: int
         t_step = time.perf_counter()
         payloads, step_info, wait_s = None, None, 0.0
         if info.is_main:
-            if version >= cfg.grpo.max_num_steps or stop.set:
+            prepared = None
+            if version < cfg.grpo.max_num_steps and not stop.set:
+                prepared = coordinator.prepare(version, info.world_size, lambda: stop.set)
+            if prepared is None:
+                if cfg.checkpointing.enabled:
+                    coordinator.save(version, trainer)  # keeps what was read but not trained
                 payloads = [{"stop": True}] * info.world_size
             else:
-                payloads, step_info, wait_s = coordinator.prepare(version, info.world_size)
+                payloads, step_info, wait_s = prepared
         t_scatter = time.perf_counter()
         share = _scatter(payloads, info)
         if share["stop"]:

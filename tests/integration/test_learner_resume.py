@@ -124,3 +124,35 @@ def test_sigkill_and_restart_loses_nothing_and_trains_nothing_twice(tmp_path, ti
     assert int(r.hget(keys.policy, "version")) == STEPS
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 4, 5, 6, 7, 8]  # the second run resumes at version 3
+
+
+@pytest.mark.slow
+def test_sigterm_while_waiting_for_data_checkpoints_and_exits(tmp_path, tiny_model_dir, redis_url, run_name):
+    run_dir = tmp_path / "run"
+    config = write_config(
+        tmp_path / "learner.yaml", model=tiny_model_dir, data=write_prompts(tmp_path / "prompts.jsonl"),
+        run=run_name, redis_url=redis_url, run_dir=run_dir, max_num_steps=STEPS, max_staleness=1,
+    )  # fmt: skip
+    rollouts = StandInRollouts(tiny_model_dir, redis_url, run_name)
+    rollouts.allow(2 * PROMPTS + 2)  # two steps and half of a third
+    rollouts.start()
+    learner = start_learner(config, 2, tmp_path / "learner.log", "checkpointing.save_period=10")
+    try:
+        wait_for(lambda: len(read_jsonl(run_dir / "ledger.jsonl")) == 2, 240, "2 trained steps")
+        wait_for(lambda: len(rollouts.published) == 2 * PROMPTS + 2, 60, "the extra groups")
+        time.sleep(1.0)
+        learner.send_signal(signal.SIGTERM)  # what `rlq train` sends on Ctrl-C; torchrun forwards it to the ranks
+        learner.wait(timeout=120)
+    finally:
+        rollouts.stop.set()
+        if learner.poll() is None:
+            kill_tree(learner.pid)
+    log = (tmp_path / "learner.log").read_text()
+    assert "stopping after this step" in log
+    assert (run_dir / "ckpt" / "latest").read_text() == "step_2"  # saved on the way out, not at save_period
+    state = json.loads((run_dir / "ckpt" / "step_2" / "learner_state.json").read_text())
+    assert state["version"] == 2
+    held = msgspec.msgpack.decode((run_dir / "ckpt" / "step_2" / "pending_groups.msgpack").read_bytes())
+    assert len(held) == 2  # read, not trained: kept in the checkpoint
+    pending = connect(redis_url).xpending(Keys(run_name).scored, "learner")["pending"]
+    assert pending == 0  # everything read is covered by the checkpoint and acknowledged
