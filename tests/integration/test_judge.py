@@ -65,7 +65,10 @@ class Judge:
                 "--concurrency", str(concurrency), "-n", f"{self.name}@%h", "--without-mingle", "--without-gossip",
                 "--loglevel", "INFO"]  # fmt: skip
         self.log = log_path.open("ab")
-        self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        # Own session: a test can SIGKILL the whole worker (main, pool and verifier processes) like a lost node.
+        self.proc = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.node = f"{self.name}@{socket.gethostname()}"
         self._wait_ready()
 
@@ -89,6 +92,10 @@ class Judge:
 
     def dead(self) -> list[DeadLetter]:
         return [decode(f[PAYLOAD_FIELD], DeadLetter) for _, f in self.r.xrange(self.keys.dead)]  # type: ignore[misc]
+
+    def kill_everything(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -280,3 +287,30 @@ def test_llm_judge_is_asked_only_about_incorrect_answers(redis_server, run_name,
         assert "llm_judge_s" in scored.timings
     finally:
         worker.stop()
+
+
+@pytest.mark.slow
+def test_a_task_held_by_a_killed_worker_is_redelivered_after_the_visibility_timeout(redis_server, run_name, tmp_path):
+    # Small bounds so the test is short: redelivery within visibility_timeout_s + restore_interval_s = 9 s.
+    quick = JudgeConfig(answer_timeout_s=1.0, group_timeout_s=2.0, task_time_limit_s=7.5, visibility_timeout_s=8.0,
+                        restore_interval_s=1.0)  # fmt: skip
+    first = Judge(redis_server.url, run_name, quick, tmp_path / "a.log", concurrency=1)
+    group = make_group("5", [NESTED_POWER, "Answer: 5"])
+    try:
+        submit_group(first.app, first.run, group)
+        deadline = time.monotonic() + WAIT_S
+        while not first.app.control.inspect(destination=[first.node], timeout=1.0).active():
+            assert time.monotonic() < deadline, "the task never started"
+        first.kill_everything()  # main process, pool process and verifier child at once: a lost node
+    finally:
+        first.stop()
+    assert first.r.xlen(first.keys.scored) == 0, "nobody finished the task before the kill"
+    second = Judge(redis_server.url, run_name, quick, tmp_path / "b.log", concurrency=1)
+    try:
+        (scored,) = second.scored(1)
+        assert scored.group_id == group.group_id and scored.verdicts == ["timeout", "correct"]
+        pool = {str(pid) for pid in _pool_pids(second)}
+        assert scored.judge_id.rsplit("-", 1)[-1] in pool, "the second worker scored it"
+        assert second.dead() == []
+    finally:
+        second.stop()
