@@ -1,0 +1,251 @@
+"""The generation role end to end with the real vLLM CPU engine, a real redis-server and a real gloo group.
+
+One vLLM engine serves the whole module (it takes ~40 s to start). The second worker of the elastic tests uses
+the transformers backend, both to keep to one vLLM engine on this machine and because mixed backends are part
+of the design; the killed worker is a real `rlq worker generate` subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from broker.connection import connect
+from broker.keys import POLICY_SYNCED_PREFIX, Keys
+from broker.registry import Registry
+from broker.schemas import Array, Prompt, PromptBatch, RolloutGroup, decode
+from broker.streams import PAYLOAD_FIELD, StreamProducer
+from learner.broadcast import CollectiveBroadcast
+from workers.engines import HFEngine, VllmEngine
+from workers.generate import GenerationWorker, StreamSink, rollout_stream
+from workers.generate_config import GenerationConfig
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+SEQUENCE = [5, 17, 42, 99, 7, 300, 12, 64, 128, 3, 250, 11]
+
+
+def _cfg(**worker) -> GenerationConfig:
+    return GenerationConfig.model_validate(
+        {
+            "max_new_tokens": 12,
+            "temperature": 0.8,
+            "vllm_cfg": {"max_model_len": 256, "cpu_kvcache_space_gib": 1, "max_num_seqs": 64},
+            "worker": {"sink": "stream", "read_block_ms": 200, "heartbeat_s": 0.5, "heartbeat_ttl_s": 5, **worker},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from rlq.tiny_policy import build_base_model
+
+    return build_base_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_dir: Path):
+    engine = VllmEngine(_cfg(), "vllm-0", str(tiny_dir))
+    yield engine
+    engine.close()
+
+
+def _batch(i: int, n_prompts: int = 2, n: int = 3, min_version: int = 0) -> PromptBatch:
+    prompts = [
+        Prompt(prompt_id=f"p{i}-{j}", token_ids=Array.from_numpy([3 + j, 10 + i, 20, 30], "int32"), ground_truth="1")
+        for j in range(n_prompts)
+    ]
+    return PromptBatch(batch_id=f"b{i}", prompts=prompts, n_samples=n, min_policy_version=min_version)
+
+
+def _groups(r, run: str) -> list[RolloutGroup]:
+    return [decode(f[PAYLOAD_FIELD], RolloutGroup) for _, f in r.xrange(rollout_stream(run))]  # type: ignore[misc]
+
+
+def _worker(engine, redis_url: str, run: str, worker_id: str, cfg: GenerationConfig | None = None):
+    cfg = cfg or _cfg()
+    r = connect(redis_url)
+    return GenerationWorker(
+        cfg, run=run, broker_url=redis_url, worker_id=worker_id, model_name="unused",
+        sink=StreamSink(r, rollout_stream(run)), engine=engine,
+    )  # fmt: skip
+
+
+def _serve(worker: GenerationWorker) -> threading.Thread:
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait(predicate, timeout_s: float = 120.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _perturbed(tiny_dir: Path, seed: int) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)  # far from the initial weights: a stale engine shows
+    return model
+
+
+def _hf_logprobs(model: torch.nn.Module, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1].float()  # [T, V]
+    return (logits / temperature).log_softmax(-1).gather(-1, torch.tensor(completion)[:, None])[:, 0]  # [T]
+
+
+def _vllm_sequence_logprobs(engine: VllmEngine, seq: list[int]) -> torch.Tensor:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    out = engine.llm.generate(
+        [TokensPrompt(prompt_token_ids=seq)], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False
+    )
+    return torch.tensor([d[t].logprob for d, t in zip(out[0].prompt_logprobs[1:], seq[1:], strict=True)])
+
+
+def test_batches_in_groups_out(vllm_engine, redis_url: str, run_name: str) -> None:
+    r = connect(redis_url)
+    StreamProducer(r, Keys(run_name).prompts).add_many([_batch(0), _batch(1)])
+    worker = _worker(vllm_engine, redis_url, run_name, "vllm-0")
+    assert worker.run(max_batches=2) == 2
+    groups = _groups(r, run_name)
+    assert sorted(g.group_id for g in groups) == ["p0-0@b0", "p0-1@b0", "p1-0@b1", "p1-1@b1"]
+    for g in groups:
+        assert g.policy_version == 0 and g.worker_id == "vllm-0" and len(g.samples) == 3
+        for s in g.samples:
+            lp = s.logprobs.to_numpy()
+            assert len(s.token_ids) == len(lp) > 0 and (lp <= 0).all() and lp.min() > -50
+        assert g.timings["generate_s"] > 0
+    assert r.xpending(Keys(run_name).prompts, "generate")["pending"] == 0  # everything acknowledged
+
+
+def test_after_a_weight_update_vllm_logprobs_equal_the_learners(
+    vllm_engine, tiny_dir: Path, redis_url: str, run_name: str
+) -> None:
+    r = connect(redis_url)
+    keys = Keys(run_name)
+    learner = CollectiveBroadcast(r, keys, master_addr="127.0.0.1", bucket_bytes=1 << 20, timeout_s=30)
+    model = _perturbed(tiny_dir, seed=1)
+    before = _vllm_sequence_logprobs(vllm_engine, SEQUENCE)
+    worker = _worker(vllm_engine, redis_url, run_name, "vllm-0")
+    worker.sync()  # no announcement yet: asks to join
+    syncer = threading.Thread(target=lambda: _wait(worker.sync, what="the worker's sync"))
+    syncer.start()
+    report = learner.broadcast(model, version=1)
+    syncer.join(120)
+    assert report.members == ["vllm-0"] and len(report.members) == 1 and worker.version == 1
+    assert int(r.hget(keys.policy, POLICY_SYNCED_PREFIX + "vllm-0")) == 1
+    after = _vllm_sequence_logprobs(vllm_engine, SEQUENCE)
+    expected = _hf_logprobs(model, SEQUENCE[:1], SEQUENCE[1:], temperature=1.0)
+    assert (before - expected).abs().max() > 1.0  # the update mattered
+    assert (after - expected).abs().max().item() <= 1e-4
+    # The behaviour logprobs of fresh samples are the learner's logprobs at the sampling temperature.
+    StreamProducer(r, keys.prompts).add(_batch(7, min_version=1))
+    assert worker.run(max_batches=1) == 1
+    (group, *_) = _groups(r, run_name)
+    assert group.policy_version == 1
+    for s in group.samples:
+        lp = _hf_logprobs(model, group.prompt.token_ids.to_numpy().tolist(), s.token_ids.to_numpy().tolist(), 0.8)
+        assert (torch.from_numpy(s.logprobs.to_numpy().copy()) - lp).abs().max().item() <= 1e-4
+    learner.close()
+
+
+def test_a_worker_started_mid_run_takes_work_and_joins_the_weight_group(
+    vllm_engine, tiny_dir: Path, redis_url: str, run_name: str
+) -> None:
+    r = connect(redis_url)
+    keys = Keys(run_name)
+    learner = CollectiveBroadcast(r, keys, master_addr="127.0.0.1", bucket_bytes=1 << 20, timeout_s=30)
+    first = _worker(vllm_engine, redis_url, run_name, "vllm-0")
+    threads = [_serve(first)]
+    _wait(lambda: r.hexists(keys.policy, "join:vllm-0"), what="vllm-0's join request")
+    assert learner.broadcast(_perturbed(tiny_dir, 2), version=1).members == ["vllm-0"]
+    epoch = learner.epoch
+    # Mid-run: a transformers worker arrives, asks to join, and competes for batches.
+    cfg = _cfg()
+    second = _worker(HFEngine(cfg, "hf-1", str(tiny_dir)), redis_url, run_name, "hf-1", cfg)
+    threads.append(_serve(second))
+    producer = StreamProducer(r, keys.prompts)
+    for i in range(40):
+        producer.add(_batch(100 + i, n_prompts=1, n=2))
+        time.sleep(0.3)
+        if any(g.worker_id == "hf-1" for g in _groups(r, run_name)):
+            break
+    _wait(lambda: r.hexists(keys.policy, "join:hf-1"), what="hf-1's join request")
+    model = _perturbed(tiny_dir, 3)
+    report = learner.broadcast(model, version=2)
+    assert report.members == ["vllm-0", "hf-1"] and report.epoch > epoch and not report.evicted
+    _wait(lambda: first.version == 2 and second.version == 2, what="both workers at v2")
+    for w in (first, second):
+        w.stopping.set()
+    for t in threads:
+        t.join(60)
+    workers = {g.worker_id for g in _groups(r, run_name)}
+    assert workers == {"vllm-0", "hf-1"}
+    received = dict(second.engine.model.named_parameters())  # type: ignore[attr-defined]
+    assert all(torch.equal(received[n], p) for n, p in model.named_parameters())
+    learner.close()
+
+
+def test_a_killed_workers_batch_is_processed_by_another(
+    vllm_engine, tiny_dir: Path, redis_url: str, run_name: str, tmp_path: Path
+) -> None:
+    r = connect(redis_url)
+    keys = Keys(run_name)
+    config = {
+        "run_name": run_name,
+        "broker": {"url": redis_url},
+        "policy": {"model_name": str(tiny_dir), "generation": {"backend": "hf", "max_new_tokens": 200,
+                   "worker": {"sink": "stream", "read_block_ms": 200}}},
+        "data": {"path": str(tmp_path / "unused.jsonl")},
+    }  # fmt: skip
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    log_file = open(tmp_path / "victim.log", "w")  # noqa: SIM115  (closed when the victim is gone)
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "rlq", "worker", "generate", "-c", str(tmp_path / "run.yaml"), "--worker-id", "victim"],
+        stdout=subprocess.DEVNULL, stderr=log_file, env={**os.environ, "PYTHONPATH": "."},
+    )  # fmt: skip
+    try:
+        _wait(lambda: _idle(r, keys, "victim"), what="the victim to start")
+        StreamProducer(r, keys.prompts).add(_batch(9, n_prompts=4, n=16))
+        _wait(lambda: _owner(r, keys) == "victim", what="the victim to take the batch")
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+        log_file.close()
+    assert not _groups(r, run_name)  # the victim died before handing anything on
+    survivor = _worker(vllm_engine, redis_url, run_name, "vllm-0", _cfg(claim_idle_ms=1000))
+    assert survivor.run(max_batches=1) == 1
+    groups = _groups(r, run_name)
+    assert sorted(g.group_id for g in groups) == [f"p9-{j}@b9" for j in range(4)]
+    assert {g.worker_id for g in groups} == {"vllm-0"}
+    assert r.xpending(keys.prompts, "generate")["pending"] == 0
+
+
+def _idle(r, keys: Keys, worker_id: str) -> bool:
+    """The worker's heartbeat says its engine is up and it reads the prompts stream."""
+    return any(b.worker_id == worker_id and b.status == "idle" for b in Registry(r, keys).alive("generate"))
+
+
+def _owner(r, keys: Keys) -> str | None:
+    rows = r.xpending_range(keys.prompts, "generate", "-", "+", 10)
+    return rows[0]["consumer"].decode() if rows else None
