@@ -25,7 +25,7 @@ import pytest
 import redis
 
 from broker.keys import Keys
-from broker.schemas import Array, DeadLetter, Prompt, RolloutGroup, Sample, ScoredGroup, decode
+from broker.schemas import Array, DeadLetter, Prompt, RolloutGroup, Sample, ScoredGroup, decode, encode
 from broker.streams import PAYLOAD_FIELD
 from workers.judge import BROKER_URL_ENV, CONFIG_ENV, RUN_ENV, TASK_NAME, make_app, submit_group
 from workers.judge_config import JudgeConfig, LLMJudgeConfig
@@ -314,3 +314,61 @@ def test_a_task_held_by_a_killed_worker_is_redelivered_after_the_visibility_time
         assert second.dead() == []
     finally:
         second.stop()
+
+
+def _active_pid(worker: Judge, task_id: str, not_in: set[int]) -> int:
+    """The pool process running `task_id`, as `celery inspect active` reports it (a new one, not in `not_in`)."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        replies = worker.app.control.inspect(destination=[worker.node], timeout=1.0).active() or {}
+        for task in replies.get(worker.node, []):
+            if task["id"] == task_id and task["worker_pid"] not in not_in:
+                return int(task["worker_pid"])
+    raise AssertionError(f"task {task_id} never became active again:\n{worker.log_path.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_a_group_that_kills_every_pool_process_is_dead_lettered_after_max_deliveries(redis_server, run_name, tmp_path):
+    worker = Judge(redis_server.url, run_name, BUDGET, tmp_path / "w.log", concurrency=1)
+    try:
+        group = make_group("5", [NESTED_POWER, "Answer: 5"])
+        submit_group(worker.app, worker.run, group)
+        killed: set[int] = set()
+        for _ in range(BUDGET.max_deliveries):  # each run dies mid-task, like an input that crashes the process
+            pid = _active_pid(worker, group.group_id, killed)
+            os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+        deadline = time.monotonic() + WAIT_S
+        while not worker.dead() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (letter,) = worker.dead()
+        assert letter.entry_id == group.group_id and "WorkerLostError" in letter.reason
+        assert letter.deliveries == BUDGET.max_deliveries
+        assert letter.payload == encode(group), "the original bytes, ready for `rlq dlq requeue`"
+        assert worker.r.xlen(worker.keys.scored) == 0
+    finally:
+        worker.stop()
+
+
+def test_rlq_worker_judge_execs_a_plain_celery_worker(redis_server, run_name, tmp_path):
+    env = {**os.environ, BROKER_URL_ENV: redis_server.url, RUN_ENV: run_name}
+    with (tmp_path / "cli.log").open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "rlq", "worker", "judge", "--concurrency", "1"], cwd=REPO,
+                                env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            app = make_app(redis_server.url, run_name)
+            node = f"judge-{run_name}-{proc.pid}@{socket.gethostname()}"  # exec keeps the pid
+            deadline = time.monotonic() + WAIT_S
+            while not app.control.ping(destination=[node], timeout=0.5):
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "cli.log").read_text()
+            group = make_group("2", ["Answer: 2"])
+            submit_group(app, run_name, group)
+            r = redis.Redis.from_url(redis_server.url)
+            while not r.xlen(Keys(run_name).scored):
+                assert time.monotonic() < deadline, (tmp_path / "cli.log").read_text()
+                time.sleep(0.05)
+            ((_, fields),) = r.xrange(Keys(run_name).scored)
+            assert decode(fields[PAYLOAD_FIELD], ScoredGroup).verdicts == ["correct"]  # type: ignore[union-attr]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
