@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import redis
@@ -166,7 +166,7 @@ def score_task(task: JudgeTask, payload: bytes) -> dict[str, Any]:
     keys = Keys(task.run_name)
     r = _redis(task.broker_url)
     try:
-        group = decode(payload, RolloutGroup)
+        group = cast(RolloutGroup, decode(payload, RolloutGroup))
     except MessageError as exc:
         _dead_letter(task, payload, f"undecodable rollout group: {exc}", task.request.id or "")
         return {"dead": True}
