@@ -112,6 +112,22 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)  # [...]
 
 
+def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs` and `entropy_from_logits` from one log-softmax pass over the vocabulary.
+
+    Args:
+        logits: [K, V]; targets: [K].
+
+    Returns:
+        (logprobs [K] with gradient, entropy [K] without).
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [K, V]
+    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [K]
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)  # [K]
+    return picked, entropy
+
+
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token KL(pi || pi_ref) estimate `exp(d) - d - 1` with `d = ref - pi` (Schulman 2020), always >= 0.
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from learner.batch import Minibatch, TrainSample
-from learner.loss import LossSettings, entropy_from_logits, policy_loss, token_logprobs
+from learner.loss import LossSettings, logprobs_and_entropy, policy_loss
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,7 @@ class PolicyLogprobs(nn.Module):
         hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         targets = input_ids[:, 1:][pred_mask[:, :-1]]  # [K]
         logits = self.model.get_output_embeddings()(hidden[pred_mask])  # [K, V]
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits)  # [K]
-        return token_logprobs(logits, targets), entropy
+        return logprobs_and_entropy(logits, targets)
 
 
 @dataclass

@@ -55,6 +55,15 @@ def test_token_logprobs_and_entropy():
     close(L.entropy_from_logits(logits), [-(0.25 * LN(0.25) + 0.75 * LN(0.75))])
 
 
+def test_logprobs_and_entropy_in_one_pass_match_the_separate_functions():
+    logits = torch.randn(5, 7, requires_grad=True)
+    targets = torch.tensor([0, 6, 3, 3, 1])
+    lp, ent = L.logprobs_and_entropy(logits, targets)
+    close(lp, L.token_logprobs(logits, targets))
+    close(ent, L.entropy_from_logits(logits))
+    assert lp.requires_grad and not ent.requires_grad
+
+
 def test_clip_higher_uses_separate_bounds():
     # ratios 1.5 and 0.5 against clip range [0.8, 1.28]
     lp = torch.tensor([[LN(1.5), LN(0.5)], [LN(1.5), LN(0.5)]])
