@@ -185,9 +185,13 @@ class Feeder:
         *,
         run: str,
         shuffle: bool = True,
+        max_prompt_tokens: int | None = None,
     ) -> None:
         if num_examples < 1:
             raise ValueError("the training data has no examples")
+        self.max_prompt_tokens = max_prompt_tokens  # longer prompts leave no room to answer: never sent
+        self.skipped = 0
+        self._skipped_in_a_row = 0
         self.publish_once = publish_once
         self.prompt_at = prompt_at
         self.num_examples = num_examples
@@ -223,19 +227,35 @@ class Feeder:
         while self.in_flight + held < self.window:
             n = min(self.cfg.prompts_per_message, self.window - self.in_flight - held)
             batch_id = f"{self.run}-b{self.cursor:09d}"
-            prompts = [self.prompt_at(self._index(self.cursor + i)) for i in range(n)]
-            message = PromptBatch(
-                batch_id=batch_id,
-                prompts=prompts,
-                n_samples=self.cfg.num_generations_per_prompt,
-                min_policy_version=learner_version,
-            )
-            if not self.publish_once(batch_id, message):
-                log.info("prompt batch %s was published before the restart; not sent again", batch_id)
+            prompts = self._fitting([self.prompt_at(self._index(self.cursor + i)) for i in range(n)])
+            if prompts:
+                message = PromptBatch(
+                    batch_id=batch_id,
+                    prompts=prompts,
+                    n_samples=self.cfg.num_generations_per_prompt,
+                    min_policy_version=learner_version,
+                )
+                if not self.publish_once(batch_id, message):
+                    log.info("prompt batch %s was published before the restart; not sent again", batch_id)
             self.cursor += n
-            self.in_flight += n
-            sent += n
+            self.in_flight += len(prompts)
+            sent += len(prompts)
         return sent
+
+    def _fitting(self, prompts: list[Prompt]) -> list[Prompt]:
+        """Prompts short enough to train on; the others are skipped (counted, logged once each)."""
+        if self.max_prompt_tokens is None:
+            return prompts
+        keep = [p for p in prompts if len(p.token_ids) < self.max_prompt_tokens]
+        for p in prompts:
+            if len(p.token_ids) >= self.max_prompt_tokens:
+                log.warning("prompt %s has %d tokens, no room below %d: skipped", p.prompt_id, len(p.token_ids),
+                            self.max_prompt_tokens)  # fmt: skip
+        self.skipped += len(prompts) - len(keep)
+        self._skipped_in_a_row = 0 if keep else self._skipped_in_a_row + len(prompts)
+        if self._skipped_in_a_row >= self.num_examples:
+            raise ValueError(f"no training prompt is shorter than {self.max_prompt_tokens} tokens")
+        return keep
 
 
 @dataclass

@@ -139,6 +139,7 @@ class Coordinator:
             cfg.grpo,
             run=cfg.learner.run,
             shuffle=cfg.data.shuffle,
+            max_prompt_tokens=cfg.policy.max_total_sequence_length,
         )
         consumer = StreamConsumer(
             self.redis,
@@ -220,6 +221,7 @@ class Coordinator:
                 "queue/in_flight": float(self.collector.feeder.in_flight),
                 "queue/buffered": float(len(self.collector.buffer)),
                 "queue/data_cursor": float(self.collector.feeder.cursor),
+                "queue/prompts_skipped_too_long": float(self.collector.feeder.skipped),
                 "rollout/staleness_max": max(
                     (float(max(0, version - 1 - g.rollout.policy_version)) for g in info["groups"]), default=0.0
                 ),
