@@ -125,10 +125,11 @@ def test_feeder_skips_prompts_with_no_room_to_answer():
         return Prompt(prompt_id=f"p{i}", token_ids=Array.from_numpy(ids, "int32"), ground_truth="x")
 
     cfg = GRPOConfig(num_prompts_per_step=2, prompts_per_message=2, num_generations_per_prompt=2)
-    feeder = Feeder(lambda k, m: published.append(m) or True, prompt_at, 6, cfg, run="r", shuffle=False, max_prompt_tokens=8)
+    publish = lambda k, m: published.append(m) or True  # noqa: E731
+    feeder = Feeder(publish, prompt_at, 6, cfg, run="r", shuffle=False, max_prompt_tokens=8)
     assert feeder.top_up(0) == 2 and feeder.in_flight == 2
     assert all(len(p.token_ids) == 2 for m in published for p in m.prompts)
-    assert feeder.skipped == 2 and feeder.cursor == 4
+    assert feeder.skipped == 1 and feeder.cursor == 3  # [p0, p1 skipped], then [p2]
     never = Feeder(lambda k, m: True, lambda i: prompt_at(1), 3, cfg, run="r", max_prompt_tokens=8)
     with pytest.raises(ValueError, match="no training prompt"):
         never.top_up(0)
