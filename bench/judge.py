@@ -8,9 +8,14 @@ logprobs per sample so the messages have realistic size). Measured, interleaved,
   * inprocess_1: one process, math-verify called directly (ground truth parsed once per group, as the judge
     does), no isolation, no queue;
   * inprocess_2: the same in 2 processes (a fork pool over the 2 cores): the fair baseline for 2 workers;
+  * fork_per_answer (reference, one core): NeMo Gym's isolation, a fresh fork per answer;
   * celery: `celery -A workers.judge worker --concurrency 2`, every answer in a pre-forked child with a
     hard deadline, groups queued with `submit_groups` while the consumer is paused, then released; the clock
     stops at the last ScoredGroup in the scored stream.
+The machine is shared with other work, so wall-clock rates swing between repeats; the CPU seconds the judge
+side spends (worker main + pool processes + verifier children + redis-server) against the CPU seconds of the
+in-process baseline for the same groups is reported too (`cpu_efficiency_vs_inprocess`, median): on 2
+dedicated cores it is the throughput ratio both would reach, and other tenants barely move it.
 Latency: per group, end to end (submit -> ScoredGroup in the stream) with one group in flight, vs the
 in-process time to verify one group. Writes bench/results/judge.json.
 
@@ -38,6 +43,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 
 from broker.connection import connect  # noqa: E402
 from broker.keys import Keys  # noqa: E402
@@ -117,15 +123,16 @@ def plain(groups: list[RolloutGroup]) -> list[tuple[str, list[str]]]:
     return [(g.prompt.ground_truth, [s.text for s in g.samples]) for g in groups]
 
 
-def bench_inprocess_1(groups: list[RolloutGroup]) -> tuple[float, list[float], int]:
+def bench_inprocess_1(groups: list[RolloutGroup]) -> tuple[float, float, list[float], int]:
+    """Wall seconds, CPU seconds, per-group latencies, #correct."""
     warm_up()
     latencies, correct = [], 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for item in plain(groups):
         t0 = time.perf_counter()
         correct += verify_group_inprocess(item)
         latencies.append(time.perf_counter() - t0)
-    return time.perf_counter() - start, latencies, correct
+    return time.perf_counter() - start, time.process_time() - cpu, latencies, correct
 
 
 def bench_inprocess_2(groups: list[RolloutGroup]) -> tuple[float, int]:
@@ -137,11 +144,33 @@ def bench_inprocess_2(groups: list[RolloutGroup]) -> tuple[float, int]:
         return time.perf_counter() - start, correct
 
 
+def _verify_one_and_exit(ground_truth: str, answer: str, conn: object) -> None:
+    conn.send_bytes(check(parse_gold(ground_truth), answer).encode())  # type: ignore[attr-defined]
+
+
+def bench_fork_per_answer(groups: list[RolloutGroup]) -> float:
+    """Reference: NeMo Gym's isolation, a fresh fork per answer (one process at a time). Returns answers/s."""
+    warm_up()
+    context = multiprocessing.get_context("fork")
+    answers = [(gt, a) for gt, texts in plain(groups) for a in map(extract_answer, texts) if a is not None]
+    start = time.perf_counter()
+    for ground_truth, answer in answers:
+        parent, child = context.Pipe(duplex=False)
+        process = context.Process(target=_verify_one_and_exit, args=(ground_truth, answer, child))
+        process.start()
+        child.close()
+        parent.recv_bytes()
+        process.join()
+        parent.close()
+    return len(answers) / (time.perf_counter() - start)
+
+
 # Through Celery -----------------------------------------------------------------------------------------------
 
 
 class CeleryJudge:
-    def __init__(self, url: str, log_path: Path) -> None:
+    def __init__(self, url: str, log_path: Path, redis_pid: int) -> None:
+        self.redis_pid = redis_pid
         self.run = f"bench{uuid.uuid4().hex[:6]}"
         self.keys = Keys(self.run)
         cfg = JudgeConfig()
@@ -178,14 +207,21 @@ class CeleryJudge:
             time.sleep(0.005 if count - self.r.xlen(self.keys.scored) <= 1 else 0.05)
         return time.perf_counter()
 
-    def throughput(self, groups: list[RolloutGroup]) -> float:
-        """Seconds to score `groups`, queued in full first (consumer paused), so the clock sees the judges only."""
+    def cpu_s(self) -> float:
+        """CPU seconds used so far by the judge side: worker main, pool processes, verifier children, Redis."""
+        main = psutil.Process(self.proc.pid)
+        procs = [main, *main.children(recursive=True), psutil.Process(self.redis_pid)]
+        return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+    def throughput(self, groups: list[RolloutGroup]) -> tuple[float, float]:
+        """Wall and CPU seconds to score `groups`, queued in full first (consumer paused), so the clock sees the
+        judges only."""
         before = self.r.xlen(self.keys.scored)
         self.app.control.cancel_consumer(self.keys.judge_queue, destination=[self.node], reply=True)
         submit_groups(self.app, self.run, groups)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), self.cpu_s()
         self.app.control.add_consumer(self.keys.judge_queue, destination=[self.node], reply=True)
-        return self.wait_scored(before + len(groups)) - start
+        return self.wait_scored(before + len(groups)) - start, self.cpu_s() - cpu
 
     def latencies(self, groups: list[RolloutGroup]) -> list[float]:
         out = []
@@ -215,28 +251,33 @@ def main() -> None:
     verifs = args.groups * SAMPLES
     best: dict[str, float] = {}
     ratios: list[float] = []
+    cpu_ratios: list[float] = []  # in-process CPU / judge-side CPU for the same inputs: robust to other tenants
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp, RedisServer(directory=Path(tmp)) as server:
-        judge = CeleryJudge(server.url, Path(tmp) / "worker.log")
+        assert server.process is not None
+        judge = CeleryJudge(server.url, Path(tmp) / "worker.log", server.process.pid)
         try:
             judge.throughput(make_groups(8, seed=99))  # warm: both pool processes fork their verifier child
             for repeat in range(args.repeats):
                 groups = make_groups(args.groups, seed=repeat)
-                seconds, in_latency, correct = bench_inprocess_1(groups)
+                seconds, in_cpu, in_latency, correct = bench_inprocess_1(groups)
                 seconds2, correct2 = bench_inprocess_2(groups)
-                seconds3 = judge.throughput(groups)
+                seconds3, celery_cpu = judge.throughput(groups)
+                cpu_ratios.append(in_cpu / celery_cpu)
                 assert correct == correct2, "both baselines score the same inputs the same way"
                 rates = {"inprocess_1": verifs / seconds, "inprocess_2": verifs / seconds2, "celery": verifs / seconds3}
                 best = {k: max(best.get(k, 0.0), v) for k, v in rates.items()}
                 ratios.append(rates["celery"] / rates["inprocess_2"])
                 print(f"repeat {repeat}: " + ", ".join(f"{k} {v:.0f}/s" for k, v in rates.items()), flush=True)
             e2e = judge.latencies(make_groups(args.latency_groups, seed=7))
+            fork_rate = bench_fork_per_answer(make_groups(20, seed=11))
         finally:
             judge.stop()
     figures = {
         "celery_2workers_verifications_per_s": round(best["celery"], 1),
         "inprocess_2procs_verifications_per_s": round(best["inprocess_2"], 1),
         "inprocess_1proc_verifications_per_s": round(best["inprocess_1"], 1),
+        "fork_per_answer_1proc_verifications_per_s": round(fork_rate, 1),
         "ratio_vs_inprocess_2procs": round(best["celery"] / best["inprocess_2"], 3),
         "ratio_vs_inprocess_1proc": round(best["celery"] / best["inprocess_1"], 3),
         "celery_group_latency_p50_ms": round(pct(e2e, 50), 2),
@@ -244,16 +285,21 @@ def main() -> None:
         "inprocess_group_latency_p50_ms": round(pct(in_latency, 50), 2),
         "inprocess_group_latency_p99_ms": round(pct(in_latency, 99), 2),
         "ratio_per_repeat": [round(x, 3) for x in ratios],
+        "cpu_efficiency_vs_inprocess": round(float(np.median(cpu_ratios)), 3),
+        "cpu_efficiency_per_repeat": [round(x, 3) for x in cpu_ratios],
         "load_avg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "shape": f"{args.groups} groups x {SAMPLES} samples ({TOKENS} tokens each), best of {args.repeats}",
     }
-    met = figures["ratio_vs_inprocess_2procs"] >= TARGET_RATIO
+    met = min(figures["ratio_vs_inprocess_2procs"], figures["cpu_efficiency_vs_inprocess"]) >= TARGET_RATIO
     result = {
         "bench": "judge",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
         "figures": figures,
-        "targets": {"ratio_vs_inprocess_2procs": f">= {TARGET_RATIO}"},
+        "targets": {
+            "ratio_vs_inprocess_2procs": f">= {TARGET_RATIO}",
+            "cpu_efficiency_vs_inprocess": f">= {TARGET_RATIO}",
+        },
         "met": met,
     }
     RESULT.parent.mkdir(parents=True, exist_ok=True)

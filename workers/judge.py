@@ -42,7 +42,7 @@ from broker.registry import Registry
 from broker.schemas import Array, MessageError, RolloutGroup, ScoredGroup, Verdict, WorkerHeartbeat, decode, encode
 from broker.streams import done_key, publish_once, send_dead_letter
 from workers.isolation import VerifierChild
-from workers.judge_config import JudgeConfig, LLMJudgeConfig
+from workers.judge_config import TIME_LIMIT_MARGIN_S, JudgeConfig, LLMJudgeConfig
 from workers.verify import extract_answer, reward_of
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 HEARTBEAT_EVERY_S = 5.0
 MAX_REASON_CHARS = 500
 LLM_JUDGE_THREADS = 8
+GROUPS_PER_TASK = 8
+"""Default groups per task for `submit_groups` (a generation worker's PromptBatch is typically 8 prompts)."""
 
 
 class JudgeTask(Task):
@@ -125,15 +127,27 @@ def submit_group(app: Celery, run: str, group: RolloutGroup) -> AsyncResult:
     return app.send_task(TASK_NAME, args=(encode(group),), queue=Keys(run).judge_queue, task_id=group.group_id)
 
 
-def submit_groups(app: Celery, run: str, groups: Iterable[RolloutGroup]) -> list[AsyncResult]:
-    """Queue several groups over one producer connection."""
+def submit_groups(
+    app: Celery, run: str, groups: Iterable[RolloutGroup], groups_per_task: int = GROUPS_PER_TASK
+) -> list[AsyncResult]:
+    """Queue groups `groups_per_task` to a task (one argument each), over one producer connection.
+
+    Several groups per task spread Celery's fixed cost per task (~2 ms of the worker's main process) over
+    them; each group is still verified in one child round trip with its own deadlines and published on its
+    own. The task id is the first group's id, with "+N" for the N more it carries.
+    """
+    if groups_per_task < 1:
+        raise ValueError(f"groups_per_task must be >= 1, got {groups_per_task}")
+    items = list(groups)
+    chunks = [items[i : i + groups_per_task] for i in range(0, len(items), groups_per_task)]
     with app.producer_or_acquire() as producer:
-        return [
-            app.send_task(
-                TASK_NAME, args=(encode(g),), queue=Keys(run).judge_queue, task_id=g.group_id, producer=producer
-            )
-            for g in groups
-        ]
+        return [_send(app, Keys(run).judge_queue, [encode(g) for g in chunk], chunk[0].group_id, producer)
+                for chunk in chunks]  # fmt: skip
+
+
+def _send(app: Celery, queue: str, payloads: list[bytes], first_id: str, producer: Any = None) -> AsyncResult:
+    task_id = first_id if len(payloads) == 1 else f"{first_id}+{len(payloads) - 1}"
+    return app.send_task(TASK_NAME, args=tuple(payloads), queue=queue, task_id=task_id, producer=producer)
 
 
 # Per pool process state: a Redis client and a verifier child, created on first use.
@@ -161,22 +175,45 @@ def judge_id() -> str:
     return f"judge-{socket.gethostname()}-{os.getpid()}"
 
 
-def score_task(task: JudgeTask, payload: bytes) -> dict[str, Any]:
-    """Celery entry: decode, skip if already scored, score, publish once. Returns a small summary."""
+def score_task(task: JudgeTask, *payloads: bytes) -> dict[str, Any]:
+    """Celery entry: for each group, decode, skip if already scored, score, publish once.
+
+    A group is started only if its whole `group_timeout_s` still fits before the hard time limit; groups that
+    do not are queued again as a new task, so a task never outlives its limit however many it carries.
+    """
+    started = time.monotonic()
+    budget = task.judge.task_time_limit_s - TIME_LIMIT_MARGIN_S - task.judge.group_timeout_s
+    summary: dict[str, Any] = {"published": 0, "skipped": 0, "dead": 0, "requeued": 0}
+    for index, payload in enumerate(payloads):
+        if index and time.monotonic() - started > budget:
+            rest = list(payloads[index:])
+            _send(task.app, Keys(task.run_name).judge_queue, rest, f"{task.request.id or 'requeued'}#{index}")
+            summary["requeued"] = len(rest)
+            log.info("requeued %d groups that would not fit before the task's hard time limit", len(rest))
+            break
+        summary[_score_one(task, payload, index)] += 1
+    return summary
+
+
+def _score_one(task: JudgeTask, payload: bytes, index: int) -> str:
     keys = Keys(task.run_name)
     r = _redis(task.broker_url)
     try:
         group = cast(RolloutGroup, decode(payload, RolloutGroup))
     except MessageError as exc:
-        _dead_letter(task, payload, f"undecodable rollout group: {exc}", task.request.id or "")
-        return {"dead": True}
+        _dead_letter(task, payload, f"undecodable rollout group: {exc}", _entry_id(task.request.id, index))
+        return "dead"
     if r.sismember(done_key(keys.scored), group.group_id):
         log.info("group %s was already scored; acknowledging the redelivery", group.group_id)
-        return {"group_id": group.group_id, "published": False}
+        return "skipped"
     scored = score(group, task.judge, _child(task.judge), judge=judge_id())
     published = publish_once(r, keys.scored, group.group_id, scored)
     _account(r, keys, scored.verdicts)
-    return {"group_id": group.group_id, "published": published, "verdicts": dict(Counter(scored.verdicts))}
+    return "published" if published else "skipped"
+
+
+def _entry_id(task_id: str | None, index: int) -> str:
+    return f"{task_id or ''}#{index}" if index else task_id or ""
 
 
 def score(group: RolloutGroup, cfg: JudgeConfig, child: VerifierChild, *, judge: str = "") -> ScoredGroup:
@@ -232,14 +269,26 @@ def _dead_letter(task: Task, payload: Any, reason: str, task_id: str) -> None:
 @signals.task_failure.connect
 def _on_task_failure(sender: Any = None, task_id: str = "", exception: Any = None, args: Any = None, **_: Any) -> None:
     """Every terminal failure of the judge task (an exception, the hard time limit, a pool process lost more
-    than max_deliveries - 1 times) dead-letters the group; Celery then acknowledges the message."""
+    than max_deliveries - 1 times) dead-letters its groups not yet scored; Celery then acknowledges it."""
     if getattr(sender, "name", None) != TASK_NAME:
         return
-    payload = args[0] if args else b""
+    reason = f"{type(exception).__name__}: {exception}"
     try:
-        _dead_letter(sender, payload, f"{type(exception).__name__}: {exception}", task_id)
+        done = done_key(Keys(sender.run_name).scored)
+        r = _redis(sender.broker_url)
+        for index, payload in enumerate(args or ()):
+            group_id = _group_id(payload)
+            if group_id is None or not r.sismember(done, group_id):
+                _dead_letter(sender, payload, reason, group_id or _entry_id(task_id, index))
     except redis.RedisError:
         log.exception("could not dead-letter task %s (%s); it is lost", task_id, type(exception).__name__)
+
+
+def _group_id(payload: Any) -> str | None:
+    try:
+        return cast(RolloutGroup, decode(payload, RolloutGroup)).group_id
+    except MessageError:
+        return None
 
 
 @signals.worker_process_shutdown.connect

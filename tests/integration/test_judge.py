@@ -27,7 +27,7 @@ import redis
 from broker.keys import Keys
 from broker.schemas import Array, DeadLetter, Prompt, RolloutGroup, Sample, ScoredGroup, decode, encode
 from broker.streams import PAYLOAD_FIELD
-from workers.judge import BROKER_URL_ENV, CONFIG_ENV, RUN_ENV, TASK_NAME, make_app, submit_group
+from workers.judge import BROKER_URL_ENV, CONFIG_ENV, RUN_ENV, TASK_NAME, make_app, submit_group, submit_groups
 from workers.judge_config import JudgeConfig, LLMJudgeConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -160,6 +160,22 @@ def test_pathological_inputs_time_out_and_the_worker_serves_the_next_task(judge)
     again = make_group("7", ["Answer: 7"])
     submit_group(judge.app, judge.run, again)
     assert by_id(judge.scored(before + 3))[again.group_id].verdicts == ["correct"]
+
+
+def test_several_groups_per_task_are_scored_and_published_one_by_one(judge):
+    before = len(judge.r.xrange(judge.keys.scored))
+    # The first group needs 2 x 2 s; the task budget (time limit - margin - group timeout = 3 s) is then spent,
+    # so the other groups go back to the queue as a new task instead of risking the hard time limit.
+    groups = [make_group("5", [NESTED_POWER, NESTED_POWER, "Answer: 5"])]
+    groups += [make_group(str(n), [f"Answer: {n}", "Answer: 0"]) for n in range(1, 6)]
+    (result,) = submit_groups(judge.app, judge.run, groups, groups_per_task=len(groups))
+    assert result.id == f"{groups[0].group_id}+5"
+    scored = by_id(judge.scored(before + len(groups)))
+    assert scored[groups[0].group_id].verdicts == ["timeout", "timeout", "correct"]
+    for group in groups[1:]:
+        assert scored[group.group_id].verdicts == ["correct", "incorrect"]
+    assert len(judge.r.xrange(judge.keys.scored)) == before + len(groups), "each group published once"
+    assert b"requeued 5 groups" in judge.log_path.read_bytes()
 
 
 def test_a_pickled_message_is_refused_and_never_unpickled(judge, tmp_path):
