@@ -38,6 +38,9 @@ MAX_CLAIM_INTERVAL_S = 5.0
 MAX_BLOCK_MS = int(SOCKET_TIMEOUT_S * 1000) // 2
 """Longest XREADGROUP BLOCK, well inside the client's socket timeout."""
 
+TRIM_EVERY_S = 10.0
+"""A consumer with `trim_keep_acked` trims its stream at most this often (a few cheap commands each time)."""
+
 PEL_SCAN_PAGES = 100
 """Pages of 100 pending entries examined when looking for entries deleted while pending."""
 
@@ -177,9 +180,12 @@ class StreamConsumer:
         claim_idle_ms: int = 30_000,
         block_ms: int = 1_000,
         count: int = 64,
+        trim_keep_acked: int | None = None,
     ) -> None:
         if max_deliveries < 1 or claim_idle_ms < 0 or block_ms < 0 or count < 1:
             raise ValueError("max_deliveries and count must be >= 1, claim_idle_ms and block_ms >= 0")
+        if trim_keep_acked is not None and trim_keep_acked < 0:
+            raise ValueError(f"trim_keep_acked must be >= 0 or None, got {trim_keep_acked}")
         self.r = r
         self.stream = stream
         self.group = group
@@ -190,6 +196,8 @@ class StreamConsumer:
         self.claim_idle_ms = claim_idle_ms
         self.block_ms = block_ms
         self.count = count
+        self.trim_keep_acked = trim_keep_acked  # None: never trim; else `safe_trim` every TRIM_EVERY_S after acks
+        self._next_trim_at = 0.0
         self._claim_cursor = "0-0"
         self._next_claim_at = 0.0  # monotonic seconds; XAUTOCLAIM costs a round trip, so it runs on a clock
 
@@ -222,7 +230,11 @@ class StreamConsumer:
         pipe = self.r.pipeline(transaction=False)
         for start in range(0, len(entry_ids), ACK_CHUNK):
             pipe.xack(self.stream, self.group, *entry_ids[start : start + ACK_CHUNK])
-        return sum(pipe.execute())
+        acked = sum(pipe.execute())
+        if self.trim_keep_acked is not None and time.monotonic() >= self._next_trim_at:
+            self._next_trim_at = time.monotonic() + TRIM_EVERY_S
+            safe_trim(self.r, self.stream, keep_acked=self.trim_keep_acked)
+        return acked
 
     def release(self, entry_ids: list[str]) -> None:
         """Negative acknowledgement: make the entries reclaimable at once instead of after `claim_idle_ms`.

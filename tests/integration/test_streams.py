@@ -285,3 +285,16 @@ def test_a_process_killed_after_reading_loses_nothing(r, keys, redis_url) -> Non
         survivor.ack([d.entry_id for d in deliveries])
     assert sorted(processed) == [f"b{i}" for i in range(5)]
     assert pending_ids(r, keys) == []
+
+
+def test_consumer_trims_acknowledged_entries_when_asked(r, keys) -> None:
+    ids = StreamProducer(r, keys.prompts).add_many([batch(i) for i in range(30)])
+    c = consumer(r, keys, "a", trim_keep_acked=5)
+    got = c.read(count=20, block_ms=0)
+    c.ack([d.entry_id for d in got[:10]])  # 10 acked, 10 pending, 10 unread
+    remaining = [i.decode() for i, _ in r.xrange(keys.prompts)]
+    assert remaining == ids[5:], "the 5 oldest acked entries went; pending and unread ones stayed"
+    assert len(pending_ids(r, keys)) == 10
+    untrimmed = consumer(r, keys, "b")
+    untrimmed.ack([d.entry_id for d in got[10:]])
+    assert r.xlen(keys.prompts) == len(remaining), "without trim_keep_acked nothing is trimmed"
