@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -24,7 +23,6 @@ from tests.integration.learner_support import (
 )
 
 
-@pytest.mark.slow
 def test_two_gloo_ranks_take_real_steps_and_stay_identical(tmp_path, tiny_model_dir, redis_url, run_name):
     run_dir = tmp_path / "run"
     config = write_config(

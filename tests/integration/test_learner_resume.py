@@ -62,7 +62,6 @@ def scored_ids_not_consumed(r, keys: Keys) -> set[str]:
     return ids
 
 
-@pytest.mark.slow
 def test_sigkill_and_restart_loses_nothing_and_trains_nothing_twice(tmp_path, tiny_model_dir, redis_url, run_name):
     policy = tiny_model_dir
     run_dir = tmp_path / "run"
