@@ -9,7 +9,7 @@ One run starts its own redis-server, then times, interleaved and best of `--repe
   * naive: one message at a time (XADD, XREADGROUP COUNT 1, decode, XACK), both for reference.
 Prints the figures and writes bench/results/broker.json.
 
-    python bench/broker.py [--groups 1024] [--batch 32] [--repeats 7] [--redis-server PATH]
+    python bench/broker.py [--groups 512] [--batch 32] [--repeats 15] [--redis-server PATH]
 """
 
 from __future__ import annotations
@@ -154,9 +154,9 @@ def run_naive(r, groups: list[RolloutGroup]) -> Meter:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--groups", type=int, default=1024, help="groups per timed pass")
+    parser.add_argument("--groups", type=int, default=512, help="groups per timed pass")
     parser.add_argument("--batch", type=int, default=32, help="groups per XADD pipeline / XREADGROUP / XACK")
-    parser.add_argument("--repeats", type=int, default=7, help="timed passes per path; the best one counts")
+    parser.add_argument("--repeats", type=int, default=15, help="timed passes per path; the best one counts")
     parser.add_argument("--redis-server", help="redis-server binary (default: the one RedisServer finds)")
     parser.add_argument("--no-tune", action="store_true", help="leave glibc's malloc thresholds at their defaults")
     parser.add_argument("--no-write", action="store_true", help="print only, do not write the result file")
