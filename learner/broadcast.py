@@ -153,7 +153,7 @@ class WeightBroadcast(ABC):
         pass
 
     def _announce(self, ann: WeightAnnouncement) -> None:
-        self.r.hset(self.keys.policy, POLICY_ANNOUNCEMENT, encode(ann))
+        self.r.hset(self.keys.policy, POLICY_ANNOUNCEMENT, encode(ann))  # type: ignore[arg-type]
 
 
 class CollectiveBroadcast(WeightBroadcast):

@@ -190,7 +190,8 @@ class HFEngine(Engine):
         self.torch = torch
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = getattr(torch, cfg.vllm_cfg.precision)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        self.model = model.to(self.device).eval()
         self.tokenizer = None
         if has_tokenizer(model_path):
             from transformers import AutoTokenizer
@@ -226,7 +227,7 @@ class HFEngine(Engine):
         end = next((i + 1 for i, t in enumerate(tokens) if t in self.eos_ids), None)
         reason = "stop" if end is not None else "length"
         tokens, logprobs = tokens[: end or len(tokens)], logprobs[: end or len(tokens)]
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
+        text = str(self.tokenizer.decode(tokens, skip_special_tokens=True)) if self.tokenizer is not None else ""
         return Completion(tokens, logprobs, reason, text)
 
     def update_weights(self, ann: WeightAnnouncement) -> SyncStats:

@@ -266,7 +266,7 @@ class GenerationWorker:
         finally:
             self.status = "idle"
         self.version = ann.version
-        self.r.hset(self.keys.policy, POLICY_SYNCED_PREFIX + self.worker_id, ann.version)
+        self.r.hset(self.keys.policy, POLICY_SYNCED_PREFIX + self.worker_id, str(ann.version))
         self._beat()
         log.info("weights v%d loaded (receive %.3fs, load %.3fs, epoch %d)", ann.version, stats.receive_s,
                  stats.load_s, ann.epoch)  # fmt: skip
@@ -276,7 +276,7 @@ class GenerationWorker:
         if self._join_asked == epoch:
             return
         self._join_asked = epoch
-        self.r.hset(self.keys.policy, POLICY_JOIN_PREFIX + self.worker_id, time.time())
+        self.r.hset(self.keys.policy, POLICY_JOIN_PREFIX + self.worker_id, repr(time.time()))
         log.info("asked to join the weight group (latest epoch seen: %d)", epoch)
 
     def _announcement(self) -> WeightAnnouncement | None:
