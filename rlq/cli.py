@@ -27,6 +27,9 @@ register_queues(app)  # rlq queues, rlq peek, rlq dlq list|requeue|purge
 from rlq.cli_judge import judge_command  # noqa: E402  (typer only; celery/math-verify load in the command)
 
 worker_app.command("judge")(judge_command)
+from rlq.cli_data import register as register_data  # noqa: E402  (typer only; torch/datasets load per command)
+
+register_data(app)  # rlq prepare-data, rlq build-policy
 from rlq.cli_generate import generate_command  # noqa: E402  (typer only; torch/vLLM load in the command)
 
 worker_app.command("generate")(generate_command)
