@@ -64,6 +64,14 @@ class LossConfig(_Strict):
     use_decoupled_ppo: bool = Field(False, description="Decoupled PPO: same weight, tokens above the cap masked.")
     decoupled_ppo_weight_cap: float | None = Field(5.0, gt=0, description="Mask threshold of the decoupled weight.")
 
+    reference_policy_kl_type: Literal["k3"] = Field("k3", description="KL estimator (Schulman's k3 only).")
+    use_on_policy_kl_approximation: Literal[False] = Field(
+        False, description="NeMo RL knob accepted for config compatibility; only false is implemented."
+    )
+    sequence_level_importance_ratios: Literal[False] = Field(
+        False, description="NeMo RL knob accepted for config compatibility; only false (token-level) is implemented."
+    )
+
     @model_validator(mode="after")
     def _one_correction(self) -> LossConfig:
         if self.use_decoupled_ppo and self.use_importance_sampling_correction:
