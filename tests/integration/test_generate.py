@@ -241,6 +241,38 @@ def test_a_killed_workers_batch_is_processed_by_another(
     assert r.xpending(keys.prompts, "generate")["pending"] == 0
 
 
+def test_groups_reach_the_real_judges_and_come_back_scored(
+    vllm_engine, redis_url: str, run_name: str, tmp_path: Path
+) -> None:
+    """The production hand-off: CelerySink -> a real `celery -A workers.judge worker` -> the scored stream."""
+    from broker.schemas import ScoredGroup
+    from workers.judge import BROKER_URL_ENV, RUN_ENV
+
+    r = connect(redis_url)
+    keys = Keys(run_name)
+    env = {**os.environ, BROKER_URL_ENV: redis_url, RUN_ENV: run_name, "PYTHONPATH": "."}
+    argv = [sys.executable, "-m", "celery", "-A", "workers.judge", "worker", "-Q", keys.judge_queue,
+            "--concurrency", "1", "--without-mingle", "--without-gossip", "-n", f"judge-{run_name}@%h"]  # fmt: skip
+    with open(tmp_path / "judge.log", "wb") as log:
+        judge = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            StreamProducer(r, keys.prompts).add(_batch(5))
+            worker = GenerationWorker(
+                _cfg(sink="celery"), run=run_name, broker_url=redis_url, worker_id="vllm-0", model_name="unused",
+                engine=vllm_engine,
+            )  # fmt: skip
+            assert worker.run(max_batches=1) == 1
+            _wait(lambda: r.xlen(keys.scored) >= 2, what="scored groups from the judge")
+        finally:
+            os.killpg(judge.pid, signal.SIGTERM)
+            judge.wait(60)
+    scored = [decode(f[PAYLOAD_FIELD], ScoredGroup) for _, f in r.xrange(keys.scored)]
+    assert sorted(s.group_id for s in scored) == ["p5-0@b5", "p5-1@b5"]  # type: ignore[union-attr]
+    for s in scored:
+        assert isinstance(s, ScoredGroup) and s.rollout.policy_version == 0 and len(s.verdicts) == 3
+        assert s.rollout.samples[0].logprobs.shape == s.rollout.samples[0].token_ids.shape
+
+
 def _idle(r, keys: Keys, worker_id: str) -> bool:
     """The worker's heartbeat says its engine is up and it reads the prompts stream."""
     return any(b.worker_id == worker_id and b.status == "idle" for b in Registry(r, keys).alive("generate"))
