@@ -34,3 +34,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     from rlq.tiny_policy import build_base_model
 
     return build_base_model(tmp_path_factory.mktemp("tiny-base") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir():
+    """The warm-started tiny policy (`rlq build-policy`: 20-50 % greedy on held-out arith), cached across sessions
+    in $RLQ_CACHE_DIR (default ~/.cache/rlq): the first session builds it (~3 min on one core), later sessions
+    reuse it while its build hash matches the code."""
+    import os
+    from pathlib import Path
+
+    from rlq.tiny_policy import build_policy
+
+    return build_policy(Path(os.environ.get("RLQ_CACHE_DIR", Path.home() / ".cache" / "rlq")) / "tiny-policy")
