@@ -10,9 +10,15 @@ PYTEST_ARGS ?= -m "not slow"
 install:
 	bash scripts/install.sh
 
-# The main job: the tiny CPU training run on arithmetic, end to end on this machine.
+POLICY_DIR ?= artifacts/tiny-policy
+DATA_DIR ?= data/arith
+
+# The main job: the tiny CPU training run on arithmetic, end to end on this machine. The warm-started policy
+# and the data are built once (cached by content hash) and reused by later runs.
 train: install
-	$(RLQ) train --config $(CONFIG) $(ARGS)
+	$(RLQ) build-policy --output-dir $(POLICY_DIR)
+	$(RLQ) prepare-data --source arith --output-dir $(DATA_DIR)
+	$(RLQ) train --config $(CONFIG) policy.model_name=$(POLICY_DIR) data.path=$(DATA_DIR) $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
