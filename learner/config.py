@@ -103,7 +103,9 @@ class PolicyConfig(_Strict):
     model_name: str = Field(..., description="HF model id or local directory.")
     tokenizer_name: str | None = Field(None, description="Defaults to model_name.")
     max_total_sequence_length: int = Field(1024, ge=2, description="Prompt + completion tokens; longer is cut.")
-    precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Compute dtype of the forward (autocast); weights and optimizer stay float32."
+    )
     train_global_batch_size: int | None = Field(
         None, ge=1, description="Samples per optimizer update; null: the whole step (one update per step)."
     )

@@ -133,6 +133,7 @@ class Trainer:
         device: torch.device,
         reference: nn.Module | None = None,
         pad_id: int = 0,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model  # the bare HF model (saving, broadcasting)
         self.net: nn.Module = PolicyLogprobs(model)
@@ -147,6 +148,14 @@ class Trainer:
         self.device = device
         self.reference = PolicyLogprobs(reference).eval() if reference is not None else None
         self.pad_id = pad_id
+        # Mixed precision: the parameters (and AdamW) stay float32, the forward runs in `compute_dtype`; pure
+        # bf16 weights would round most 1e-6-sized updates away.
+        self.compute_dtype = compute_dtype
+
+    def _forward(self, net: nn.Module, micro: Micro) -> tuple[torch.Tensor, torch.Tensor]:
+        enabled = self.compute_dtype is not None and self.compute_dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.compute_dtype or torch.float32, enabled=enabled):
+            return net(micro.input_ids, micro.attention_mask, micro.pred_mask)
 
     def _chunks(self, samples: list[TrainSample]) -> list[list[TrainSample]]:
         if not samples:
@@ -161,7 +170,7 @@ class Trainer:
         for mb in minibatches:
             for chunk in self._chunks(mb.samples):
                 micro = collate(chunk, self.device, self.pad_id)
-                flat, _ = self.net(micro.input_ids, micro.attention_mask, micro.pred_mask)
+                flat, _ = self._forward(self.net, micro)
                 per_seq = _unflatten(flat, micro.comp_mask).float().cpu().numpy()
                 for i, s in enumerate(chunk):
                     s.prox_logprobs = per_seq[i, : s.completion_len]
@@ -196,13 +205,13 @@ class Trainer:
 
     def _micro_step(self, chunk: list[TrainSample], mb: Minibatch, stats: dict[str, float]) -> None:
         micro = collate(chunk, self.device, self.pad_id)
-        flat, entropy = self.net(micro.input_ids, micro.attention_mask, micro.pred_mask)
+        flat, entropy = self._forward(self.net, micro)
         logprobs = _unflatten(flat, micro.comp_mask)  # [B, T]
         prox = micro.prox if micro.prox is not None else logprobs.detach()
         ref = None
         if self.reference is not None:
             with torch.no_grad():
-                ref_flat, _ = self.reference(micro.input_ids, micro.attention_mask, micro.pred_mask)
+                ref_flat, _ = self._forward(self.reference, micro)
             ref = _unflatten(ref_flat, micro.comp_mask)
         loss, s = policy_loss(
             logprobs,

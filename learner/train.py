@@ -308,7 +308,7 @@ def run(cfg: LearnerConfig) -> int:
     resume = latest_checkpoint(checkpoint_dir) if cfg.checkpointing.enabled else None
     model_path = resume / "policy" if resume else cfg.policy.model_name
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.policy.tokenizer_name or model_path))
-    model = load_model(model_path, cfg.policy.precision, info.device)
+    model = load_model(model_path, "float32", info.device)  # float32 master weights; see Trainer.compute_dtype
     if cfg.policy.activation_checkpointing:
         model.gradient_checkpointing_enable()
     reference = None
@@ -329,6 +329,7 @@ def run(cfg: LearnerConfig) -> int:
         device=info.device,
         reference=reference,
         pad_id=tokenizer.pad_token_id or 0,
+        compute_dtype=getattr(torch, cfg.policy.precision),
     )
     coordinator = None
     stop = _StopFlag()

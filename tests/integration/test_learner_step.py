@@ -86,3 +86,17 @@ def test_several_updates_per_step_move_the_ratio_and_kl(policy_dir):
     # The second update sees the first one's change against the pre-step (proximal) logprobs and the reference.
     assert metrics["loss/ratio_max"] > 1.0
     assert metrics["loss/kl"] > 0.0
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(policy_dir):
+    model = load_model(policy_dir, "float32", torch.device("cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    t = Trainer(model, opt, LossSettings(), world_size=1, micro_batch_size=4, max_grad_norm=1.0,
+                device=torch.device("cpu"), compute_dtype=torch.bfloat16)  # fmt: skip
+    before = [p.detach().clone() for p in model.parameters()]
+    stats, timings = t.train(assemble(samples(), 1, None)[0])
+    assert np.isfinite(reduce_stats(stats, timings, 1)["loss/total"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    # A 1e-6 step survives in float32; in bfloat16 most such updates would round back to the old weight.
+    changed = sum(int((a != b).sum()) for a, b in zip(before, model.parameters(), strict=True))
+    assert changed > 0.5 * sum(p.numel() for p in model.parameters() if p.requires_grad)
