@@ -79,10 +79,10 @@ class ArithConfig(BaseModel):
 
     n_train: int = Field(2000, ge=0, description="Training problems.")
     n_val: int = Field(200, ge=0, description="Validation problems, disjoint from training.")
-    digits: int = Field(2, ge=1, le=6, description="Largest operand digit count (1..digits, uniformly).")
+    digits: int = Field(1, ge=1, le=6, description="Largest operand digit count (1..digits, uniformly).")
     ops: str = Field("+-", min_length=1, description="Operators to draw from, a subset of '+-*'.")
     min_steps: int = Field(1, ge=1, le=8, description="Fewest operators per problem.")
-    steps: int = Field(1, ge=1, le=8, description="Most operators per problem.")
+    steps: int = Field(2, ge=1, le=8, description="Most operators per problem.")
     seed: int = Field(0, description="Generator seed; same config + seed -> same files.")
     template: Literal["full", "compact"] = Field("compact", description="Prompt template (see module doc).")
 

@@ -200,7 +200,9 @@ class WarmStartConfig(BaseModel):
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
     max_steps: int = Field(4000, ge=1, description="Give up (and keep the closest checkpoint) after this many.")
     eval_every: int = Field(25, ge=1, description="Optimiser steps between held-out evaluations.")
-    max_seconds: float = Field(280.0, gt=0, description="Wall-clock budget for the whole warm start.")
+    max_seconds: float = Field(
+        600.0, gt=0, description="Safety net on training wall-clock; hitting it ends the run early (not deterministic)."
+    )
     threads: int = Field(1, ge=1, description="torch intra-op threads (1 keeps it deterministic and polite).")
     seed: int = Field(0, description="Model init, batch order and dropout-free training seed.")
 
@@ -244,8 +246,25 @@ def extracted_answer(text: str) -> str | None:
 
 def greedy_accuracy(model: Any, tokenizer: Any, examples: list[Example], *, max_new_tokens: int = 24) -> float:
     """Fraction of `examples` whose greedy completion ends with the right 'Answer: N'."""
+    return _accuracy(model, tokenizer, examples, max_new_tokens=max_new_tokens, sample=None)
+
+
+def sampled_accuracy(
+    model: Any, tokenizer: Any, examples: list[Example], *, seed: int, temperature: float = 1.0
+) -> float:
+    """One temperature-`temperature` sample per problem (no top-k/top-p): what RL's sampled reward starts from."""
     import torch
 
+    torch.manual_seed(seed)
+    return _accuracy(model, tokenizer, examples, max_new_tokens=24, sample=temperature)
+
+
+def _accuracy(
+    model: Any, tokenizer: Any, examples: list[Example], *, max_new_tokens: int, sample: float | None
+) -> float:
+    import torch
+
+    sampling = {"do_sample": False} if sample is None else {"do_sample": True, "temperature": sample, "top_k": 0}
     correct = 0
     for start in range(0, len(examples), 100):
         chunk = examples[start : start + 100]
@@ -255,32 +274,11 @@ def greedy_accuracy(model: Any, tokenizer: Any, examples: list[Example], *, max_
         mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
         with torch.no_grad():
             out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, top_p=1.0, **sampling,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
             )  # fmt: skip
-        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)  # [B] completions
         correct += sum(extracted_answer(t) == ex.ground_truth for t, ex in zip(texts, chunk, strict=True))
-    return correct / max(len(examples), 1)
-
-
-def sampled_accuracy(
-    model: Any, tokenizer: Any, examples: list[Example], *, seed: int, temperature: float = 1.0
-) -> float:
-    """One temperature-`temperature` sample per problem: what RL's reward starts from."""
-    import torch
-
-    torch.manual_seed(seed)
-    correct = 0
-    for ex in examples:
-        ids = torch.tensor([prompt_ids(tokenizer, ex)])
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids, max_new_tokens=24, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            )  # fmt: skip
-        correct += (
-            extracted_answer(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)) == ex.ground_truth
-        )
     return correct / max(len(examples), 1)
 
 
