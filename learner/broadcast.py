@@ -42,6 +42,7 @@ from broker.keys import (
     Keys,
 )
 from broker.schemas import BucketSpec, MessageError, TensorSpec, WeightAnnouncement, decode, encode
+from rlq.flat_params import bucket_view
 
 log = logging.getLogger(__name__)
 
@@ -275,12 +276,23 @@ class CollectiveBroadcast(WeightBroadcast):
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         deadline = time.monotonic() + self.timeout_s
+        in_flight = []
         for spec in buckets:
-            flat = pack_bucket(by_name, spec, device)  # [numel]
+            # Parameters laid out as this bucket (rlq.flat_params) are sent as they are: no copy, no memory.
+            flat = bucket_view(by_name, spec)  # [numel]
+            packed = flat is None
+            if packed:
+                flat = pack_bucket(by_name, spec, device)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RuntimeError(f"weight broadcast exceeded its {self.timeout_s:.0f}s deadline")
-            self.pg.broadcast([flat], opts).wait(timedelta(seconds=remaining))
+            work = self.pg.broadcast([flat], opts)
+            if packed or device.type != "cuda":
+                work.wait(timedelta(seconds=remaining))  # one packed bucket alive at a time
+            else:
+                in_flight.append(work)  # NCCL runs them in order on its stream; no host round trip per bucket
+        for work in in_flight:
+            work.wait(timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 

@@ -266,5 +266,18 @@ class HFEngine(Engine):
 
 def make_engine(cfg: GenerationConfig, worker_id: str, model_path: str) -> Engine:
     if cfg.backend == "hf":
+        # --- issue 8 hook (workers/engine_hf_fast.py): on a GPU, the static-cache + CUDA-graph decode path.
+        # RLQ_HF_FAST=0 keeps plain generate(); RLQ_HF_FAST=1 forces the fast path on CPU too (eager steps).
+        fast = os.environ.get("RLQ_HF_FAST", "auto")
+        if fast == "1" or (fast != "0" and _cuda_available()):
+            from workers.engine_hf_fast import FastHFEngine
+
+            return FastHFEngine(cfg, worker_id, model_path)
         return HFEngine(cfg, worker_id, model_path)
     return VllmEngine(cfg, worker_id, model_path)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from broker.keys import WEIGHT_JOINED_KEY, WEIGHT_STORE_PREFIX
 from broker.schemas import BucketSpec, WeightAnnouncement, decode
+from rlq.flat_params import bucket_view
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,13 @@ class WeightReceiver:
         self.pg: Any = None
         self._store: Any = None
 
-    def receive(self, ann: WeightAnnouncement) -> NamedTensors:
+    def receive(self, ann: WeightAnnouncement, into: dict[str, torch.Tensor] | None = None) -> NamedTensors:
         """Every parameter of `ann`, received from rank 0 of the weight group.
+
+        `into` (parameters by name, laid out by `rlq.flat_params.flatten_into_buckets`): buckets that are views
+        of these parameters are received in place and left out of the result. Faster and copy-free, but a
+        failure then leaves the model partly updated: the caller must restore it (engine_hf_fast reloads the
+        checkpoint).
 
         Raises:
             WeightSyncError: not a member, the rendezvous or a bucket did not complete within `ann.timeout_s`,
@@ -88,7 +94,7 @@ class WeightReceiver:
         try:
             if self.pg is None or self.epoch != ann.epoch:
                 self._join(ann)
-            return self._receive_buckets(ann)
+            return self._receive_buckets(ann, into or {})
         except (RuntimeError, dist.DistError, ValueError) as exc:
             self.leave()
             if isinstance(exc, WeightSyncError):
@@ -112,18 +118,29 @@ class WeightReceiver:
         self.epoch = ann.epoch
         log.info("joined weight group epoch %d as rank %d of %d", ann.epoch, rank, ann.world_size)
 
-    def _receive_buckets(self, ann: WeightAnnouncement) -> NamedTensors:
+    def _receive_buckets(self, ann: WeightAnnouncement, into: dict[str, torch.Tensor]) -> NamedTensors:
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         deadline = time.monotonic() + ann.timeout_s
         out: NamedTensors = []
+        in_flight = []
         for spec in ann.buckets:
-            flat = torch.empty(spec.numel, dtype=getattr(torch, spec.dtype), device=self.device)  # [numel]
+            flat = bucket_view(into, spec) if into else None  # [numel], the parameters themselves
+            in_place = flat is not None
+            if flat is None:
+                flat = torch.empty(spec.numel, dtype=getattr(torch, spec.dtype), device=self.device)  # [numel]
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WeightSyncError(f"weight update v{ann.version} exceeded its {ann.timeout_s:.0f}s deadline")
-            self.pg.broadcast([flat], opts).wait(timedelta(seconds=remaining))
-            out += unpack_bucket(flat, spec)
+            work = self.pg.broadcast([flat], opts)
+            if self.device.type == "cuda":
+                in_flight.append(work)  # NCCL keeps them in order; every bucket is kept anyway
+            else:
+                work.wait(timedelta(seconds=remaining))
+            if not in_place:
+                out += unpack_bucket(flat, spec)
+        for work in in_flight:
+            work.wait(timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return out
