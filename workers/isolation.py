@@ -126,6 +126,7 @@ class VerifierChild:
         whole call at most ~`group_timeout_s` (answers not started by then are "timeout" untried)."""
         verdicts: list[Verdict] = ["no_answer" if a is None else "timeout" for a in answers]
         todo = [i for i, a in enumerate(answers) if a is not None]
+        self.start()  # the first call warms math-verify up and forks: not the group's time
         group_deadline = time.monotonic() + group_timeout_s
         while todo and time.monotonic() < group_deadline:
             done = self._run_batch(ground_truth, answers, todo, verdicts, answer_timeout_s, group_deadline)

@@ -291,6 +291,15 @@ def _group_id(payload: Any) -> str | None:
         return None
 
 
+@signals.worker_init.connect
+def _warm_before_forking_the_pool(**_: Any) -> None:
+    """Import and exercise math-verify once in the worker's main process: every pool process (and each verifier
+    child it forks) inherits the warm caches, and no task pays the second or two of the first import."""
+    from workers.isolation import warm_up
+
+    warm_up()
+
+
 @signals.worker_process_shutdown.connect
 def _stop_child(**_: Any) -> None:
     if _verifier is not None:

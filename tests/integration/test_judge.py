@@ -307,8 +307,8 @@ def test_llm_judge_is_asked_only_about_incorrect_answers(redis_server, run_name,
 
 @pytest.mark.slow
 def test_a_task_held_by_a_killed_worker_is_redelivered_after_the_visibility_timeout(redis_server, run_name, tmp_path):
-    # Small bounds so the test is short: redelivery within visibility_timeout_s + restore_interval_s = 9 s.
-    quick = JudgeConfig(answer_timeout_s=1.0, group_timeout_s=2.0, task_time_limit_s=7.5, visibility_timeout_s=8.0,
+    # Small bounds so the test is short: redelivery within visibility_timeout_s + restore_interval_s = 11 s.
+    quick = JudgeConfig(answer_timeout_s=2.0, group_timeout_s=4.0, task_time_limit_s=9.5, visibility_timeout_s=10.0,
                         restore_interval_s=1.0)  # fmt: skip
     first = Judge(redis_server.url, run_name, quick, tmp_path / "a.log", concurrency=1)
     group = make_group("5", [NESTED_POWER, "Answer: 5"])
