@@ -233,8 +233,12 @@ class Coordinator:
         """Broadcast; a failed sync is logged and counted, and training goes on (workers keep older weights)."""
         from learner.broadcast import WeightSyncError
 
+        source: torch.nn.Module | list[tuple[str, torch.Tensor]] = self.model
+        if self.cfg.policy.precision != "float32":  # workers run in the compute dtype: send half the bytes
+            dtype = getattr(torch, self.cfg.policy.precision)
+            source = [(name, p.detach().to(dtype)) for name, p in self.model.named_parameters()]
         try:
-            report = self.weights.broadcast(self.model, version)
+            report = self.weights.broadcast(source, version)
         except WeightSyncError as exc:
             log.warning("%s", exc)
             return {"sync/failed": 1.0}
