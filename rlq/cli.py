@@ -9,7 +9,7 @@ import typer
 
 from rlq.cli_broker import broker_server, broker_wait
 from rlq.cli_learner import learner_command
-from rlq.cli_train import train_command
+from rlq.cli_train import doctor_command, train_command
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Asynchronous GRPO over Redis streams.")
 # `rlq worker generate` and `rlq worker judge` hang off this group; modules register on it.
@@ -19,6 +19,7 @@ app.add_typer(worker_app, name="worker")
 app.command("broker-server")(broker_server)
 app.command("broker-wait")(broker_wait)
 app.command("train")(train_command)
+app.command("doctor")(doctor_command)
 app.command("learner")(learner_command)
 # --- subcommand registration (one line per module; keep sorted) ---
 from rlq.cli_queues import register as register_queues  # noqa: E402  (typer only; redis is imported per command)

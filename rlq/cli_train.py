@@ -16,3 +16,21 @@ def train_command(
     from rlq.launch import train
 
     train(load_run_config(config, overrides or []))
+
+
+def doctor_command(
+    config: Path = typer.Option(..., "--config", "-c", help="The run config you are about to train with."),
+    overrides: list[str] = typer.Argument(None, help="key=value, ++key=value, +key=value, ~key"),
+) -> None:
+    """Single-node sanity checks: Redis, a judge on known answers, the model, and a one-step run of the loop."""
+    from rlq.config import load_run_config
+    from rlq.doctor import CheckResult, run_doctor
+
+    cfg = load_run_config(config, overrides or [])
+
+    def report(result: CheckResult) -> None:
+        mark = "ok  " if result.ok else "FAIL"
+        typer.echo(f"{mark} {result.name:<6} {result.detail} ({result.seconds:.1f}s)")
+
+    if not run_doctor(cfg, report):
+        raise typer.Exit(1)
