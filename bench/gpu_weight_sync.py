@@ -70,8 +70,10 @@ def raw_baseline(args, rank: int, device: torch.device, model: torch.nn.Module, 
     """Same bytes through torch.distributed.broadcast: one flat tensor, then the bucket sizes the project uses."""
     from learner.broadcast import named_tensors, plan_buckets
 
-    dist.init_process_group(args.backend, init_method=f"tcp://127.0.0.1:{args.raw_port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=120), device_id=device if device.type == "cuda" else None)  # fmt: skip
+    dist.init_process_group(
+        args.backend, init_method=f"tcp://127.0.0.1:{args.raw_port}", rank=rank, world_size=2,
+        timeout=timedelta(seconds=120), device_id=device if device.type == "cuda" else None,
+    )  # fmt: skip
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     dtype = next(model.parameters()).dtype
     flat = torch.empty(nbytes // torch.empty(0, dtype=dtype).element_size(), dtype=dtype, device=device)
