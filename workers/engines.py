@@ -268,12 +268,13 @@ def make_engine(cfg: GenerationConfig, worker_id: str, model_path: str) -> Engin
     if cfg.backend == "hf":
         # --- issue 8 hook (workers/engine_hf_fast.py): on a GPU, the static-cache + CUDA-graph decode path.
         # RLQ_HF_FAST=0 keeps plain generate(); RLQ_HF_FAST=1 forces the fast path on CPU too (eager steps).
-        fast = os.environ.get("RLQ_HF_FAST", "auto")
+        # RLQ_HF_DEVICE (e.g. cuda:1) keeps the worker off the learner's GPU on a shared machine.
+        fast, device = os.environ.get("RLQ_HF_FAST", "auto"), os.environ.get("RLQ_HF_DEVICE") or None
         if fast == "1" or (fast != "0" and _cuda_available()):
             from workers.engine_hf_fast import FastHFEngine
 
-            return FastHFEngine(cfg, worker_id, model_path)
-        return HFEngine(cfg, worker_id, model_path)
+            return FastHFEngine(cfg, worker_id, model_path, device)
+        return HFEngine(cfg, worker_id, model_path, device)
     return VllmEngine(cfg, worker_id, model_path)
 
 
