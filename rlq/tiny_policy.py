@@ -364,7 +364,8 @@ def build_policy(out_dir: Path, cfg: WarmStartConfig | None = None, *, force: bo
 
     cfg = cfg or WarmStartConfig()
     out_dir = Path(out_dir)
-    digest = build_hash("policy", warm_start=cfg.model_dump(mode="json"))
+    # max_seconds is a safety net, not a recipe: changing it must not invalidate finished builds
+    digest = build_hash("policy", warm_start=cfg.model_dump(mode="json", exclude={"max_seconds"}))
     if not force and cached(out_dir, digest):
         log.info("warm-started tiny policy already built in %s (%s)", out_dir, digest)
         return out_dir
