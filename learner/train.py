@@ -199,7 +199,7 @@ class Coordinator:
         """Everything after the update: weight sync, version, ledger, metrics, checkpoint + acks."""
         t0 = time.perf_counter()
         if self.weights is not None and (version % self.cfg.learner.weight_sync_period == 0 or last):
-            metrics.update(self._sync_weights(version))
+            metrics.update(self.sync_weights(version))
         sync_s = time.perf_counter() - t0
         self.redis.hset(self.keys.policy, mapping={"version": version, "learner_updated_at": time.time()})
         trained = [g.group_id for g in info["groups"]]
@@ -229,7 +229,7 @@ class Coordinator:
         )
         self.metrics.log(version, metrics)
 
-    def _sync_weights(self, version: int) -> dict[str, float]:
+    def sync_weights(self, version: int) -> dict[str, float]:
         """Broadcast; a failed sync is logged and counted, and training goes on (workers keep older weights)."""
         from learner.broadcast import WeightSyncError
 
@@ -306,44 +306,21 @@ def run(cfg: LearnerConfig) -> int:
     """Train until `grpo.max_num_steps`; returns the final policy version."""
     info = init_distributed(cfg.learner.dist_backend)
     torch.manual_seed(cfg.grpo.seed)
-    from transformers import AutoTokenizer
-
-    checkpoint_dir = Path(cfg.checkpointing.checkpoint_dir)
-    resume = latest_checkpoint(checkpoint_dir) if cfg.checkpointing.enabled else None
-    model_path = resume / "policy" if resume else cfg.policy.model_name
-    tokenizer = AutoTokenizer.from_pretrained(str(cfg.policy.tokenizer_name or model_path))
-    model = load_model(model_path, "float32", info.device)  # float32 master weights; see Trainer.compute_dtype
-    if cfg.policy.activation_checkpointing:
-        model.gradient_checkpointing_enable()
-    reference = None
-    if cfg.loss_fn.reference_policy_kl_penalty > 0:
-        reference = load_model(cfg.policy.model_name, cfg.policy.precision, info.device).requires_grad_(False)
-    optimizer = build_optimizer(model, cfg)
+    resume = latest_checkpoint(Path(cfg.checkpointing.checkpoint_dir)) if cfg.checkpointing.enabled else None
+    trainer, tokenizer = build_trainer(cfg, info, resume)
     version, state, pending = 0, None, b""
     if resume is not None:
-        state, pending = load_checkpoint(resume, optimizer)
+        state, pending = load_checkpoint(resume, trainer.optimizer)
         version = int(state["version"])
-    trainer = Trainer(
-        model,
-        optimizer,
-        loss_settings(cfg),
-        world_size=info.world_size,
-        micro_batch_size=cfg.policy.train_micro_batch_size,
-        max_grad_norm=cfg.policy.max_grad_norm,
-        device=info.device,
-        reference=reference,
-        pad_id=tokenizer.pad_token_id or 0,
-        compute_dtype=getattr(torch, cfg.policy.precision),
-    )
     coordinator = None
     stop = _StopFlag()
     if info.is_main:
-        coordinator = Coordinator(cfg, tokenizer, model)
+        coordinator = Coordinator(cfg, tokenizer, trainer.model)
         if state is not None:
             coordinator.restore(state, pending)
         coordinator.recover(version)
         if resume is not None and coordinator.weights is not None:
-            coordinator._sync_weights(version)  # workers may hold weights of a discarded timeline
+            coordinator.sync_weights(version)  # workers may hold weights of a discarded timeline
         coordinator.redis.hset(coordinator.keys.policy, "version", version)
     try:
         version = _loop(cfg, info, trainer, coordinator, stop, version)
@@ -353,6 +330,33 @@ def run(cfg: LearnerConfig) -> int:
         if info.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
     return version
+
+
+def build_trainer(cfg: LearnerConfig, info: DistInfo, resume: Path | None) -> tuple[Trainer, object]:
+    """The policy (from the checkpoint when resuming), its optimizer, the reference if any; and the tokenizer."""
+    from transformers import AutoTokenizer
+
+    model_path = resume / "policy" if resume else cfg.policy.model_name
+    tokenizer = AutoTokenizer.from_pretrained(str(cfg.policy.tokenizer_name or model_path))
+    model = load_model(model_path, "float32", info.device)  # float32 master weights; see Trainer.compute_dtype
+    if cfg.policy.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    reference = None
+    if cfg.loss_fn.reference_policy_kl_penalty > 0:
+        reference = load_model(cfg.policy.model_name, cfg.policy.precision, info.device).requires_grad_(False)
+    trainer = Trainer(
+        model,
+        build_optimizer(model, cfg),
+        loss_settings(cfg),
+        world_size=info.world_size,
+        micro_batch_size=cfg.policy.train_micro_batch_size,
+        max_grad_norm=cfg.policy.max_grad_norm,
+        device=info.device,
+        reference=reference,
+        pad_id=tokenizer.pad_token_id or 0,
+        compute_dtype=getattr(torch, cfg.policy.precision),
+    )
+    return trainer, tokenizer
 
 
 def replica_spread(model: torch.nn.Module, world_size: int) -> float:
