@@ -107,6 +107,8 @@ class FastHFEngine(HFEngine):
         max_batch: int = 256,
         use_graphs: bool | None = None,
     ) -> None:
+        if device is not None and torch.device(device).type == "cuda":
+            torch.cuda.set_device(torch.device(device))  # NCCL and graph capture use the current device
         if model is None:
             if model_path is None:
                 raise ValueError("FastHFEngine needs a model_path or a model")
@@ -124,6 +126,7 @@ class FastHFEngine(HFEngine):
         self._layout: list[Any] | None = None  # bucket layout the parameters were moved into
         self._accepts_cache_position = "cache_position" in _forward_params(self.model)
         self.graph_failures = 0
+        log.info("FastHFEngine on %s (decode-step graphs %s)", self.device, "on" if self.use_graphs else "off")
 
     # --- sampling -------------------------------------------------------------------------------------------
 
