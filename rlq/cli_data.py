@@ -17,6 +17,11 @@ class Source(str, Enum):
     arith = "arith"
 
 
+class Template(str, Enum):
+    compact = "compact"
+    full = "full"
+
+
 def prepare_data(
     source: Source = typer.Option(..., "--source", help="dapo: DAPO-Math-17k; arith: generated arithmetic."),
     output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where train/validation.jsonl + manifest go."),
@@ -29,7 +34,7 @@ def prepare_data(
     ops: str = typer.Option("+-", "--ops", help="arith: operators, a subset of '+-*'."),
     min_steps: int = typer.Option(1, "--min-steps", min=1, max=8, help="arith: fewest operators per problem."),
     steps: int = typer.Option(2, "--steps", min=1, max=8, help="arith: most operators per problem."),
-    template: str = typer.Option("compact", "--template", help="arith: 'compact' (tiny policy) or 'full'."),
+    template: Template = typer.Option(Template.compact, "--template", help="arith: compact (tiny policy) or full."),
     seed: int = typer.Option(0, "--seed", help="arith: generator seed."),
 ) -> None:
     """Write train.jsonl, validation.jsonl and manifest.json (counts, duplicates, skipped rows, content hash)."""
@@ -42,7 +47,7 @@ def prepare_data(
     else:
         cfg = data.ArithConfig(
             n_train=n_train, n_val=n_val, digits=digits, ops=ops, min_steps=min_steps, steps=steps, seed=seed,
-            template=template,
+            template=template.value,
         )  # fmt: skip
         manifest = data.prepare_arith(output_dir, cfg)
     summary = {k: manifest[k] for k in ("counts", "duplicates_dropped", "skipped", "content_hash") if k in manifest}

@@ -225,7 +225,7 @@ def dapo_example(row: Any) -> Example:
     messages, answer = _messages(row["prompt"]), _answer(row["reward_model"])
     if "Answer:" not in messages[-1]["content"]:
         messages[-1] = {"role": "user", "content": DAPO_TEMPLATE.format(problem=messages[-1]["content"].strip())}
-    extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
+    extra: dict[str, Any] = row["extra_info"] if isinstance(row.get("extra_info"), dict) else {}
     return Example(
         prompt_id=f"dapo-{dedup_key(messages)[:16]}",
         messages=messages,

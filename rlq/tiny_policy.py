@@ -100,7 +100,7 @@ def base_config(tokenizer: Any) -> Any:
         eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
         pad_token_id=tokenizer.convert_tokens_to_ids(PAD),
         bos_token_id=None,
-        torch_dtype="float32",
+        dtype="float32",
         **MODEL_DIMS,
     )
 
@@ -171,12 +171,24 @@ def save_policy(model: Any, tokenizer: Any, out_dir: Path) -> None:
 
 
 def load_policy(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
-    """(model, tokenizer) of a hub id or a local directory, offline-first; the one loading path for all policies."""
+    """(model, tokenizer) of a local directory or a hub id (resolved through the HF cache; set HF_HUB_OFFLINE=1 on
+    machines without network): the one loading path for the tiny policy and real models alike."""
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=getattr(torch, dtype)).to(device)
+    # transformers renamed `torch_dtype` to `dtype` in 4.56; GPU images may carry an older release
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    name = str(name_or_path)
+    if (Path(name).is_absolute() or name.startswith(".")) and not Path(name).is_dir():
+        raise UserError(f"policy not found: {name} (build one with 'rlq build-policy --output-dir {name}')")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, **{dtype_kw: getattr(torch, dtype)})
+    except OSError as exc:  # transformers' "not a local folder and not a valid model identifier" and friends
+        raise UserError(f"cannot load policy {name}: {str(exc).strip().splitlines()[0]}") from None
+    model = model.to(device)
     model.eval()
     return model, tokenizer
 

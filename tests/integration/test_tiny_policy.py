@@ -198,3 +198,10 @@ def test_vllm_and_transformers_agree_on_the_warm_started_policy(tiny_policy_dir:
     agree = sum(a == b for a, b in zip(vllm_answers, hf_answers, strict=True))
     assert agree >= 36, list(zip(vllm_answers, hf_answers, strict=True))  # float32 both; rare near-ties may flip
     assert sum(a is not None for a in vllm_answers) >= 36  # it learnt the answer format
+
+
+def test_missing_policy_is_one_clear_error(tmp_path: Path) -> None:
+    from rlq.errors import UserError
+
+    with pytest.raises(UserError, match="policy not found: .*nope.*rlq build-policy"):
+        load_policy(tmp_path / "nope")
