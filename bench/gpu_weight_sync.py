@@ -110,7 +110,7 @@ def raw_baseline(args, rank: int, device: torch.device, model: torch.nn.Module, 
 def learner_main(args) -> None:
     import redis
 
-    from broker.keys import Keys
+    from broker.keys import POLICY_JOIN_PREFIX, Keys
     from learner.broadcast import CollectiveBroadcast, named_tensors, plan_buckets
     from rlq.flat_params import flatten_into_buckets
 
@@ -121,6 +121,9 @@ def learner_main(args) -> None:
     sender = CollectiveBroadcast(r, Keys(RUN), master_addr="127.0.0.1", bucket_bytes=args.bucket_mb * 2**20,
                                  timeout_s=120, backend=args.backend)  # fmt: skip
     r.rpush(f"{RUN}:events", json.dumps({"raw": raw}))
+    join_deadline = time.monotonic() + 120
+    while not r.hexists(Keys(RUN).policy, POLICY_JOIN_PREFIX + WORKER) and time.monotonic() < join_deadline:
+        time.sleep(0.01)  # the first version goes to the worker, not to an empty group
     version = 0
     for layout in ("packed", "flat"):
         if layout == "flat":

@@ -42,7 +42,7 @@ from broker.keys import (
     Keys,
 )
 from broker.schemas import BucketSpec, MessageError, TensorSpec, WeightAnnouncement, decode, encode
-from rlq.flat_params import bucket_view
+from rlq.flat_params import bucket_view, wait_in_order
 
 log = logging.getLogger(__name__)
 
@@ -291,8 +291,7 @@ class CollectiveBroadcast(WeightBroadcast):
                 work.wait(timedelta(seconds=remaining))  # one packed bucket alive at a time
             else:
                 in_flight.append(work)  # NCCL runs them in order on its stream; no host round trip per bucket
-        for work in in_flight:
-            work.wait(timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
+        wait_in_order(in_flight, deadline)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from broker.keys import WEIGHT_JOINED_KEY, WEIGHT_STORE_PREFIX
 from broker.schemas import BucketSpec, WeightAnnouncement, decode
-from rlq.flat_params import bucket_view
+from rlq.flat_params import bucket_view, wait_in_order
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,7 @@ class WeightReceiver:
                 work.wait(timedelta(seconds=remaining))
             if not in_place:
                 out += unpack_bucket(flat, spec)
-        for work in in_flight:
-            work.wait(timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
+        wait_in_order(in_flight, deadline)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return out
