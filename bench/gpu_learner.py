@@ -147,6 +147,17 @@ def _figures(tokens: int, seconds: float, n_params: int, peak_gib: float) -> dic
     }
 
 
+def summarize(figures: dict) -> tuple[bool, float]:
+    """Adds best_project_mfu / speedup_vs_baseline_gc; returns (target met, best project MFU)."""
+    runs = {k: v.get("mfu", 0.0) for k, v in figures.items() if isinstance(v, dict)}
+    best = max((v for k, v in runs.items() if k.startswith("project")), default=0.0)
+    base = max((v for k, v in runs.items() if k.startswith("baseline_gc")), default=0.0)
+    figures["best_project_mfu"] = best
+    figures["project_default_mfu"] = max((v for k, v in runs.items() if "fp32_master" in k), default=0.0)
+    figures["speedup_vs_baseline_gc"] = round(best / base, 3) if base else None
+    return best >= TARGET_MFU, best
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -164,11 +175,13 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=256)
-    parser.add_argument("--completion-len", type=int, default=1536)
-    parser.add_argument("--micro", type=int, default=2, help="Micro-batch of the bf16-weight runs.")
-    parser.add_argument("--micro-fp32", type=int, default=1, help="Micro-batch of the float32-master run.")
+    parser.add_argument("--completion-len", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--variants", default="fp32_master,bf16,baseline_gc")
+    parser.add_argument(
+        "--variants",
+        default="bf16:2,fp32_master:1,baseline_gc:2,bf16:4,fp32_master:2",
+        help="name:micro, names fp32_master | bf16 (project) | baseline_gc | baseline (no checkpointing).",
+    )
     parser.add_argument("--tiny", action="store_true", help="2 layers, small dims: a CPU check of the script.")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -194,31 +207,22 @@ def main() -> None:
         "flops_per_token": "6N",
         "peak_flops": H100_BF16_FLOPS,
     }
-    variants = args.variants.split(",")
-    if "fp32_master" in variants:
-        figures["project_fp32_master"] = project_variant(args, groups, torch.float32, args.micro_fp32, device)
-        figures["project_fp32_master"]["micro"] = args.micro_fp32
-    if "bf16" in variants:
-        figures["project_bf16"] = project_variant(args, groups, torch.bfloat16, args.micro, device)
-        figures["project_bf16"]["micro"] = args.micro
-    if "baseline_gc" in variants:
-        figures["baseline_gc"] = baseline_variant(args, groups, args.micro, device, checkpointing=True)
-        figures["baseline_gc"]["micro"] = args.micro
-    if "baseline" in variants:
-        figures["baseline_no_gc"] = baseline_variant(args, groups, args.micro, device, checkpointing=False)
-        figures["baseline_no_gc"]["micro"] = args.micro
-    mfus = {k: v.get("mfu", 0.0) for k, v in figures.items() if isinstance(v, dict)}
-    best_project = max((v for k, v in mfus.items() if k.startswith("project")), default=0.0)
-    figures["best_project_mfu"] = best_project
-    figures["project_default_mfu"] = mfus.get("project_fp32_master", 0.0)
-    base = mfus.get("baseline_gc", 0.0)
-    figures["speedup_vs_baseline_gc"] = round(best_project / base, 3) if base else None
+    for spec in args.variants.split(","):  # name:micro; results are written after each, so a timeout keeps them
+        name, _, micro_s = spec.partition(":")
+        micro = int(micro_s or 1)
+        if name == "fp32_master":
+            fig = project_variant(args, groups, torch.float32, micro, device)
+        elif name == "bf16":
+            fig = project_variant(args, groups, torch.bfloat16, micro, device)
+        else:
+            fig = baseline_variant(args, groups, micro, device, checkpointing=name == "baseline_gc")
+        figures[f"{'project_' if name in ('fp32_master', 'bf16') else ''}{name}_micro{micro}"] = fig | {"micro": micro}
+        met, best_project = summarize(figures)
+        print(f"{spec:20s} {fig}")
+        if not args.no_write:
+            write_result("gpu_learner", figures, {"best_project_mfu": f">= {TARGET_MFU}"}, met, out_dir())
     for k, v in figures.items():
         print(f"{k:28s} {v}")
-    targets = {"best_project_mfu": f">= {TARGET_MFU}"}
-    met = best_project >= TARGET_MFU
-    if not args.no_write:
-        write_result("gpu_learner", figures, targets, met, out_dir())
     print(f"gpu_learner: best project MFU {best_project:.3f} (target {TARGET_MFU}): {'met' if met else 'NOT met'}")
 
 
