@@ -276,7 +276,8 @@ class CollectiveBroadcast(WeightBroadcast):
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         deadline = time.monotonic() + self.timeout_s
-        in_flight = []
+        in_flight: list = []
+        previous: Any = None
         for spec in buckets:
             # Parameters laid out as this bucket (rlq.flat_params) are sent as they are: no copy, no memory.
             flat = bucket_view(by_name, spec)  # [numel]
@@ -287,10 +288,17 @@ class CollectiveBroadcast(WeightBroadcast):
             if remaining <= 0:
                 raise RuntimeError(f"weight broadcast exceeded its {self.timeout_s:.0f}s deadline")
             work = self.pg.broadcast([flat], opts)
-            if packed or device.type != "cuda":
+            if device.type == "cpu":
+                # gloo: wait for the previous bucket only, so packing this one overlapped its transfer (<= 2 alive).
+                if previous is not None:
+                    previous.wait(timedelta(seconds=remaining))
+                previous = work
+            elif packed:
                 work.wait(timedelta(seconds=remaining))  # one packed bucket alive at a time
             else:
                 in_flight.append(work)  # NCCL runs them in order on its stream; no host round trip per bucket
+        if previous is not None:
+            previous.wait(timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
         wait_in_order(in_flight, deadline)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -123,7 +123,8 @@ class WeightReceiver:
         opts.rootRank = 0
         deadline = time.monotonic() + ann.timeout_s
         out: NamedTensors = []
-        in_flight = []
+        in_flight: list = []
+        gloo_works: list = []
         for spec in ann.buckets:
             flat = bucket_view(into, spec) if into else None  # [numel], the parameters themselves
             in_place = flat is not None
@@ -133,12 +134,13 @@ class WeightReceiver:
             if remaining <= 0:
                 raise WeightSyncError(f"weight update v{ann.version} exceeded its {ann.timeout_s:.0f}s deadline")
             work = self.pg.broadcast([flat], opts)
-            if self.device.type == "cuda":
-                in_flight.append(work)  # NCCL keeps them in order; every bucket is kept anyway
-            else:
-                work.wait(timedelta(seconds=remaining))
+            # NCCL keeps them in order; gloo too (tags follow the issue order), and every bucket is kept anyway:
+            # posting them all lets the next transfer start while Python is still cutting up this one.
+            (in_flight if self.device.type == "cuda" else gloo_works).append(work)
             if not in_place:
-                out += unpack_bucket(flat, spec)
+                out += unpack_bucket(flat, spec)  # views: filled in once its work completes
+        for work in gloo_works:
+            work.wait(timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
         wait_in_order(in_flight, deadline)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
