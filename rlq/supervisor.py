@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -117,19 +118,24 @@ def _exit_text(code: int) -> str:
     return "exited cleanly before the run ended" if code == 0 else f"exited with code {code}"
 
 
-_NOISE = ("Traceback", "File ", "  ", "During handling", "The above exception", "^", "~")
+_EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Failed)|rlq): ")
+_WRAPPERS = ("ChildFailedError", "torch.distributed.elastic")  # torchrun's summary of a child's failure
+_NOISE = ("Traceback", "File ", "  ", "During handling", "The above exception", "=", "│", "╭", "╰", "^", "~")
 
 
 def last_error_line(log_path: Path, max_bytes: int = 64_000) -> str:
-    """The most telling line of a log: the last line that is not traceback scaffolding."""
+    """The most telling line of a log: the last exception line (not torchrun's wrapper of it), else the last
+    line that is not traceback scaffolding."""
     try:
         with open(log_path, "rb") as fh:
             fh.seek(max(0, os.path.getsize(log_path) - max_bytes))
-            lines = fh.read().decode(errors="replace").splitlines()
+            lines = [line.rstrip() for line in fh.read().decode(errors="replace").splitlines()]
     except OSError:
         return "(no log)"
     for line in reversed(lines):
-        text = line.strip()
-        if text and not line.startswith(_NOISE) and not text.startswith(("^", "~")):
-            return text[:400]
+        if _EXCEPTION.match(line) and not line.startswith(_WRAPPERS) and "ChildFailedError" not in line:
+            return line[:400]
+    for line in reversed(lines):
+        if line.strip() and not line.startswith(_NOISE):
+            return line.strip()[:400]
     return "(empty log)"

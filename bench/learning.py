@@ -1,0 +1,120 @@
+"""Does the tiny arithmetic run learn? `rlq train` from the warm-started tiny policy, timed, on this machine.
+
+Figures: the sampled reward of the first step and of the last steps (mean of the last 3), wall-clock minutes
+of the whole `rlq train` (start-up included), and greedy accuracy on held-out problems (the warm start's
+validation split minus anything in the RL training set) before and after. Baseline: the same policy before
+RL. Targets (issue 7): start reward <= 0.5, final reward >= 0.8, within 15 minutes.
+
+Usage: .venv/bin/python bench/learning.py [overrides for rlq train...]
+Writes bench/results/learning.json.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO)]
+RESULT = REPO / "bench" / "results" / "learning.json"
+WORK = REPO / "runs" / "bench-learning"
+POLICY = REPO / "artifacts" / "tiny-policy"
+LAST_STEPS = 3
+
+
+def held_out(train_problems: set[str]) -> list:
+    from rlq.data import generate_arith
+    from rlq.tiny_policy import WarmStartConfig
+
+    _, validation = generate_arith(WarmStartConfig().task)
+    return [ex for ex in validation if ex.extra_info["problem"] not in train_problems]
+
+
+def greedy(model_dir: Path, examples: list) -> float:
+    import torch
+
+    from rlq.tiny_policy import greedy_accuracy, load_policy
+
+    torch.set_num_threads(2)
+    model, tokenizer = load_policy(model_dir)
+    return greedy_accuracy(model, tokenizer, examples)
+
+
+def train(config: str, data_dir: Path, run_dir: Path, overrides: list[str], tag: str) -> tuple[list[dict], float]:
+    argv = [sys.executable, "-m", "rlq", "train", "--config", config, f"policy.model_name={POLICY}",
+            f"data.path={data_dir}", f"logger.log_dir={run_dir}", f"checkpointing.checkpoint_dir={run_dir / 'ckpt'}",
+            f"run_name={tag}", "logger.wandb_enabled=false", *overrides]  # fmt: skip
+    started = time.monotonic()
+    result = subprocess.run(argv, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    minutes = (time.monotonic() - started) / 60
+    if result.returncode != 0:
+        raise SystemExit(f"rlq train failed: {result.stderr.strip().splitlines()[-1]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return records, minutes
+
+
+def prepare(data_dir: Path) -> set[str]:
+    from rlq.data import ArithConfig, load_prepared, prepare_arith
+
+    prepare_arith(data_dir, ArithConfig())
+    return {ex.extra_info["problem"] for ex in load_prepared(data_dir / "train.jsonl")}
+
+
+def final_policy(run_dir: Path) -> Path:
+    steps = sorted((run_dir / "ckpt").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    return steps[-1] / "policy"
+
+
+def main() -> None:
+    from rlq.tiny_policy import build_policy
+
+    overrides = sys.argv[1:]
+    build_policy(POLICY)
+    data_dir = WORK / "arith"
+    train_problems = prepare(data_dir)
+    examples = held_out(train_problems)
+    before = greedy(POLICY, examples)
+    run_dir = WORK / f"run-{int(time.time())}"
+    records, minutes = train(str(REPO / "configs" / "tiny_arith_cpu.yaml"), data_dir, run_dir, overrides, "bench")
+    rewards = [r["rollout/reward_mean"] for r in records]
+    after = greedy(final_policy(run_dir), examples)
+    figures = {
+        "start_reward": round(rewards[0], 4),
+        "final_reward": round(sum(rewards[-LAST_STEPS:]) / len(rewards[-LAST_STEPS:]), 4),
+        "best_reward": round(max(rewards), 4),
+        "minutes": round(minutes, 2),
+        "steps": len(records),
+        "heldout_greedy_before": round(before, 4),
+        "heldout_greedy_after": round(after, 4),
+        "heldout_problems": len(examples),
+        "reward_curve": [round(r, 3) for r in rewards],
+        "overrides": overrides,
+        "run_dir": str(run_dir.relative_to(REPO)),
+    }
+    targets = {"start_reward": "<= 0.5", "final_reward": ">= 0.8", "minutes": "<= 15"}
+    met = figures["start_reward"] <= 0.5 and figures["final_reward"] >= 0.8 and figures["minutes"] <= 15
+    write("learning", figures, targets, met)
+
+
+def write(name: str, figures: dict, targets: dict, met: bool) -> None:
+    result = {
+        "bench": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+        "figures": figures,
+        "targets": targets,
+        "met": met,
+    }
+    out = REPO / "bench" / "results" / f"{name}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
