@@ -83,7 +83,8 @@ def project_step(trainer: Trainer, groups, cfg: GRPOConfig, max_len: int, tmp: P
     t2 = time.perf_counter()
     broadcast.broadcast(trainer.model, step)
     t3 = time.perf_counter()
-    save_checkpoint(tmp / "ckpt", step, trainer.model, None, trainer.optimizer, {"version": step}, b"", keep_last=1)
+    state = trainer.optimizer_state()
+    save_checkpoint(tmp / "ckpt", step, trainer.model, None, state, {"version": step}, b"", keep_last=1)
     t4 = time.perf_counter()
     tokens = sum(len(s.input_ids) for s in samples)
     return tokens, {

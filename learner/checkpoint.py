@@ -53,7 +53,7 @@ def save_checkpoint(
     step: int,
     model: torch.nn.Module,
     tokenizer,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict,
     state: dict,
     pending_groups: bytes,
     *,
@@ -67,7 +67,7 @@ def save_checkpoint(
     model.save_pretrained(tmp / "policy", safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "policy")
-    _save_optimizer(optimizer, tmp)
+    _save_optimizer(optimizer_state, tmp)
     save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
     full_state = {**state, "step": step, "rng": _host_rng_state()}
     (tmp / "learner_state.json").write_text(json.dumps(full_state))
@@ -79,22 +79,20 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer | None) -> tuple[dict, bytes]:
-    """Restore optimizer and RNG from `path` (the model is loaded from `path/policy` by the caller).
+def load_checkpoint(path: Path) -> tuple[dict, bytes, dict]:
+    """Restore the RNG from `path` and read the rest (the model is loaded from `path/policy` by the caller).
 
     Returns:
-        (learner state dict, pending groups bytes).
+        (learner state dict, pending groups bytes, optimizer state dict as `Optimizer.state_dict()` gives it).
     """
-    if optimizer is not None:
-        _load_optimizer(optimizer, path)
     torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
     state = json.loads((path / "learner_state.json").read_text())
     _set_host_rng_state(state["rng"])
-    return state, (path / "pending_groups.msgpack").read_bytes()
+    return state, (path / "pending_groups.msgpack").read_bytes(), _load_optimizer(path)
 
 
-def _save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    sd = optimizer.state_dict()
+def _save_optimizer(sd: dict, directory: Path) -> None:
+    """Tensors to safetensors as `<param key>.<state name>`; param keys are indices (DDP) or names (FSDP)."""
     tensors = {
         f"{index}.{name}": value.detach().contiguous().cpu()
         for index, per_param in sd["state"].items()
@@ -111,13 +109,13 @@ def _save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
     (directory / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+def _load_optimizer(directory: Path) -> dict:
     meta = json.loads((directory / "optimizer.json").read_text())
-    state: dict[int, dict] = {}
+    state: dict = {}
     for key, value in {**load_file(str(directory / "optimizer.safetensors")), **meta["scalars"]}.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        index, name = key.rsplit(".", 1)
+        state.setdefault(int(index) if index.isdigit() else index, {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def _host_rng_state() -> dict:

@@ -97,6 +97,12 @@ class OptimizerConfig(_Strict):
     kwargs: OptimizerKwargs = Field(default_factory=OptimizerKwargs)
 
 
+class DTensorConfig(_Strict):
+    """NeMo RL `policy.dtensor_cfg`: FSDP2 instead of DDP."""
+
+    enabled: bool = Field(False, description="Shard parameters, gradients and optimizer state over the ranks.")
+
+
 class PolicyConfig(_Strict):
     """The trained model (NeMo RL `policy.*`)."""
 
@@ -113,6 +119,7 @@ class PolicyConfig(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     activation_checkpointing: bool = False
+    dtensor_cfg: DTensorConfig = Field(default_factory=DTensorConfig)
 
 
 class CheckpointConfig(_Strict):

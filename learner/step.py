@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from learner.batch import Minibatch, TrainSample
@@ -118,13 +120,27 @@ def _dummy(device: torch.device) -> list[TrainSample]:
     return [TrainSample("", np.zeros(2, dtype=np.int64), 1, np.zeros(1, np.float32), 0.0, trainable=False)]
 
 
+def shard_fsdp(net: nn.Module) -> None:
+    """FSDP2: one unit per decoder layer, the rest (embeddings, final norm, tied LM head) in the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in net.model.get_decoder().layers:
+        fully_shard(layer)
+    fully_shard(net)
+
+
 class Trainer:
-    """Owns the (DDP-wrapped) policy, its optimizer and, with a KL penalty, a frozen reference."""
+    """Owns the (DDP- or FSDP2-wrapped) policy, its optimizer and, with a KL penalty, a frozen reference.
+
+    `optimizer` may be a factory taking the parameters: FSDP2 replaces them with sharded ones, so the optimizer
+    must be built after wrapping. Under FSDP2, `shadow` (rank 0 only) is an unsharded copy that `full_model`
+    fills for checkpoints and weight broadcasts.
+    """
 
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
         settings: LossSettings,
         *,
         world_size: int,
@@ -134,14 +150,20 @@ class Trainer:
         reference: nn.Module | None = None,
         pad_id: int = 0,
         compute_dtype: torch.dtype | None = None,
+        fsdp: bool = False,
+        shadow: nn.Module | None = None,
     ) -> None:
-        self.model = model  # the bare HF model (saving, broadcasting)
+        self.model = model  # the bare HF model (sharded under FSDP2)
         self.net: nn.Module = PolicyLogprobs(model)
         self.world_size = world_size
-        if world_size > 1:
+        self.fsdp = fsdp and world_size > 1
+        self.shadow = shadow
+        if self.fsdp:
+            shard_fsdp(self.net)
+        elif world_size > 1:
             ids = [device.index] if device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
-        self.optimizer = optimizer
+        self.optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer(self.net.parameters())
         self.settings = settings
         self.micro_batch_size = micro_batch_size
         self.max_grad_norm = max_grad_norm
@@ -158,10 +180,55 @@ class Trainer:
             return net(micro.input_ids, micro.attention_mask, micro.pred_mask)
 
     def _chunks(self, samples: list[TrainSample]) -> list[list[TrainSample]]:
-        if not samples:
-            return [_dummy(self.device)]
         mbs = self.micro_batch_size
-        return [samples[i : i + mbs] for i in range(0, len(samples), mbs)]
+        chunks = [samples[i : i + mbs] for i in range(0, len(samples), mbs)] or [_dummy(self.device)]
+        if self.fsdp:  # every forward all-gathers: all ranks must run the same number of them
+            count = torch.tensor([len(chunks)], device=self.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            chunks += [_dummy(self.device) for _ in range(int(count.item()) - len(chunks))]
+        return chunks
+
+    def _grad_sync(self, last: bool):
+        """Gradient reduction on the last micro-batch of an update only."""
+        if self.world_size == 1 or last:
+            if self.fsdp:
+                self.net.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if self.fsdp:
+            self.net.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return self.net.no_sync()
+
+    def full_model(self) -> nn.Module | None:
+        """A module holding the full weights on rank 0 (None elsewhere). Collective under FSDP2: call on all ranks."""
+        if not self.fsdp:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.shadow is None:
+            return None
+        self.shadow.load_state_dict({k.removeprefix("model."): v for k, v in full.items()})
+        return self.shadow
+
+    def optimizer_state(self) -> dict:
+        """The optimizer's full state (on rank 0 under FSDP2, where this is a collective)."""
+        if not self.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.net, self.optimizer, options=opts)
+
+    def load_optimizer_state(self, sd: dict) -> None:
+        """Inverse of `optimizer_state`; under FSDP2 only rank 0's `sd` is read (and broadcast)."""
+        if not self.fsdp:
+            self.optimizer.load_state_dict(sd)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_optimizer_state_dict(self.net, self.optimizer, optim_state_dict=sd, options=opts)
 
     @torch.no_grad()
     def fill_prox_logprobs(self, minibatches: list[Minibatch]) -> None:
@@ -192,9 +259,7 @@ class Trainer:
             t0 = time.perf_counter()
             chunks = self._chunks(mb.samples)
             for index, chunk in enumerate(chunks):
-                last = index == len(chunks) - 1
-                sync = contextlib.nullcontext() if last or self.world_size == 1 else self.net.no_sync()
-                with sync:
+                with self._grad_sync(index == len(chunks) - 1):
                     self._micro_step(chunk, mb, stats)
             t1 = time.perf_counter()
             stats["grad_norm_sum"] += self._update()
@@ -237,7 +302,9 @@ class Trainer:
     def _update(self) -> float:
         norm = 0.0
         if self.max_grad_norm is not None:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.max_grad_norm))
+            total = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.max_grad_norm)
+            full = getattr(total, "full_tensor", None)  # FSDP2: a DTensor
+            norm = float(full() if full is not None else total)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm

@@ -1,4 +1,5 @@
-"""The learner role: `run(cfg)` under torchrun (DDP; gloo on CPU, NCCL on GPU; any world size, any node count).
+"""The learner role: `run(cfg)` under torchrun (DDP, or FSDP2 with `policy.dtensor_cfg.enabled`; gloo on CPU, NCCL
+on GPU; any world size, any node count).
 
 Each step:
 1. rank 0 tops up the prompt stream (backpressure), collects `num_prompts_per_step` admissible scored groups
@@ -113,17 +114,15 @@ def load_model(path: str | Path, precision: str, device: torch.device) -> torch.
     return model.to(device)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: LearnerConfig) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg: LearnerConfig) -> torch.optim.Optimizer:
     kw = cfg.policy.optimizer.kwargs
-    return torch.optim.AdamW(
-        model.parameters(), lr=kw.lr, weight_decay=kw.weight_decay, betas=kw.betas, eps=kw.eps, foreach=True
-    )
+    return torch.optim.AdamW(params, lr=kw.lr, weight_decay=kw.weight_decay, betas=kw.betas, eps=kw.eps, foreach=True)
 
 
 class Coordinator:
     """Rank 0's side of the loop: Redis, the feeder/collector, ledger, metrics, weight sync, checkpoints."""
 
-    def __init__(self, cfg: LearnerConfig, tokenizer, model: torch.nn.Module) -> None:
+    def __init__(self, cfg: LearnerConfig, tokenizer) -> None:
         from broker.connection import connect
         from broker.streams import StreamConsumer, publish_once
         from learner.data_source import prompt_source
@@ -159,7 +158,6 @@ class Coordinator:
         self.metrics = MultiLogger(JsonlLogger(cfg.learner.run_dir), ConsoleSummary())
         self.tokenizer = tokenizer
         self.weights = _weight_sync(cfg, self.redis)
-        self.model = model
         self.last_saved = -1
 
     def restore(self, state: dict, pending: bytes) -> None:
@@ -193,21 +191,35 @@ class Coordinator:
         }
         return [{"stop": False, "minibatches": s} for s in shares], info, result.wait_s
 
+    def plan(self, version: int, last: bool) -> tuple[bool, bool]:
+        """(broadcast the weights, checkpoint) after the update that produced `version`."""
+        sync = self.weights is not None and (version % self.cfg.learner.weight_sync_period == 0 or last)
+        ckpt = self.cfg.checkpointing
+        return sync, ckpt.enabled and (version % ckpt.save_period == 0 or last)
+
     def finish(
-        self, version: int, info: dict, metrics: dict[str, float], *, last: bool, trainer: Trainer, t_step: float
+        self,
+        version: int,
+        info: dict,
+        metrics: dict[str, float],
+        *,
+        plan: tuple[bool, bool],
+        model: torch.nn.Module | None,
+        optimizer_state: dict | None,
+        t_step: float,
     ) -> None:
         """Everything after the update: weight sync, version, ledger, metrics, checkpoint + acks."""
         t0 = time.perf_counter()
-        if self.weights is not None and (version % self.cfg.learner.weight_sync_period == 0 or last):
-            metrics.update(self.sync_weights(version))
+        if plan[0] and model is not None:
+            metrics.update(self.sync_weights(version, model))
         sync_s = time.perf_counter() - t0
         self.redis.hset(self.keys.policy, mapping={"version": version, "learner_updated_at": time.time()})
         trained = [g.group_id for g in info["groups"]]
         self.ledger.append(version, trained, info["dropped"])
         t1 = time.perf_counter()
         ckpt = self.cfg.checkpointing
-        if ckpt.enabled and (version % ckpt.save_period == 0 or last):
-            self.save(version, trainer)
+        if plan[1] and model is not None and optimizer_state is not None:
+            self.save(version, model, optimizer_state)
         elif not ckpt.enabled:
             self.consumer.ack(self.collector.take_acks())
         dropped = {f"queue/dropped_{r}": float(len(ids)) for r, ids in info["dropped"].items()}
@@ -229,14 +241,14 @@ class Coordinator:
         )
         self.metrics.log(version, metrics)
 
-    def sync_weights(self, version: int) -> dict[str, float]:
+    def sync_weights(self, version: int, model: torch.nn.Module) -> dict[str, float]:
         """Broadcast; a failed sync is logged and counted, and training goes on (workers keep older weights)."""
         from learner.broadcast import WeightSyncError
 
-        source: torch.nn.Module | list[tuple[str, torch.Tensor]] = self.model
+        source: torch.nn.Module | list[tuple[str, torch.Tensor]] = model
         if self.cfg.policy.precision != "float32":  # workers run in the compute dtype: send half the bytes
             dtype = getattr(torch, self.cfg.policy.precision)
-            source = [(name, p.detach().to(dtype)) for name, p in self.model.named_parameters()]
+            source = [(name, p.detach().to(dtype)) for name, p in model.named_parameters()]
         try:
             report = self.weights.broadcast(source, version)
         except WeightSyncError as exc:
@@ -244,7 +256,7 @@ class Coordinator:
             return {"sync/failed": 1.0}
         return {**report.metrics(), "sync/failed": 0.0}
 
-    def save(self, version: int, trainer: Trainer) -> None:
+    def save(self, version: int, model: torch.nn.Module, optimizer_state: dict) -> None:
         if version == self.last_saved:
             return
         state = self.collector.state()
@@ -252,9 +264,9 @@ class Coordinator:
         path = save_checkpoint(
             Path(self.cfg.checkpointing.checkpoint_dir),
             version,
-            self.model,
+            model,
             self.tokenizer,
-            trainer.optimizer,
+            optimizer_state,
             {"version": version, "collector": state},
             pending,
             keep_last=self.cfg.checkpointing.keep_last,
@@ -293,6 +305,15 @@ class _StopFlag:
         self.set = True
 
 
+def _broadcast_plan(plan: tuple[bool, bool], info: DistInfo) -> tuple[bool, bool]:
+    """Rank 0's (sync, checkpoint) decision to every rank: under FSDP2 all of them take part in gathering."""
+    if info.world_size == 1:
+        return plan
+    box = [plan]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _scatter(payloads: list[dict] | None, info: DistInfo) -> dict:
     if info.world_size == 1:
         assert payloads is not None
@@ -310,18 +331,21 @@ def run(cfg: LearnerConfig) -> int:
     trainer, tokenizer = build_trainer(cfg, info, resume)
     version, state, pending = 0, None, b""
     if resume is not None:
-        state, pending = load_checkpoint(resume, trainer.optimizer)
+        state, pending, optimizer_state = load_checkpoint(resume)
+        trainer.load_optimizer_state(optimizer_state)
         version = int(state["version"])
     coordinator = None
     stop = _StopFlag()
     if info.is_main:
-        coordinator = Coordinator(cfg, tokenizer, trainer.model)
+        coordinator = Coordinator(cfg, tokenizer)
         if state is not None:
             coordinator.restore(state, pending)
         coordinator.recover(version)
-        if resume is not None and coordinator.weights is not None:
-            coordinator.sync_weights(version)  # workers may hold weights of a discarded timeline
         coordinator.redis.hset(coordinator.keys.policy, "version", version)
+    if resume is not None and cfg.learner.weight_sync != "none":
+        full = trainer.full_model()  # a collective under FSDP2
+        if coordinator is not None and coordinator.weights is not None and full is not None:
+            coordinator.sync_weights(version, full)  # workers may hold weights of a discarded timeline
     try:
         version = _loop(cfg, info, trainer, coordinator, stop, version)
     finally:
@@ -339,6 +363,8 @@ def build_trainer(cfg: LearnerConfig, info: DistInfo, resume: Path | None) -> tu
     model_path = resume / "policy" if resume else cfg.policy.model_name
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.policy.tokenizer_name or model_path))
     model = load_model(model_path, "float32", info.device)  # float32 master weights; see Trainer.compute_dtype
+    fsdp = cfg.policy.dtensor_cfg.enabled and info.world_size > 1
+    shadow = load_model(model_path, "float32", torch.device("cpu")) if fsdp and info.is_main else None
     if cfg.policy.activation_checkpointing:
         model.gradient_checkpointing_enable()
     reference = None
@@ -346,7 +372,7 @@ def build_trainer(cfg: LearnerConfig, info: DistInfo, resume: Path | None) -> tu
         reference = load_model(cfg.policy.model_name, cfg.policy.precision, info.device).requires_grad_(False)
     trainer = Trainer(
         model,
-        build_optimizer(model, cfg),
+        lambda params: build_optimizer(params, cfg),
         loss_settings(cfg),
         world_size=info.world_size,
         micro_batch_size=cfg.policy.train_micro_batch_size,
@@ -355,7 +381,11 @@ def build_trainer(cfg: LearnerConfig, info: DistInfo, resume: Path | None) -> tu
         reference=reference,
         pad_id=tokenizer.pad_token_id or 0,
         compute_dtype=getattr(torch, cfg.policy.precision),
+        fsdp=fsdp,
+        shadow=shadow,
     )
+    if info.is_main:
+        log.info("parallelism: %s over %d ranks", "fsdp2" if fsdp else "ddp", info.world_size)
     return trainer, tokenizer
 
 
@@ -379,24 +409,31 @@ def _loop(cfg, info: DistInfo, trainer: Trainer, coordinator, stop, version: int
             prepared = None
             if version < cfg.grpo.max_num_steps and not stop.set:
                 prepared = coordinator.prepare(version, info.world_size, lambda: stop.set)
-            if prepared is None:
-                if cfg.checkpointing.enabled:
-                    coordinator.save(version, trainer)  # keeps what was read but not trained
-                payloads = [{"stop": True}] * info.world_size
+            if prepared is None:  # a last checkpoint keeps what was read but not trained
+                save = cfg.checkpointing.enabled and version != coordinator.last_saved
+                payloads = [{"stop": True, "save": save}] * info.world_size
             else:
                 payloads, step_info, wait_s = prepared
         t_scatter = time.perf_counter()
         share = _scatter(payloads, info)
         if share["stop"]:
+            if share["save"]:
+                model, optimizer_state = trainer.full_model(), trainer.optimizer_state()
+                if coordinator is not None and model is not None:
+                    coordinator.save(version, model, optimizer_state)
             return version
         scatter_s = time.perf_counter() - t_scatter
         stats, timings = trainer.train(share["minibatches"])
         metrics = reduce_stats(stats, timings, info.world_size, info.device)
         version += 1
         every = cfg.learner.check_replicas_every
-        if every and version % every == 0:
+        if every and version % every == 0 and not trainer.fsdp:  # FSDP2 holds one copy: nothing to compare
             metrics["sync/replica_spread"] = replica_spread(trainer.model, info.world_size)
         last = version >= cfg.grpo.max_num_steps
+        plan = coordinator.plan(version, last or stop.set) if coordinator is not None else (False, False)
+        plan = _broadcast_plan(plan, info)
+        model = trainer.full_model() if any(plan) else None  # a collective under FSDP2
+        optimizer_state = trainer.optimizer_state() if plan[1] else None
         if info.is_main:
             metrics.update(
                 {
@@ -408,6 +445,8 @@ def _loop(cfg, info: DistInfo, trainer: Trainer, coordinator, stop, version: int
                     "loss/lr": trainer.optimizer.param_groups[0]["lr"],
                 }
             )
-            coordinator.finish(version, step_info, metrics, last=last or stop.set, trainer=trainer, t_step=t_step)
+            coordinator.finish(
+                version, step_info, metrics, plan=plan, model=model, optimizer_state=optimizer_state, t_step=t_step
+            )
         if info.world_size > 1:
             dist.barrier()  # the broadcast and checkpoint of rank 0 finish before anyone starts the next step

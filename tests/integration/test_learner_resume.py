@@ -62,7 +62,10 @@ def scored_ids_not_consumed(r, keys: Keys) -> set[str]:
     return ids
 
 
-def test_sigkill_and_restart_loses_nothing_and_trains_nothing_twice(tmp_path, tiny_model_dir, redis_url, run_name):
+@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp2", marks=pytest.mark.slow)])
+def test_sigkill_and_restart_loses_nothing_and_trains_nothing_twice(
+    tmp_path, tiny_model_dir, redis_url, run_name, parallel
+):
     policy = tiny_model_dir
     run_dir = tmp_path / "run"
     config = write_config(
@@ -73,7 +76,8 @@ def test_sigkill_and_restart_loses_nothing_and_trains_nothing_twice(tmp_path, ti
     rollouts = StandInRollouts(policy, redis_url, run_name)
     rollouts.allow(4 * PROMPTS)
     rollouts.start()
-    first = start_learner(config, 2, tmp_path / "learner-1.log", f"checkpointing.save_period={SAVE_PERIOD}")
+    overrides = (f"checkpointing.save_period={SAVE_PERIOD}", f"++policy.dtensor_cfg.enabled={parallel == 'fsdp2'}")
+    first = start_learner(config, 2, tmp_path / "learner-1.log", *overrides)
     try:
         wait_for(lambda: len(read_jsonl(ledger_path)) == 4, 240, "4 trained steps")
         time.sleep(1.0)  # step 5 is now blocked waiting for groups
@@ -86,7 +90,7 @@ def test_sigkill_and_restart_loses_nothing_and_trains_nothing_twice(tmp_path, ti
         assert not orphans, f"ranks {[p.pid for p in orphans]} survived the launcher"
 
         rollouts.allow(None)
-        second = start_learner(config, 2, tmp_path / "learner-2.log", f"checkpointing.save_period={SAVE_PERIOD}")
+        second = start_learner(config, 2, tmp_path / "learner-2.log", *overrides)
         rc = second.wait(timeout=300)
     finally:
         rollouts.stop.set()
