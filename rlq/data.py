@@ -43,7 +43,7 @@ OPS = "+-*"
 class Example(BaseModel, frozen=True):
     """One prepared training/validation example (one JSONL row)."""
 
-    prompt_id: str = Field(..., min_length=1, description="Stable id, e.g. 'dapo-000123' or 'arith-train-000042'.")
+    prompt_id: str = Field(..., min_length=1, description="Stable id: 'dapo-<16 hex>' or 'arith-train-000042'.")
     messages: list[dict[str, str]] = Field(..., min_length=1, description="Chat messages [{role, content}].")
     ground_truth: str = Field(..., min_length=1, description="Reference answer the verifier compares against.")
     verifier: str = Field(DEFAULT_VERIFIER, min_length=1, description="Judge queue that scores it (agent_ref).")
@@ -127,7 +127,7 @@ def expression(nums: list[int], ops: list[str]) -> str:
     return "".join(f"{n}{op}" for n, op in zip(nums, [*ops, ""], strict=True))
 
 
-def arith_solution(problem: str, answer: int, lines: list[str]) -> str:
+def arith_solution(answer: int, lines: list[str]) -> str:
     """The completion the warm start teaches: worked lines, then the judge's 'Answer: N' line."""
     return "\n".join([*lines, f"Answer: {answer}"])
 
@@ -146,7 +146,7 @@ def arith_example(nums: list[int], ops: list[str], *, split: str, index: int, te
             "index": index,
             "split": split,
             "problem": problem,
-            "solution": arith_solution(problem, answer, lines),
+            "solution": arith_solution(answer, lines),
         },
     )
 
