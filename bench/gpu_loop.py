@@ -44,11 +44,13 @@ def main() -> None:
     t0 = time.monotonic()
     result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
     wall = time.monotonic() - t0
-    logs = "\n".join(f"==> {p.name}\n{p.read_text()[-6000:]}" for p in sorted((run_dir / "logs").glob("*")))
+    full = {p.name: p.read_text(errors="replace") for p in sorted((run_dir / "logs").glob("*"))}
+    logs = "\n".join(full.values())  # the checks read whole logs; the copy under $OUT keeps heads and tails
     dest = out_dir()
     if dest is not None:
         dest.mkdir(parents=True, exist_ok=True)
-        (dest / "gpu_loop_logs.txt").write_text(f"rc {result.returncode}\n{result.stderr[-8000:]}\n{logs}")
+        excerpt = "\n".join(f"==> {n}\n{t[:4000]}\n...\n{t[-3000:]}" for n, t in full.items())
+        (dest / "gpu_loop_logs.txt").write_text(f"rc {result.returncode}\n{result.stderr[-8000:]}\n{excerpt}")
     metrics = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     steps = [r["step"] for r in records]

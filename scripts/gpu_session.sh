@@ -43,9 +43,11 @@ if has sync && ((ngpu >= 2)); then
   run sync "${SYNC_TIMEOUT:-150}" python3 -m bench.gpu_weight_sync
 fi
 # Side by side on two GPUs; one after the other on one (the learner run fills a whole 80 GB card).
+learner_pid=
 if has learner; then
   if ((ngpu >= 2)); then
     CUDA_VISIBLE_DEVICES=0 run learner "${LEARNER_TIMEOUT:-280}" python3 -m bench.gpu_learner &
+    learner_pid=$!
   else
     CUDA_VISIBLE_DEVICES=0 run learner "${LEARNER_TIMEOUT:-280}" python3 -m bench.gpu_learner
   fi
@@ -53,7 +55,8 @@ fi
 if has generate; then
   CUDA_VISIBLE_DEVICES=$((ngpu >= 2 ? 1 : 0)) run generate "${GENERATE_TIMEOUT:-280}" python3 -m bench.gpu_generate
 fi
-wait
+# Wait for that job only: a bare `wait` also waits for the `tee` of the log (bash >= 5.1), i.e. forever.
+[[ -n $learner_pid ]] && wait "$learner_pid"
 if has loop && ((ngpu >= 2)); then
   run loop "${LOOP_TIMEOUT:-200}" python3 -m bench.gpu_loop --timeout "$((${LOOP_TIMEOUT:-200} - 20))"
 fi
