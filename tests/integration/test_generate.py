@@ -46,10 +46,9 @@ def _cfg(**worker) -> GenerationConfig:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rlq.tiny_policy import build_base_model
-
-    return build_base_model(tmp_path_factory.mktemp("tiny"))
+def tiny_dir(tiny_model_dir) -> Path:
+    """The session's untrained tiny Qwen3 + tokenizer (tests/conftest.py)."""
+    return Path(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

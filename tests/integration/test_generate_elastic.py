@@ -32,10 +32,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rlq.tiny_policy import build_base_model
-
-    return build_base_model(tmp_path_factory.mktemp("tiny"))
+def tiny_dir(tiny_model_dir) -> Path:
+    """The session's untrained tiny Qwen3 + tokenizer (tests/conftest.py)."""
+    return Path(tiny_model_dir)
 
 
 def _wait(predicate, timeout_s: float = 120.0, what: str = "condition") -> None:
