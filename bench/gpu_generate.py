@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,7 +96,7 @@ def main() -> None:
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = random_model(qwen3_config(**shape), dtype, device).eval()
+    model: Any = random_model(qwen3_config(**shape), dtype, device).eval()
     model.generation_config.eos_token_id = None  # equal lengths everywhere (random weights rarely stop anyway)
     prompts = make_prompts(args.batch, args.prompt_len, model.config.vocab_size)
     cfg = GenerationConfig(backend="hf", max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0)

@@ -16,6 +16,7 @@ import argparse
 import gc
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,7 +65,8 @@ def project_variant(args, groups, master_dtype: torch.dtype, micro: int, device:
                       device=device, compute_dtype=torch.bfloat16)  # fmt: skip
     cfg = GRPOConfig(num_prompts_per_step=args.prompts, num_generations_per_prompt=args.generations)
     max_len = args.prompt_len + args.completion_len + 1
-    times, tokens, parts = [], 0, {}
+    times: list[float] = []
+    tokens, parts = 0, dict[str, float]()
     try:
         for step in range(args.repeats + 1):  # step 0 warms up (allocator, cuBLAS plans) and is not counted
             samples = [s for g in groups for s in group_to_samples(g, cfg, max_len)]
@@ -90,7 +92,7 @@ def project_variant(args, groups, master_dtype: torch.dtype, micro: int, device:
 
 
 def baseline_variant(args, groups, micro: int, device: torch.device, checkpointing: bool) -> dict:
-    model = random_model(qwen3_config(**args.shape), torch.bfloat16, device)
+    model: Any = random_model(qwen3_config(**args.shape), torch.bfloat16, device)
     n_params = param_count(model)
     if checkpointing:
         model.gradient_checkpointing_enable()

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.gpu_common import out_dir, write_result
 
@@ -54,7 +55,7 @@ def main() -> None:
     metrics = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     steps = [r["step"] for r in records]
-    figures = {
+    figures: dict[str, Any] = {
         "setup": "rlq train: learner 1 rank NCCL on cuda:0, 1 transformers worker (FastHFEngine) on "
         f"{args.worker_device}, 1 Celery judge on CPU, private redis-server; tiny policy, arith data",
         "returncode": result.returncode,
@@ -72,7 +73,7 @@ def main() -> None:
         "worker_joined_weight_group": "joined weight group" in logs,
         "worker_engine": f"FastHFEngine on {args.worker_device}" in logs,
     }
-    ok = (
+    ok = bool(
         result.returncode == 0
         and figures["versions_advance"]
         and all(m and m >= 1 for m in figures["sync_members"])

@@ -22,6 +22,7 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -251,7 +252,8 @@ def main() -> None:
             procs = [subprocess.Popen([*base, "--role", role], env=env) for role in ("learner", "worker")]
             codes = [p.wait(timeout=900) for p in procs]
             r = redis.Redis.from_url(server.url)
-            events = [json.loads(e) for e in r.lrange(f"{RUN}:events", 0, -1)]
+            raw_events: Any = r.lrange(f"{RUN}:events", 0, -1)
+            events = [json.loads(e) for e in raw_events]
         finally:
             server.stop()
     if any(codes):
