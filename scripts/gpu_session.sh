@@ -7,7 +7,7 @@
 # Results go to bench/results/gpu_*.json and $OUT (default ./gpu-out), with one session.log.
 # Usage: OUT=/path WHEELS=.whl STAGES="sync learner generate loop" scripts/gpu_session.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 # NVLink multicast off (it can take a shared host's GPUs down); PyTorch and NVSHMEM likewise.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
