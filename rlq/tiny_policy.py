@@ -333,8 +333,9 @@ class _Trainer:
 
 
 def warm_start(model: Any, tokenizer: Any, cfg: WarmStartConfig) -> dict[str, Any]:
-    """Train until greedy accuracy on the stop set is in `cfg.band` (and >= target, unless the next evaluation
-    would overshoot); the model is left holding the chosen checkpoint. Returns the training record."""
+    """Train until greedy accuracy on the stop set is in `cfg.band` and >= `cfg.target`; an evaluation above the
+    band restores the last in-band (else the closest) checkpoint. The model is left holding the chosen one.
+    Returns the training record."""
     import copy
     import time
 
@@ -356,6 +357,9 @@ def warm_start(model: Any, tokenizer: Any, cfg: WarmStartConfig) -> dict[str, An
             best = (distance, trainer.steps, copy.deepcopy(model.state_dict()))
         if (lo <= acc <= hi and acc >= cfg.target) or acc > hi:
             break
+    if time.monotonic() - start >= cfg.max_seconds:
+        log.warning("warm start hit its %.0f s safety net at step %d: the result depends on machine load",
+                    cfg.max_seconds, trainer.steps)  # fmt: skip
     if best is not None:
         model.load_state_dict(best[2])
     return {"chosen_step": best[1] if best else 0, "steps_run": trainer.steps, "curve": curve,
@@ -406,6 +410,8 @@ def build_policy(out_dir: Path, cfg: WarmStartConfig | None = None, *, force: bo
     (staging / ACCURACY_FILE).write_text(json.dumps(accuracy, indent=1) + "\n")
     (staging / BUILD_FILE).write_text(json.dumps({"hash": digest, "kind": "policy", "seed": cfg.seed}, indent=1))
     _publish(staging, out_dir, digest, force=force)
+    if not accuracy["in_band"]:
+        log.warning("tiny policy greedy accuracy %.3f is outside the band %s", greedy, cfg.band)
     log.info("tiny policy: greedy %.3f, sampled %.3f on %d held-out problems in %.0f s -> %s",
              greedy, sampled, len(report), accuracy["seconds"], out_dir)  # fmt: skip
     return out_dir
