@@ -4,7 +4,7 @@ Project path: `learner.broadcast.CollectiveBroadcast` (announcement in Redis, NC
 polls the policy hash, `FastHFEngine.update_weights` (`workers.weights.WeightReceiver`) receives; end to end =
 from the learner calling `broadcast()` to the worker's model holding the new weights (same-host monotonic
 clock). Two sender layouts: parameters in their own tensors (each bucket packed into a scratch buffer, then
-sent) and parameters laid out as the buckets (`rlq.flat_params`, sent as they are); the worker always receives
+sent) and parameters laid out as the buckets (`weightsync.flat`, sent as they are); the worker always receives
 into its parameters. Raw baseline in the same processes: `torch.distributed.broadcast` of the same bytes as one
 tensor and as the same buckets. Every version is checked (sentinel values, and a full checksum at the end).
 Writes bench/results/gpu_weight_sync.json (and $OUT).
@@ -113,7 +113,7 @@ def learner_main(args) -> None:
 
     from broker.keys import POLICY_JOIN_PREFIX, Keys
     from learner.broadcast import CollectiveBroadcast, named_tensors, plan_buckets
-    from rlq.flat_params import flatten_into_buckets
+    from weightsync.flat import flatten_into_buckets
 
     device = _device(args, 0)
     r = redis.Redis.from_url(args.redis)

@@ -42,7 +42,8 @@ from broker.keys import (
     Keys,
 )
 from broker.schemas import BucketSpec, MessageError, TensorSpec, WeightAnnouncement, decode, encode
-from rlq.flat_params import bucket_view, wait_in_order
+from weightsync.flat import bucket_view, wait_in_order
+from weightsync.groups import new_group
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +280,7 @@ class CollectiveBroadcast(WeightBroadcast):
         in_flight: list = []
         previous: Any = None
         for spec in buckets:
-            # Parameters laid out as this bucket (rlq.flat_params) are sent as they are: no copy, no memory.
+            # Parameters laid out as this bucket (weightsync.flat) are sent as they are: no copy, no memory.
             flat = bucket_view(by_name, spec)  # [numel]
             packed = flat is None
             if packed:
@@ -317,18 +318,6 @@ class CollectiveBroadcast(WeightBroadcast):
             return missing
         alive = self._alive(set(self.members))
         return [m for m in self.members if m not in alive]
-
-
-def new_group(backend: str, store: dist.Store, rank: int, world_size: int, timeout_s: float) -> Any:
-    """A process group on `store` that lives outside torch.distributed's global state (no init_process_group)."""
-    timeout = timedelta(seconds=timeout_s)
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
-    if backend == "nccl":
-        opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, world_size, opts)
-    raise ValueError(f"weight-group backend must be gloo or nccl, got {backend!r}")
 
 
 class FilesystemBroadcast(WeightBroadcast):

@@ -10,7 +10,7 @@ sampled tokens' logprobs. `FastHFEngine` keeps the same model and the same `Engi
   step costs one launch instead of ~1000; on CPU, or if capture fails, the same step runs eagerly;
 - samples on the GPU (temperature, top-k, top-p with `generate`'s semantics) and keeps only the sampled token's
   processed logprob per step, so memory does not grow with the vocabulary;
-- receives weight broadcasts straight into the parameters (`rlq.flat_params`), which keeps the addresses the
+- receives weight broadcasts straight into the parameters (`weightsync.flat`), which keeps the addresses the
   graph was captured with; a failed in-place update reloads the checkpoint the announcement names.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from broker.schemas import WeightAnnouncement
-from rlq.flat_params import flatten_into_buckets
+from weightsync.flat import flatten_into_buckets
 from workers.engines import Completion, HFEngine, SyncStats
 from workers.generate_config import GenerationConfig
 

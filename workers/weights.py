@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 from broker.keys import WEIGHT_JOINED_KEY, WEIGHT_STORE_PREFIX
 from broker.schemas import BucketSpec, WeightAnnouncement, decode
-from rlq.flat_params import bucket_view, wait_in_order
+from weightsync.flat import bucket_view, wait_in_order
+from weightsync.groups import new_group
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +56,6 @@ def _prod(shape: list[int]) -> int:
     return n
 
 
-def new_group(backend: str, store: dist.Store, rank: int, world_size: int, timeout_s: float) -> Any:
-    """A process group on `store` outside torch.distributed's global state (the twin of learner/broadcast.py's)."""
-    timeout = timedelta(seconds=timeout_s)
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
-    if backend == "nccl":
-        opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, world_size, opts)
-    raise WeightSyncError(f"weight-group backend must be gloo or nccl, got {backend!r}")
-
-
 class WeightReceiver:
     """One worker's membership of the weight group: joins per epoch, receives buckets, never hangs."""
 
@@ -80,7 +69,7 @@ class WeightReceiver:
     def receive(self, ann: WeightAnnouncement, into: dict[str, torch.Tensor] | None = None) -> NamedTensors:
         """Every parameter of `ann`, received from rank 0 of the weight group.
 
-        `into` (parameters by name, laid out by `rlq.flat_params.flatten_into_buckets`): buckets that are views
+        `into` (parameters by name, laid out by `weightsync.flat.flatten_into_buckets`): buckets that are views
         of these parameters are received in place and left out of the result. Faster and copy-free, but a
         failure then leaves the model partly updated: the caller must restore it (engine_hf_fast reloads the
         checkpoint).

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from broker.schemas import BucketSpec, TensorSpec
-from rlq.flat_params import bucket_view, flatten_into_buckets
+from weightsync.flat import bucket_view, flatten_into_buckets
 from workers.engine_hf_fast import FastHFEngine, batch_bucket, process_logits
 from workers.generate_config import GenerationConfig
 
