@@ -1,4 +1,8 @@
-"""The `rlq` console script: one subcommand per role or tool; each imports its module lazily."""
+"""The `rlq` console script: one subcommand per role or tool.
+
+The command modules import only typer at the top; torch, vLLM, Celery and redis load inside the command that
+needs them, so `rlq --help` and config errors answer in a fraction of a second.
+"""
 
 from __future__ import annotations
 
@@ -8,32 +12,26 @@ import os
 import typer
 
 from rlq.cli_broker import broker_server, broker_wait
+from rlq.cli_data import register as register_data
+from rlq.cli_generate import generate_command
+from rlq.cli_judge import judge_command
 from rlq.cli_learner import learner_command
+from rlq.cli_queues import register as register_queues
 from rlq.cli_train import doctor_command, train_command
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Asynchronous GRPO over Redis streams.")
-# `rlq worker generate` and `rlq worker judge` hang off this group; modules register on it.
 worker_app = typer.Typer(no_args_is_help=True, help="Run one worker role (generation or judge).")
 app.add_typer(worker_app, name="worker")
 
+app.command("train")(train_command)  # everything on one machine
+app.command("doctor")(doctor_command)  # the single-node sanity tests
+app.command("learner")(learner_command)  # under torchrun
+worker_app.command("generate")(generate_command)
+worker_app.command("judge")(judge_command)
 app.command("broker-server")(broker_server)
 app.command("broker-wait")(broker_wait)
-app.command("train")(train_command)
-app.command("doctor")(doctor_command)
-app.command("learner")(learner_command)
-# --- subcommand registration (one line per module; keep sorted) ---
-from rlq.cli_queues import register as register_queues  # noqa: E402  (typer only; redis is imported per command)
-
-register_queues(app)  # rlq queues, rlq peek, rlq dlq list|requeue|purge
-from rlq.cli_judge import judge_command  # noqa: E402  (typer only; celery/math-verify load in the command)
-
-worker_app.command("judge")(judge_command)
-from rlq.cli_data import register as register_data  # noqa: E402  (typer only; torch/datasets load per command)
-
 register_data(app)  # rlq prepare-data, rlq build-policy
-from rlq.cli_generate import generate_command  # noqa: E402  (typer only; torch/vLLM load in the command)
-
-worker_app.command("generate")(generate_command)
+register_queues(app)  # rlq queues, rlq peek, rlq dlq list|requeue|purge
 
 
 def main() -> None:
