@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from broker.keys import check_run_name
 from learner.config import (
@@ -112,7 +112,15 @@ class RunConfig(_Strict):
 
 def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read `path`, apply overrides, validate. Raises ConfigError / pydantic.ValidationError (one-line in the CLI)."""
-    tree = apply_overrides(load_yaml(path), list(overrides))
+    tree = load_yaml(path)
+    if overrides:
+        # Overrides address the schema, not only what the file spells out: `key=value` may set any key that
+        # has a default. So apply them to the file completed with every default (when the file alone is valid).
+        try:
+            tree = RunConfig.model_validate(tree).model_dump(mode="json")
+        except ValidationError:
+            pass  # e.g. a required key that an override supplies: the overrides apply to the file as written
+        tree = apply_overrides(tree, list(overrides))
     return RunConfig.model_validate(tree)
 
 

@@ -53,3 +53,15 @@ def test_load_yaml_errors(tmp_path):
     listy.write_text("- 1\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_yaml(listy)
+
+
+def test_run_config_overrides_reach_keys_the_file_leaves_at_their_default():
+    from pathlib import Path
+
+    from rlq.config import load_run_config
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny_arith_cpu.yaml"
+    cfg = load_run_config(config, ["policy.train_global_batch_size=32", "grpo.max_num_steps=3"])
+    assert cfg.policy.train_global_batch_size == 32 and cfg.grpo.max_num_steps == 3
+    with pytest.raises(ConfigError, match="unknown key policy.train_global_batch_sise"):
+        load_run_config(config, ["policy.train_global_batch_sise=32"])
