@@ -386,11 +386,15 @@ def _ledger_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-RESULTS = REPO / "tests" / "faults" / "results.jsonl"
+RESULTS_ENV = "RLQ_FAULT_RESULTS"
 
 
 def record(row: str, **figures) -> None:
-    """Append a row's figures to tests/faults/results.jsonl (docs/reliability.md is written from it)."""
-    with open(RESULTS, "a", encoding="utf-8") as fh:
+    """Append a row's figures to the JSONL file named by $RLQ_FAULT_RESULTS (docs/reliability.md's table comes
+    from it); without it, nothing is written."""
+    path = os.environ.get(RESULTS_ENV)
+    if not path:
+        return
+    with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"row": row, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **figures}))
         fh.write("\n")

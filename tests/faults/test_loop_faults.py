@@ -32,11 +32,12 @@ from tests.faults.harness import PASSWORD, Ledger, LoopRun, record
 HUNDRED_MB = 100 * 1024 * 1024
 
 
-def malformed_payloads(big: bool) -> dict[str, bytes]:
+def malformed_payloads(kind: str, field: str, big: bool) -> dict[str, bytes]:
+    """Hostile payloads for a stream of `kind` messages; the hostile part sits in `field` (a list field) of a
+    map that names the right kind, so the decoder has to reach it."""
     prompt = Prompt(prompt_id="p", token_ids=Array.from_numpy(np.arange(4), "int32"), ground_truth="1")
     valid = encode(PromptBatch(batch_id="x", prompts=[prompt], n_samples=1))
-    # The hostile parts sit inside a prompt_batch map, so the decoder has to reach them.
-    head = b"\x82\xa4kind\xacprompt_batch\xa7prompts"
+    head = b"\x82\xa4kind" + _str(kind) + _str(field)
     payloads = {
         "truncated": valid[: len(valid) // 2],
         "byte_0xc1": head + b"\xc1",
@@ -47,6 +48,12 @@ def malformed_payloads(big: bool) -> dict[str, bytes]:
     if big:
         payloads["string_100MB"] = head + b"\xdb" + HUNDRED_MB.to_bytes(4, "big") + b"a" * HUNDRED_MB
     return payloads
+
+
+def _str(text: str) -> bytes:
+    data = text.encode()
+    assert len(data) < 32
+    return bytes([0xA0 | len(data)]) + data
 
 
 def rss_mb(pid: int) -> float:
@@ -93,19 +100,18 @@ NESTED_POWER = "\\boxed{\\dfrac{5^{5^{5^{5}}}}{3}}"
 X800 = "Answer: \\frac{x^{800}-1}{x-1}-(" + "+".join(["1", "x"] + [f"x^{{{k}}}" for k in range(2, 800)]) + ")"
 
 
-def inject_pathological_stale_group(loop: LoopRun) -> str:
-    """A rollout group as a misbehaving generation worker would send it: answers math-verify cannot finish,
-    and a policy version far behind the learner. The judge must time them out and go on; the learner must drop
-    the group as stale, counted in the ledger."""
+def inject_group(loop: LoopRun, name: str, texts: list[str], policy_version: int) -> str:
+    """A rollout group sent to the judges as a misbehaving generation worker would: its own group id (never
+    published by the feeder), answers of our choosing, and the policy version we say."""
     from workers.judge import make_app, submit_groups
 
     def sample(text: str) -> Sample:
         return Sample(Array.from_numpy([1, 2], "int32"), Array.from_numpy([-0.5, -0.25], "float32"), "stop", text)
 
-    prompt = Prompt(prompt_id="pathological", token_ids=Array.from_numpy([1, 2, 3], "int32"), ground_truth="0")
+    prompt = Prompt(prompt_id=name, token_ids=Array.from_numpy([1, 2, 3], "int32"), ground_truth="0")
     group = RolloutGroup(
-        group_id="pathological@injected", batch_id="injected", prompt=prompt, policy_version=-100,
-        samples=[sample(NESTED_POWER), sample(X800), sample("Answer: 0")], worker_id="injector",
+        group_id=f"{name}@injected", batch_id="injected", prompt=prompt, policy_version=policy_version,
+        samples=[sample(t) for t in texts], worker_id="injector",
     )  # fmt: skip
     app = make_app(f"redis://:{PASSWORD}@127.0.0.1:{loop.server.port}/0", loop.run_name)
     try:
@@ -113,6 +119,21 @@ def inject_pathological_stale_group(loop: LoopRun) -> str:
     finally:
         app.close()
     return group.group_id
+
+
+def scored_count(loop: LoopRun, group_id: str) -> int:
+    r = loop.client()
+    try:
+        count = 0
+        for _, fields in r.xrange(loop.keys.scored):
+            try:
+                message = decode(fields[b"m"])
+            except MessageError:
+                continue
+            count += isinstance(message, ScoredGroup) and message.group_id == group_id
+        return count
+    finally:
+        r.close()
 
 
 def scored_by_id(loop: LoopRun, group_id: str) -> ScoredGroup | None:
@@ -172,16 +193,20 @@ def test_one_loop_many_faults(loop: LoopRun):
     gen0 = loop.roles["generate-0"].process.pid
     rss_before = rss_mb(gen0)
     injected = {}
-    for name, payload in malformed_payloads(big=True).items():
-        injected[r.xadd(loop.keys.prompts, {"m": payload}).decode()] = (loop.keys.prompts, name)
-    for name, payload in malformed_payloads(big=False).items():
-        injected[r.xadd(loop.keys.scored, {"m": payload}).decode()] = (loop.keys.scored, name)
+    for name, payload in malformed_payloads("prompt_batch", "prompts", big=True).items():
+        injected[r.xadd(loop.keys.prompts, {"m": payload}).decode()] = (loop.keys.prompts, f"prompts/{name}")
+    for name, payload in malformed_payloads("scored_group", "verdicts", big=False).items():
+        injected[r.xadd(loop.keys.scored, {"m": payload}).decode()] = (loop.keys.scored, f"scored/{name}")
 
-    patho_id = inject_pathological_stale_group(loop)
-    patho_at = time.monotonic()
     marker = str(loop.tmp / "pickle-was-executed")
     send_pickled_task(loop, marker)
     refused = check_refused_clients(loop)
+
+    # answers math-verify cannot finish, sampled by version 0 while the learner is at 2 (max_staleness 1):
+    # the judge times them out and goes on; the learner drops the group as stale and counts it
+    loop.wait_step(2)
+    patho_id = inject_group(loop, "pathological", [NESTED_POWER, X800, "Answer: 0"], policy_version=0)
+    patho_at = time.monotonic()
 
     loop.wait_for(lambda: scored_by_id(loop, patho_id) is not None, 300, "the pathological group's verdicts")
     patho_s = time.monotonic() - patho_at

@@ -4,6 +4,7 @@ learner), each judged by the ledger. `pytest -m slow tests/faults` (see docs/rel
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 
@@ -81,25 +82,28 @@ def judge_pool_children(loop: LoopRun) -> list[int]:
 
 
 def test_celery_child_sigkill(loop: LoopRun):
+    """The judge's pool processes SIGKILLed while they verify a slow group (answers that run into the per-answer
+    deadline): the task comes back, the group is scored exactly once, the run goes on."""
+    from tests.faults.test_loop_faults import NESTED_POWER, inject_group, scored_count
+
     loop.overrides += ["grpo.max_num_steps=4"]
     loop.start_all(generation_workers=1)
-    loop.wait_step(1)
-    r = loop.client()
-    loop.wait_for(lambda: r.hlen("unacked") > 0, 300, "a judge task in progress")
+    loop.wait_step(2)  # the group below (version 0) is then stale: dropped, never trained
+    group_id = inject_group(loop, "slow", [NESTED_POWER, NESTED_POWER, "Answer: 0"], policy_version=0)
+    judge_log = loop.roles["judge"].log_path
+    loop.wait_for(lambda: f"[{group_id}] received" in judge_log.read_text(errors="replace"), 120, "the slow task")
+    time.sleep(1.0)  # inside the first answer's 5 s deadline
     children = judge_pool_children(loop)
     assert children
-    import os
-
     for pid in children:
         os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
-    r.close()
-    step = loop.step()
-    loop.wait_step(step + 1, timeout_s=600)
-    recover_s = time.monotonic() - killed_at
+    loop.wait_for(lambda: scored_count(loop, group_id) >= 1, 300, "the killed task's group to be scored")
+    rescored_s = time.monotonic() - killed_at
     assert loop.wait_learner_exit(600) == 0, loop.describe()
     assert loop.alive("judge"), loop.describe()
-    assert_clean(loop, 4, "celery_child_sigkill", recover_s=round(recover_s, 1), killed=len(children))
+    assert scored_count(loop, group_id) == 1, "the redelivered group was scored twice"
+    assert_clean(loop, 4, "celery_child_sigkill", rescored_s=round(rescored_s, 1), killed=len(children))
 
 
 def test_stalled_worker_duplicate_rollouts_and_weight_sync(loop: LoopRun):
