@@ -159,10 +159,8 @@ class GenerationWorker:
         self._beat()
         self._beater = threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True)
         self._beater.start()
-        path, self.version = starting_weights(self.r, self.keys, model_name)
-        log.info("%s starts from %s (policy version %d)", worker_id, path, self.version)
         self._owns_engine = engine is None  # an engine passed in (tests, bench) outlives the worker
-        self.engine = engine or make_engine(cfg, worker_id, path)
+        self.engine = engine or self._start_engine(model_name)
         self.sink = sink or CelerySink(broker_url, run)
         self.consumer = StreamConsumer(
             self.r, self.keys.prompts, CONSUMER_GROUP, worker_id, expected=PromptBatch, dead_stream=self.keys.dead,
@@ -170,6 +168,21 @@ class GenerationWorker:
         )  # fmt: skip
         self.consumer.ensure_group()
         self.status = "idle"
+
+    def _start_engine(self, model_name: str, tries: int = 3) -> Engine:
+        """Load the learner's latest checkpoint (else `model_name`). The learner prunes old checkpoints, so the
+        one we picked can vanish while we load it (seen in tests/faults with a checkpoint every step): then pick
+        again."""
+        for attempt in range(tries):
+            path, self.version = starting_weights(self.r, self.keys, model_name)
+            log.info("%s starts from %s (policy version %d)", self.worker_id, path, self.version)
+            try:
+                return make_engine(self.cfg, self.worker_id, path)
+            except Exception:  # transformers says OSError, vLLM may say something else: the directory decides
+                if path == model_name or Path(path).is_dir() or attempt == tries - 1:
+                    raise
+                log.warning("checkpoint %s was pruned while loading; taking the latest one", path)
+        raise AssertionError("unreachable")
 
     # --- the loop -------------------------------------------------------------------------------------------
 
