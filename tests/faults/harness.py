@@ -330,7 +330,7 @@ class StreamRecorder(threading.Thread):
 
     def __init__(self, run: LoopRun, trim: bool) -> None:
         super().__init__(daemon=True)
-        self.run, self.trim = run, trim
+        self.loop, self.trim = run, trim
         self.published: dict[str, str] = {}
         self.scored: Counter = Counter()
         self.trimmed = 0
@@ -339,11 +339,11 @@ class StreamRecorder(threading.Thread):
     def run(self) -> None:  # noqa: D102 - Thread.run
         from broker.streams import safe_trim
 
-        keys = self.run.keys
+        keys = self.loop.keys
         last = {keys.prompts: "0-0", keys.scored: "0-0"}
         while not self.stopping.is_set():
             try:
-                r = self.run.client()
+                r = self.loop.client()
                 try:
                     for stream, rows in r.xread(last, count=500, block=500) or []:
                         for entry_id, fields in rows:

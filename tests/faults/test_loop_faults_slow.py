@@ -183,3 +183,26 @@ def test_stream_trimming_while_entries_are_pending(loop: LoopRun):
     assert recorder.trimmed > 0, "nothing was trimmed: the scenario did not test anything"
     assert not verdict.lost, f"lost groups: {verdict.lost[:10]} ({summary})"
     assert not verdict.duplicated and not verdict.scored_twice, summary
+
+
+def test_worker_stalled_during_a_weight_broadcast(loop: LoopRun):
+    """SIGSTOP a member right after a step's metrics, i.e. just before the next broadcast while its heartbeat
+    key still lives: the broadcast must fail within the watchdog timeout, evict it, re-form the group without it
+    and go on; the stalled worker's batch is reclaimed."""
+    loop.overrides += ["grpo.max_num_steps=5", "++policy.generation.worker.claim_idle_ms=4000"]
+    loop.start_all(generation_workers=2)
+    loop.wait_for(lambda: (loop.metrics() or [{}])[-1].get("sync/members") == 2, 600, "a broadcast to both")
+    loop.signal("generate-1", signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    step = loop.step()
+    loop.wait_step(step + 2, timeout_s=600)
+    run_on_s = time.monotonic() - stopped_at
+    loop.signal("generate-1", signal.SIGCONT)
+    assert loop.wait_learner_exit(600) == 0, loop.describe()
+    records = loop.metrics()
+    evicted = sum(r.get("sync/evicted", 0) for r in records)
+    summary = assert_clean(loop, 5, "stalled_in_broadcast", run_on_s=round(run_on_s, 1), evicted=evicted,
+                           broadcast_s_max=round(max(r.get("sync/broadcast_s", 0) for r in records), 1),
+                           sync_failed=sum(r.get("sync/failed", 0) for r in records),
+                           sync_members=[r.get("sync/members") for r in records])  # fmt: skip
+    assert evicted >= 1, f"the stalled member was never evicted ({summary})"
