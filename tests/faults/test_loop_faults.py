@@ -182,8 +182,9 @@ def check_refused_clients(loop: LoopRun) -> dict[str, str]:
 
 def test_one_loop_many_faults(loop: LoopRun):
     """CI: malformed entries in both streams, a pickled Celery task, refused clients, a generation worker
-    SIGKILLed holding a batch, and Redis stopped for 10 s, all in one 6-step run."""
-    loop.overrides += ["grpo.max_num_steps=6", "++policy.generation.worker.claim_idle_ms=4000"]
+    SIGKILLed holding a batch, and Redis stopped for 10 s, all in one 10-step run (enough steps that every fault
+    lands before the end, also on a quiet machine)."""
+    loop.overrides += ["grpo.max_num_steps=10", "++policy.generation.worker.claim_idle_ms=4000"]
     loop.start_all(generation_workers=2)
     loop.wait_step(1)
     victim = f"{loop.run_name}-gen-1"
@@ -208,11 +209,6 @@ def test_one_loop_many_faults(loop: LoopRun):
     patho_id = inject_group(loop, "pathological", [NESTED_POWER, X800, "Answer: 0"], policy_version=0)
     patho_at = time.monotonic()
 
-    loop.wait_for(lambda: scored_by_id(loop, patho_id) is not None, 300, "the pathological group's verdicts")
-    patho_s = time.monotonic() - patho_at
-    patho = scored_by_id(loop, patho_id)
-    assert patho is not None and patho.verdicts == ["timeout", "timeout", "correct"], patho
-
     # SIGKILL generation worker 1 while it holds a batch
     loop.wait_for(lambda: pending_of(loop, victim) > 0, 300, f"{victim} to hold a batch")
     loop.kill("generate-1")
@@ -230,6 +226,11 @@ def test_one_loop_many_faults(loop: LoopRun):
     resumed_at = time.monotonic()
     loop.wait_step(step_at_stop + 1, timeout_s=300)
     redis_stop_recover_s = time.monotonic() - resumed_at
+
+    loop.wait_for(lambda: scored_by_id(loop, patho_id) is not None, 300, "the pathological group's verdicts")
+    patho_s = time.monotonic() - patho_at
+    patho = scored_by_id(loop, patho_id)
+    assert patho is not None and patho.verdicts == ["timeout", "timeout", "correct"], patho
 
     assert loop.wait_learner_exit(600) == 0, loop.describe()
     rss_after = rss_mb(gen0)
@@ -259,4 +260,4 @@ def test_one_loop_many_faults(loop: LoopRun):
            rss_mb=[round(rss_before), round(rss_after)], steps=loop.step())  # fmt: skip
     assert not verdict.lost, f"lost groups: {verdict.lost[:10]}"
     assert not verdict.duplicated and not verdict.scored_twice, summary
-    assert len(verdict.trained_once) == 6 * 8, summary
+    assert len(verdict.trained_once) == 10 * 8, summary
