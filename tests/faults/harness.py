@@ -159,7 +159,15 @@ class LoopRun:
         raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}; roles: {self.describe()}")
 
     def wait_step(self, step: int, timeout_s: float = 600) -> float:
-        return self.wait_for(lambda: self.step() >= step, timeout_s, f"step {step}")
+        def reached() -> bool:
+            if self.step() >= step:
+                return True
+            learner = self.roles.get("learner")
+            if learner is not None and learner.process.poll() is not None:
+                raise AssertionError(f"the learner exited before step {step}; {self.describe()}")
+            return False
+
+        return self.wait_for(reached, timeout_s, f"step {step}")
 
     def wait_learner_exit(self, timeout_s: float = 600) -> int:
         process = self.roles["learner"].process
