@@ -8,13 +8,16 @@ from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import AuthenticationError, ConnectionError, ResponseError, TimeoutError
+from redis.exceptions import AuthenticationError, BusyLoadingError, ConnectionError, ResponseError, TimeoutError
 from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
-RETRY_ATTEMPTS = 6
-"""Retries per command after a connection error; with the backoff below a command gives up after ~10 s."""
+RETRY_ATTEMPTS = 14
+"""Retries per command after a connection error: with the backoff below a command rides out ~30 s of outage
+(a Redis restart that reloads its append-only file) before it fails."""
+STARTUP_RETRY_ATTEMPTS = 2
+"""The first ping gives up fast: an unreachable broker at start-up is a configuration error, not an outage."""
 BACKOFF_BASE_S = 0.05
 BACKOFF_CAP_S = 3.0
 SOCKET_TIMEOUT_S = 30.0
@@ -52,16 +55,25 @@ def connect(url: str, *, client_name: str = "rlq", check: bool = True) -> redis.
     client = redis.Redis.from_url(
         url,
         **extra,
-        retry=Retry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), RETRY_ATTEMPTS),
-        retry_on_error=[ConnectionError, TimeoutError],
+        retry=_retry(RETRY_ATTEMPTS),
+        # BusyLoadingError: a restarted server answers LOADING while it replays its append-only file.
+        retry_on_error=[ConnectionError, TimeoutError, BusyLoadingError],
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         health_check_interval=HEALTH_CHECK_INTERVAL_S,
         client_name=client_name,
     )
     if check:
-        ping(client, url)
+        client.set_retry(_retry(STARTUP_RETRY_ATTEMPTS))
+        try:
+            ping(client, url)
+        finally:
+            client.set_retry(_retry(RETRY_ATTEMPTS))
     return client
+
+
+def _retry(attempts: int) -> Retry:
+    return Retry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), attempts)
 
 
 def ping(client: redis.Redis, url: str) -> None:

@@ -88,6 +88,9 @@ def make_app(broker_url: str, run: str = "default", cfg: JudgeConfig | None = No
         task_ignore_result=True,  # results go to the scored stream, not a result backend
         worker_disable_rate_limits=True,  # none are used; skips a per-task check in the consumer
         broker_connection_retry_on_startup=True,
+        # Publishing a judge task rides out a broker restart (~30 s) instead of failing the generation worker.
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 30, "interval_start": 0, "interval_step": 0.5, "interval_max": 1.0},
         broker_transport_options={
             # kombu's default is 1 h; a task held by a dead worker comes back after this (+ the sweep interval).
             "visibility_timeout": cfg.visibility_timeout_s,
