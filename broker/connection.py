@@ -57,7 +57,7 @@ def connect(url: str, *, client_name: str = "rlq", check: bool = True) -> redis.
         **extra,
         retry=_retry(RETRY_ATTEMPTS),
         # BusyLoadingError: a restarted server answers LOADING while it replays its append-only file.
-        retry_on_error=[ConnectionError, TimeoutError, BusyLoadingError],
+        retry_on_error=[ConnectionError, TimeoutError, BusyLoadingError, OSError],
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         health_check_interval=HEALTH_CHECK_INTERVAL_S,
@@ -73,7 +73,10 @@ def connect(url: str, *, client_name: str = "rlq", check: bool = True) -> redis.
 
 
 def _retry(attempts: int) -> Retry:
-    return Retry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), attempts)
+    # OSError: redis-py retries a socket connect only on the errors listed here, and a server that is down
+    # refuses with ConnectionRefusedError (an OSError), which would otherwise fail the command at once.
+    errors = (ConnectionError, TimeoutError, BusyLoadingError, OSError)
+    return Retry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), attempts, supported_errors=errors)
 
 
 def ping(client: redis.Redis, url: str) -> None:

@@ -56,12 +56,6 @@ def test_learner_sigkill_and_resume(loop: LoopRun):
     assert_clean(loop, 5, "learner_sigkill_resume", recover_s=round(recover_s, 1))
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="roles outlive a Redis restart only within their retry window: with the server down ~3 s the learner "
-    "exited ('rlq: Error 111 connecting ... Connection refused') and the generation worker's Celery submit raised "
-    "OperationalError (run of 2026-11-27 08:51); an earlier run, restart inside the window, passed",
-)
 def test_redis_sigkill_and_restart_with_aof(loop: LoopRun):
     loop.overrides += ["grpo.max_num_steps=5"]
     loop.start_all(generation_workers=1)
