@@ -87,9 +87,8 @@ def _check_judge(cfg: RunConfig, url: str, scratch: Path) -> str:
     from workers.judge import make_app, submit_group
 
     run = f"doctor-judge-{os.getpid()}"
-    env = {**os.environ, BROKER_URL_ENV: url}
+    env = {**os.environ, BROKER_URL_ENV: url, "RLQ_RUN": run}
     argv = [sys.executable, "-m", "rlq", "worker", "judge", "--concurrency", "1"]
-    env.update({"RLQ_RUN": run})
     log_path = scratch / "judge.log"
     with open(log_path, "wb") as sink:
         worker = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT)

@@ -5,6 +5,7 @@ learner, each its own process; progress from metrics.jsonl; everything stops tog
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,8 +57,7 @@ def train(cfg: RunConfig) -> Path:
         server = RedisServer(directory=run_dir / "redis", appendonly=True).start()
         env[BROKER_URL_ENV] = server.url
         log.info("private redis-server on %s (data in %s)", server.url, server.directory)
-    supervisor = Supervisor(run_dir / "logs", base_env=None)
-    supervisor.base_env.update(env)
+    supervisor = Supervisor(run_dir / "logs", base_env={**os.environ, **env})
     follower = MetricsFollower(
         run_dir / "metrics.jsonl",
         wandb=WandbSettings(
