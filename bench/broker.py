@@ -182,7 +182,15 @@ def main() -> None:
             bytes_m.append(run_stream_bytes(r, payloads, args.batch))
         naive_n = min(args.groups, 500)
         naive_m = [run_naive(r, groups[:naive_n]) for _ in range(3)]
+        # Server time per command, all passes together: where the stream path's extra server CPU goes.
+        stats = r.info("commandstats")
         r.close()
+    server_us = {
+        f"server_us_per_{name}": stats[f"cmdstat_{name}"]["usec_per_call"] for name in ("set", "get", "xadd", "xack")
+    }
+    server_us["server_us_per_xreadgroup_entry"] = round(
+        stats["cmdstat_xreadgroup"]["usec"] / (args.groups * args.repeats * 2 + naive_n * 3 + args.batch * 4), 2
+    )
 
     n = args.groups
     project, raw = n / min(m.wall for m in project_m), n / min(m.wall for m in raw_m)
@@ -211,6 +219,7 @@ def main() -> None:
         "cpu_ratio_to_raw": round(raw_cpu / project_cpu, 3),
         "stream_bytes_only_groups_per_s": round(n / min(m.wall for m in bytes_m), 1),
         "stream_bytes_only_cpu_us_per_group": round(min(m.client_cpu + m.server_cpu for m in bytes_m) / n * 1e6, 1),
+        **server_us,
         "client_malloc_tuned": tuned,
         "load_average_1m": round(os.getloadavg()[0], 2),
         "cpus": os.cpu_count(),
