@@ -1,4 +1,5 @@
-"""One training step on one rank: padding, the logprob forward, micro-batched backward, the optimizer update.
+"""One training step on one rank: micro-batches (padded, or packed to a token budget), the logprob forward,
+micro-batched backward, the optimizer update.
 
 Only completion positions go through the LM head (`PolicyLogprobs`), so the [tokens, vocab] logits cover the
 tokens that train and not the prompt. Loss normalisers are global (whole update, all ranks; see
@@ -20,7 +21,9 @@ import torch.distributed as dist
 from torch import nn
 
 from learner.batch import Minibatch, TrainSample
+from learner.kernels import chunked_logprobs, use_varlen_attention
 from learner.loss import LossSettings, logprobs_and_entropy, policy_loss
+from learner.packing import Micro, collate, collate_packed, plan_packs
 
 log = logging.getLogger(__name__)
 
@@ -41,72 +44,56 @@ STAT_KEYS = (
 
 
 class PolicyLogprobs(nn.Module):
-    """Wraps a causal LM; returns logprobs and entropies of the selected next-token predictions only."""
+    """Wraps a causal LM; returns logprobs and entropies of the selected next-token predictions only.
 
-    def __init__(self, model: nn.Module) -> None:
+    `logprob_chunk`: LM-head rows per chunk (`learner.kernels.chunked_logprobs`); None computes all at once.
+    """
+
+    def __init__(self, model: nn.Module, logprob_chunk: int | None = None) -> None:
         super().__init__()
         self.model = model
+        self.logprob_chunk = logprob_chunk
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pred_mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        pred_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: input_ids, attention_mask, pred_mask: [B, L]; pred_mask marks positions whose next token trains.
+        A packed row (`learner.packing.collate_packed`) has no mask but position_ids [1, N], cu_seqlens [S + 1].
 
         Returns:
             (logprobs [K], entropy [K]) for the K marked positions, row-major.
         """
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        packed = {}
+        if cu_seqlens is not None:  # the keyword names transformers forwards to the attention function
+            packed = {"position_ids": position_ids, "cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens,
+                      "max_length_q": max_seqlen, "max_length_k": max_seqlen}  # fmt: skip
+        decoder = self.model.get_decoder()
+        # use_cache=False: the config's default would fill a KV cache nobody reads (and guard compiled layers on it)
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **packed)
+        hidden = out.last_hidden_state  # [B, L, H]
         targets = input_ids[:, 1:][pred_mask[:, :-1]]  # [K]
-        logits = self.model.get_output_embeddings()(hidden[pred_mask])  # [K, V]
-        return logprobs_and_entropy(logits, targets)
+        head = self.model.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            return logprobs_and_entropy(head(hidden[pred_mask]), targets)
+        # Explicit compute dtype: float32 master weights under autocast would otherwise give float32 logits.
+        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+        dtype = dtype or head.weight.dtype
+        return chunked_logprobs(hidden[pred_mask].to(dtype), head.weight.to(dtype), targets, self.logprob_chunk)
 
 
-@dataclass
-class Micro:
-    """A padded micro-batch (right padding)."""
+@dataclass(frozen=True)
+class ForwardSettings:
+    """How micro-batches are formed and run (from `policy.*`; see learner.config.PolicyConfig)."""
 
-    input_ids: torch.Tensor  # int64 [B, L]
-    attention_mask: torch.Tensor  # int64 [B, L]
-    pred_mask: torch.Tensor  # bool [B, L]: position t predicts completion token t+1
-    comp_mask: torch.Tensor  # bool [B, T]: real completion slots
-    loss_mask: torch.Tensor  # float [B, T]: slots that train (overlong-filtered samples are 0)
-    behaviour: torch.Tensor  # float32 [B, T]
-    prox: torch.Tensor | None  # float32 [B, T]
-    advantages: torch.Tensor  # float32 [B]
-
-
-def collate(samples: list[TrainSample], device: torch.device, pad_id: int = 0) -> Micro:
-    """Right-pad `samples` into one micro-batch."""
-    b = len(samples)
-    seq_len = max(len(s.input_ids) for s in samples)
-    comp_len = max(max(s.completion_len for s in samples), 1)
-    input_ids = np.full((b, seq_len), pad_id, dtype=np.int64)
-    attention = np.zeros((b, seq_len), dtype=np.int64)
-    pred = np.zeros((b, seq_len), dtype=bool)
-    comp = np.zeros((b, comp_len), dtype=bool)
-    behaviour = np.zeros((b, comp_len), dtype=np.float32)
-    prox = np.zeros((b, comp_len), dtype=np.float32)
-    for i, s in enumerate(samples):
-        n, c = len(s.input_ids), s.completion_len
-        input_ids[i, :n] = s.input_ids
-        attention[i, :n] = 1
-        pred[i, s.prompt_len - 1 : n - 1] = True
-        comp[i, :c] = True
-        behaviour[i, :c] = s.behaviour_logprobs
-        if s.prox_logprobs is not None:
-            prox[i, :c] = s.prox_logprobs
-    trainable = torch.tensor([s.trainable for s in samples], dtype=torch.float32)  # [B]
-    comp_t = torch.from_numpy(comp)
-    return Micro(
-        input_ids=torch.from_numpy(input_ids).to(device),
-        attention_mask=torch.from_numpy(attention).to(device),
-        pred_mask=torch.from_numpy(pred).to(device),
-        comp_mask=comp_t.to(device),
-        loss_mask=(comp_t.float() * trainable[:, None]).to(device),
-        behaviour=torch.from_numpy(behaviour).to(device),
-        prox=torch.from_numpy(prox).to(device) if all(s.prox_logprobs is not None for s in samples) else None,
-        advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32, device=device),
-    )
+    pack_tokens: int | None = None  # token budget of one packed micro-batch; None: micro_batch_size padded rows
+    logprob_chunk: int | None = None  # LM-head rows per chunk (learner.kernels.chunked_logprobs); None: all at once
+    compile_layers: bool = False  # torch.compile each decoder layer of the trained model
 
 
 def _unflatten(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -152,9 +139,12 @@ class Trainer:
         compute_dtype: torch.dtype | None = None,
         fsdp: bool = False,
         shadow: nn.Module | None = None,
+        forward: ForwardSettings | None = None,
     ) -> None:
+        self.forward_settings = forward or ForwardSettings()
         self.model = model  # the bare HF model (sharded under FSDP2)
-        self.net: nn.Module = PolicyLogprobs(model)
+        self._prepare(model, self.forward_settings, trained=True)
+        self.net: nn.Module = PolicyLogprobs(model, self.forward_settings.logprob_chunk)
         self.world_size = world_size
         self.fsdp = fsdp and world_size > 1
         self.shadow = shadow
@@ -168,7 +158,10 @@ class Trainer:
         self.micro_batch_size = micro_batch_size
         self.max_grad_norm = max_grad_norm
         self.device = device
-        self.reference = PolicyLogprobs(reference).eval() if reference is not None else None
+        self.reference = None
+        if reference is not None:
+            self._prepare(reference, self.forward_settings, trained=False)
+            self.reference = PolicyLogprobs(reference, self.forward_settings.logprob_chunk).eval()
         self.pad_id = pad_id
         # Mixed precision: the parameters (and AdamW) stay float32, the forward runs in `compute_dtype`; pure
         # bf16 weights would round most 1e-6-sized updates away.
@@ -177,11 +170,30 @@ class Trainer:
     def _forward(self, net: nn.Module, micro: Micro) -> tuple[torch.Tensor, torch.Tensor]:
         enabled = self.compute_dtype is not None and self.compute_dtype != torch.float32
         with torch.autocast(self.device.type, dtype=self.compute_dtype or torch.float32, enabled=enabled):
-            return net(micro.input_ids, micro.attention_mask, micro.pred_mask)
+            return net(**micro.model_inputs())
+
+    @staticmethod
+    def _prepare(model: nn.Module, forward: ForwardSettings, trained: bool) -> None:
+        if forward.pack_tokens is not None:
+            use_varlen_attention(model)
+        if forward.compile_layers and trained:
+            for layer in model.get_decoder().layers:
+                layer.compile()  # in place: parameter names (checkpoints, weight broadcast) stay as they are
+
+    def _collate(self, chunk: list[TrainSample]) -> Micro:
+        if self.forward_settings.pack_tokens is not None:
+            return collate_packed(chunk, self.device)
+        return collate(chunk, self.device, self.pad_id)
 
     def _chunks(self, samples: list[TrainSample]) -> list[list[TrainSample]]:
-        mbs = self.micro_batch_size
-        chunks = [samples[i : i + mbs] for i in range(0, len(samples), mbs)] or [_dummy(self.device)]
+        """The micro-batches of one update: `micro_batch_size` samples each, or packs of at most `pack_tokens`."""
+        if self.forward_settings.pack_tokens is not None:
+            plan = plan_packs([len(s.input_ids) for s in samples], self.forward_settings.pack_tokens)
+            chunks = [[samples[i] for i in pack] for pack in plan]
+        else:
+            mbs = self.micro_batch_size
+            chunks = [samples[i : i + mbs] for i in range(0, len(samples), mbs)]
+        chunks = chunks or [_dummy(self.device)]
         if self.fsdp:  # every forward all-gathers: all ranks must run the same number of them
             count = torch.tensor([len(chunks)], device=self.device)
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
@@ -236,7 +248,7 @@ class Trainer:
         self.net.eval()
         for mb in minibatches:
             for chunk in self._chunks(mb.samples):
-                micro = collate(chunk, self.device, self.pad_id)
+                micro = self._collate(chunk)
                 flat, _ = self._forward(self.net, micro)
                 per_seq = _unflatten(flat, micro.comp_mask).float().cpu().numpy()
                 for i, s in enumerate(chunk):
@@ -269,7 +281,7 @@ class Trainer:
         return stats, timings
 
     def _micro_step(self, chunk: list[TrainSample], mb: Minibatch, stats: dict[str, float]) -> None:
-        micro = collate(chunk, self.device, self.pad_id)
+        micro = self._collate(chunk)
         flat, entropy = self._forward(self.net, micro)
         logprobs = _unflatten(flat, micro.comp_mask)  # [B, T]
         prox = micro.prox if micro.prox is not None else logprobs.detach()
@@ -297,7 +309,7 @@ class Trainer:
         trained = micro.loss_mask[micro.comp_mask]  # [K]
         stats["entropy_sum"] += float((entropy * trained).sum())
         stats["loss_sum"] += float(loss.detach())
-        stats["all_tokens"] += float(micro.attention_mask.sum()) if chunk[0].group_id else 0.0
+        stats["all_tokens"] += float(micro.num_tokens) if chunk[0].group_id else 0.0
 
     def _update(self) -> float:
         norm = 0.0
