@@ -103,6 +103,27 @@ class DTensorConfig(_Strict):
     enabled: bool = Field(False, description="Shard parameters, gradients and optimizer state over the ranks.")
 
 
+class SequencePackingConfig(_Strict):
+    """NeMo RL `policy.sequence_packing`: samples back to back in micro-batches of a token budget, no padding.
+
+    Packs are formed by first-fit decreasing (learner/packing.py); attention stays within each sample through
+    flash varlen attention (learner/kernels.py). `train_micro_batch_size` then only sets the default budget.
+    """
+
+    enabled: Literal["auto"] | bool = Field(
+        "auto",
+        description="auto: on when the learner runs on CUDA in bfloat16 (the flash varlen kernel); off on CPU, "
+        "where packed samples would take one attention call each.",
+    )
+    train_mb_tokens: int | None = Field(
+        None,
+        ge=2,
+        description="Tokens per packed micro-batch (a longer sample gets one of its own); null: "
+        "max_total_sequence_length x train_micro_batch_size. Activation memory grows with it: Qwen3-4B in "
+        "bfloat16 without activation checkpointing keeps ~4 MB a token with compiled layers, ~6 MB eager.",
+    )
+
+
 class PolicyConfig(_Strict):
     """The trained model (NeMo RL `policy.*`)."""
 
@@ -118,7 +139,23 @@ class PolicyConfig(_Strict):
     train_micro_batch_size: int = Field(4, ge=1, description="Samples per forward/backward on one rank.")
     max_grad_norm: float | None = Field(1.0, gt=0)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer in backward: about a third more compute, far less memory."
+    )
+    sequence_packing: SequencePackingConfig = Field(default_factory=SequencePackingConfig)
+    logprob_chunk_size: int | None = Field(
+        2048,
+        ge=1,
+        description="LM-head rows computed at once for the completion logprobs (recomputed in backward), so the "
+        "float32 [tokens, vocab] logits never exist whole; null: all at once.",
+    )
+    torch_compile: Literal["auto"] | bool = Field(
+        "auto",
+        description="torch.compile each decoder layer: fused norms, RoPE and SiLU, and fewer saved activations "
+        "(Qwen3-4B on one H100: 30 -> 47 % MFU, packed micro-batches of 8k tokens then fit without activation "
+        "checkpointing). The first steps pay the compile (~20 s). auto: on when the learner runs on CUDA in "
+        "bfloat16, as sequence_packing.enabled.",
+    )
     dtensor_cfg: DTensorConfig = Field(default_factory=DTensorConfig)
 
 

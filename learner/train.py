@@ -31,7 +31,7 @@ from learner.checkpoint import Ledger, latest_checkpoint, load_checkpoint, save_
 from learner.config import LearnerConfig
 from learner.loss import LossSettings
 from learner.metrics import ConsoleSummary, JsonlLogger, MultiLogger
-from learner.step import Trainer, reduce_stats
+from learner.step import ForwardSettings, Trainer, reduce_stats
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,20 @@ def loss_settings(cfg: LearnerConfig) -> LossSettings:
     )
 
 
+def forward_settings(cfg: LearnerConfig, device: torch.device) -> ForwardSettings:
+    """Packing, logprob chunks and compilation from `policy.*`; "auto" means on CUDA with a half compute dtype
+    (the flash varlen kernel's case, and the one measured: bench/gpu_learner.py)."""
+    policy = cfg.policy
+    fast = device.type == "cuda" and policy.precision != "float32"
+    packing = fast if policy.sequence_packing.enabled == "auto" else policy.sequence_packing.enabled
+    budget = policy.sequence_packing.train_mb_tokens or policy.max_total_sequence_length * policy.train_micro_batch_size
+    return ForwardSettings(
+        pack_tokens=budget if packing else None,
+        logprob_chunk=policy.logprob_chunk_size,
+        compile_layers=fast if policy.torch_compile == "auto" else bool(policy.torch_compile),
+    )
+
+
 def load_model(path: str | Path, precision: str, device: torch.device) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -116,7 +130,11 @@ def load_model(path: str | Path, precision: str, device: torch.device) -> torch.
 
 def build_optimizer(params, cfg: LearnerConfig) -> torch.optim.Optimizer:
     kw = cfg.policy.optimizer.kwargs
-    return torch.optim.AdamW(params, lr=kw.lr, weight_decay=kw.weight_decay, betas=kw.betas, eps=kw.eps, foreach=True)
+    params = list(params)
+    # fused on GPUs: one kernel for all tensors and no foreach temporaries (~one more copy of the weights)
+    fused = bool(params) and params[0].device.type == "cuda"
+    return torch.optim.AdamW(params, lr=kw.lr, weight_decay=kw.weight_decay, betas=kw.betas, eps=kw.eps,
+                             fused=fused, foreach=not fused)  # fmt: skip
 
 
 class Coordinator:
@@ -383,6 +401,7 @@ def build_trainer(cfg: LearnerConfig, info: DistInfo, resume: Path | None) -> tu
         compute_dtype=getattr(torch, cfg.policy.precision),
         fsdp=fsdp,
         shadow=shadow,
+        forward=forward_settings(cfg, info.device),
     )
     if info.is_main:
         log.info("parallelism: %s over %d ranks", "fsdp2" if fsdp else "ddp", info.world_size)
