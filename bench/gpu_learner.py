@@ -1,10 +1,14 @@
 """Learner throughput on the Qwen3-4B shape (random weights) on one GPU: the project's GRPO step vs plain transformers.
 
 Project: `learner.step.Trainer.train` on a synthetic GRPO step (groups -> `group_to_samples` -> `assemble`), as
-the learner runs it: completion-only LM head, one log-softmax pass, global-normaliser loss, grad clipping,
-AdamW. Two weight layouts: float32 master weights under bf16 autocast (the learner's default since c01a9cd)
-and bf16 weights. Baseline: plain transformers forward+backward (`labels=` loss over full logits) with
-gradient checkpointing, the issue's reference configuration, on the same sequences and micro-batches.
+the learner runs it: completion-only LM head, global-normaliser loss, grad clipping, fused AdamW. Each project
+variant sets the learner's forward knobs (`policy.*`, see `learner.step.ForwardSettings`): sequence packing to a
+token budget with flash varlen attention (`pack`, 0: `micro` padded samples per micro-batch), activation
+checkpointing (`ckpt`), compiled decoder layers (`compile`), LM-head logprob chunk (`chunk`, 0: one pass), and
+the weight dtype (`dtype`: bf16 weights and AdamW state, or fp32 master weights under bf16 autocast, the
+learner's default). Baseline: plain transformers forward+backward (`labels=` loss over full logits) with
+gradient checkpointing, the issue's reference configuration, on the same sequences, `micro` padded rows a batch.
+A check compares the packed (varlen) and padded (SDPA) bf16 logprobs with a float32 padded forward.
 
 MFU = 6 * N * tokens/s / 989 TFLOP/s (N = parameters, tied embedding once; tokens = real, unpadded tokens).
 Writes bench/results/gpu_learner.json (and $OUT/gpu_learner.json).
@@ -16,6 +20,7 @@ import argparse
 import gc
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,8 +30,10 @@ from bench.gpu_common import H100_BF16_FLOPS, out_dir, param_count, qwen3_config
 from broker.schemas import Array, Prompt, RolloutGroup, Sample, ScoredGroup
 from learner.batch import assemble, group_to_samples
 from learner.config import GRPOConfig
+from learner.kernels import use_varlen_attention
 from learner.loss import LossSettings
-from learner.step import Trainer
+from learner.packing import collate, collate_packed
+from learner.step import ForwardSettings, PolicyLogprobs, Trainer
 
 log = logging.getLogger("bench.gpu_learner")
 TARGET_MFU = 0.40
@@ -57,41 +64,124 @@ def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01, fused=fused, foreach=not fused)
 
 
-def project_variant(args, groups, master_dtype: torch.dtype, micro: int, device: torch.device) -> dict:
+PROJECT_DEFAULTS = {"dtype": "bf16", "pack": 8192, "micro": 4, "ckpt": 0, "compile": 0, "chunk": 2048}
+
+
+def parse_variant(spec: str) -> tuple[str, dict, str]:
+    """`project:pack=8192,ckpt=0` or `baseline:micro=2,ckpt=1` -> (kind, knobs, label)."""
+    kind, _, rest = spec.partition(":")
+    knobs = dict(kv.split("=") for kv in rest.split(",") if kv)
+    if kind == "project":
+        opts: dict = PROJECT_DEFAULTS | {k: (v if k == "dtype" else int(v)) for k, v in knobs.items()}
+        shape = f"pack{opts['pack']}" if opts["pack"] else f"micro{opts['micro']}"
+        label = f"project_{opts['dtype']}_{shape}_ckpt{opts['ckpt']}_compile{opts['compile']}_chunk{opts['chunk']}"
+        return kind, opts, label
+    if kind == "baseline":
+        opts = {"micro": 2, "ckpt": 1} | {k: int(v) for k, v in knobs.items()}
+        return kind, opts, f"baseline_micro{opts['micro']}_ckpt{opts['ckpt']}"
+    raise ValueError(f"unknown variant {spec!r}")
+
+
+def project_variant(args, groups, opts: dict, device: torch.device) -> dict:
+    master_dtype = torch.float32 if opts["dtype"] == "fp32" else torch.bfloat16
     model = random_model(qwen3_config(**args.shape), master_dtype, device)
     n_params = param_count(model)
+    if opts["ckpt"]:
+        model.gradient_checkpointing_enable()
     opt = optimizer(model)
-    trainer = Trainer(model, opt, LossSettings(), world_size=1, micro_batch_size=micro, max_grad_norm=1.0,
-                      device=device, compute_dtype=torch.bfloat16)  # fmt: skip
+    forward = ForwardSettings(pack_tokens=opts["pack"] or None, logprob_chunk=opts["chunk"] or None,
+                              compile_layers=bool(opts["compile"]))  # fmt: skip
+    trainer = Trainer(model, opt, LossSettings(), world_size=1, micro_batch_size=opts["micro"], max_grad_norm=1.0,
+                      device=device, compute_dtype=torch.bfloat16, forward=forward)  # fmt: skip
     cfg = GRPOConfig(num_prompts_per_step=args.prompts, num_generations_per_prompt=args.generations)
     max_len = args.prompt_len + args.completion_len + 1
+    warmup = 2 if opts["compile"] else 1  # compiled layers: the second shape recompiles them as dynamic
     times: list[float] = []
-    tokens, parts = 0, dict[str, float]()
+    tokens, parts, micros = 0, dict[str, float](), 0
     try:
-        for step in range(args.repeats + 1):  # step 0 warms up (allocator, cuBLAS plans) and is not counted
+        for step in range(args.repeats + warmup):  # warm-up steps (allocator, cuBLAS plans, compile) not counted
             samples = [s for g in groups for s in group_to_samples(g, cfg, max_len)]
             tokens = sum(len(s.input_ids) for s in samples)
+            micros = len(trainer._chunks(samples))
             _sync(device)
             t0 = time.perf_counter()
             _, parts = trainer.train(assemble(samples, 1, None)[0])
             _sync(device)
-            if step:
+            if step >= warmup:
                 times.append(time.perf_counter() - t0)
-            log.info("project %s micro %d step %d: %.2fs", master_dtype, micro, step, time.perf_counter() - t0)
+            log.info("%s step %d: %.2fs", opts, step, time.perf_counter() - t0)
     except torch.OutOfMemoryError as exc:
         return {"error": "out of memory: " + str(exc).splitlines()[0][:160]}
     finally:
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
         del trainer, opt, model
         _free(device)
-    best = min(times)
-    return _figures(tokens, best, n_params, peak) | {
+    return _figures(tokens, times, n_params, peak) | {
         "fwd_bwd_s": round(parts["fwd_bwd_s"], 3),
         "optimizer_s": round(parts["optimizer_s"], 3),
+        "micro_batches": micros,
+        "knobs": opts,
     }
 
 
-def baseline_variant(args, groups, micro: int, device: torch.device, checkpointing: bool) -> dict:
+def profile_step(args, groups, opts: dict, device: torch.device, path) -> None:
+    """One warmed-up project step under torch.profiler: the 40 costliest GPU kernels into `path` (a text table)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = random_model(qwen3_config(**args.shape), torch.bfloat16, device)
+    if opts["ckpt"]:
+        model.gradient_checkpointing_enable()
+    forward = ForwardSettings(pack_tokens=opts["pack"] or None, logprob_chunk=opts["chunk"] or None,
+                              compile_layers=bool(opts["compile"]))  # fmt: skip
+    trainer = Trainer(model, optimizer(model), LossSettings(), world_size=1, micro_batch_size=opts["micro"],
+                      max_grad_norm=1.0, device=device, compute_dtype=torch.bfloat16, forward=forward)  # fmt: skip
+    cfg = GRPOConfig(num_prompts_per_step=args.prompts, num_generations_per_prompt=args.generations)
+    max_len = args.prompt_len + args.completion_len + 1
+    for step in range(3 if opts["compile"] else 2):
+        samples = [s for g in groups for s in group_to_samples(g, cfg, max_len)]
+        if step == (2 if opts["compile"] else 1):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                trainer.train(assemble(samples, 1, None)[0])
+                _sync(device)
+        else:
+            trainer.train(assemble(samples, 1, None)[0])
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    path.write_text(table)
+    print(table[:6000])
+    del trainer, model
+    _free(device)
+
+
+def varlen_check(args, groups, device: torch.device, layers: int = 4) -> dict:
+    """Packed (varlen) and padded (SDPA) bf16 logprobs of 16 samples against a float32 padded forward.
+
+    `layers` decoder layers of the Qwen3-4B shape (the whole depth only scales the error).
+    """
+    cfg = GRPOConfig(num_prompts_per_step=args.prompts, num_generations_per_prompt=args.generations)
+    max_len = args.prompt_len + args.completion_len + 1
+    samples = [s for g in groups[:2] for s in group_to_samples(g, cfg, max_len)]
+    shape = {**args.shape, "num_hidden_layers": min(layers, qwen3_config(**args.shape).num_hidden_layers)}
+    ref_model = random_model(qwen3_config(**shape), torch.float32, device).eval()
+    out: dict = {"samples": len(samples), "layers": shape["num_hidden_layers"]}
+    with torch.no_grad():
+        padded = collate(samples, device)
+        ref, _ = PolicyLogprobs(ref_model)(**padded.model_inputs())
+        model = ref_model.to(torch.bfloat16)
+        got_padded, _ = PolicyLogprobs(model, 4096)(**padded.model_inputs())
+        use_varlen_attention(model)
+        got_packed, _ = PolicyLogprobs(model, 4096)(**collate_packed(samples, device).model_inputs())
+    for name, got in (("padded_sdpa_bf16", got_padded), ("packed_varlen_bf16", got_packed)):
+        err = (got.float() - ref).abs()
+        out[name] = {"max_abs_err": round(float(err.max()), 4), "mean_abs_err": round(float(err.mean()), 5)}
+    err = (got_packed.float() - got_padded.float()).abs()
+    out["packed_vs_padded"] = {"max_abs_diff": round(float(err.max()), 4), "mean_abs_diff": round(float(err.mean()), 5)}
+    del model, ref_model
+    _free(device)
+    return out
+
+
+def baseline_variant(args, groups, opts: dict, device: torch.device) -> dict:
+    micro, checkpointing = opts["micro"], bool(opts["ckpt"])
     model: Any = random_model(qwen3_config(**args.shape), torch.bfloat16, device)
     n_params = param_count(model)
     if checkpointing:
@@ -127,22 +217,24 @@ def baseline_variant(args, groups, micro: int, device: torch.device, checkpointi
             _sync(device)
             if step:
                 times.append(time.perf_counter() - t0)
-            log.info("baseline gc=%s step %d: %.2fs", checkpointing, step, time.perf_counter() - t0)
+            log.info("baseline %s step %d: %.2fs", opts, step, time.perf_counter() - t0)
     except torch.OutOfMemoryError as exc:
         return {"error": "out of memory: " + str(exc).splitlines()[0][:160]}
     finally:
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
         del opt, model
         _free(device)
-    return _figures(tokens, min(times), n_params, peak)
+    return _figures(tokens, times, n_params, peak) | {"knobs": opts}
 
 
-def _figures(tokens: int, seconds: float, n_params: int, peak_gib: float) -> dict:
-    tps = tokens / seconds
+def _figures(tokens: int, times: list[float], n_params: int, peak_gib: float) -> dict:
+    """Best of the timed steps (and their mean, to show the spread)."""
+    tps = tokens / min(times)
     return {
         "tokens_per_s": round(tps, 1),
         "mfu": round(6 * n_params * tps / H100_BF16_FLOPS, 4),
-        "step_s": round(seconds, 3),
+        "step_s": round(min(times), 3),
+        "mean_step_s": round(sum(times) / len(times), 3),
         "tokens_per_step": tokens,
         "params": n_params,
         "peak_gib": round(peak_gib, 1),
@@ -153,9 +245,10 @@ def summarize(figures: dict) -> tuple[bool, float]:
     """Adds best_project_mfu / speedup_vs_baseline_gc; returns (target met, best project MFU)."""
     runs = {k: v.get("mfu", 0.0) for k, v in figures.items() if isinstance(v, dict)}
     best = max((v for k, v in runs.items() if k.startswith("project")), default=0.0)
-    base = max((v for k, v in runs.items() if k.startswith("baseline_gc")), default=0.0)
+    base = max((v for k, v in runs.items() if k.startswith("baseline") and k.endswith("ckpt1")), default=0.0)
     figures["best_project_mfu"] = best
-    figures["project_default_mfu"] = max((v for k, v in runs.items() if "fp32_master" in k), default=0.0)
+    figures["best_project_variant"] = max((k for k in runs if k.startswith("project")), key=runs.get, default=None)
+    figures["project_fp32_master_mfu"] = max((v for k, v in runs.items() if k.startswith("project_fp32")), default=0.0)
     figures["speedup_vs_baseline_gc"] = round(best / base, 3) if base else None
     return best >= TARGET_MFU, best
 
@@ -181,9 +274,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
         "--variants",
-        default="bf16:2,fp32_master:1,baseline_gc:2,bf16:4,fp32_master:2",
-        help="name:micro, names fp32_master | bf16 (project) | baseline_gc | baseline (no checkpointing).",
+        default="project:pack=8192,compile=1;project:pack=10240,compile=1;project:pack=16384,ckpt=1,compile=1;"
+        "project:pack=6144;project:pack=0,micro=4,chunk=0;baseline:micro=2,ckpt=1;"
+        "project:dtype=fp32,pack=4096,ckpt=1,compile=1",
+        help="';'-separated kind:knob=value,... (kinds project | baseline; see the module docstring).",
     )
+    parser.add_argument("--no-check", action="store_true", help="Skip the varlen-vs-padded logprob check.")
+    parser.add_argument("--profile", default="", help="A project variant to profile after the sweep ($OUT).")
     parser.add_argument("--tiny", action="store_true", help="2 layers, small dims: a CPU check of the script.")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -209,20 +306,34 @@ def main() -> None:
         "flops_per_token": "6N",
         "peak_flops": H100_BF16_FLOPS,
     }
-    for spec in args.variants.split(","):  # name:micro; results are written after each, so a timeout keeps them
-        name, _, micro_s = spec.partition(":")
-        micro = int(micro_s or 1)
-        if name == "fp32_master":
-            fig = project_variant(args, groups, torch.float32, micro, device)
-        elif name == "bf16":
-            fig = project_variant(args, groups, torch.bfloat16, micro, device)
-        else:
-            fig = baseline_variant(args, groups, micro, device, checkpointing=name == "baseline_gc")
-        figures[f"{'project_' if name in ('fp32_master', 'bf16') else ''}{name}_micro{micro}"] = fig | {"micro": micro}
+    if not args.no_check:
+        try:
+            figures["varlen_check"] = varlen_check(args, groups, device)
+        except Exception as exc:
+            log.exception("varlen check failed")
+            figures["varlen_check"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        print(f"varlen check: {figures['varlen_check']}")
+    met, best_project = False, 0.0
+    for spec in args.variants.split(";"):  # results are written after each, so a timeout keeps them
+        kind, opts, label = parse_variant(spec)
+        try:
+            run = project_variant if kind == "project" else baseline_variant
+            fig = run(args, groups, opts, device)
+        except Exception as exc:  # one broken variant must not cost the others' figures (one GPU call each)
+            log.exception("variant %s failed", spec)
+            fig = {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "knobs": opts}
+            _free(device)
+        figures[label] = fig
         met, best_project = summarize(figures)
-        print(f"{spec:20s} {fig}")
+        print(f"{label:50s} {fig}")
         if not args.no_write:
             write_result("gpu_learner", figures, {"best_project_mfu": f">= {TARGET_MFU}"}, met, out_dir())
+    if args.profile:
+        _, opts, label = parse_variant(args.profile)
+        try:
+            profile_step(args, groups, opts, device, (out_dir() or Path(".")) / f"profile_{label}.txt")
+        except Exception:
+            log.exception("profile failed")
     for k, v in figures.items():
         print(f"{k:28s} {v}")
     print(f"gpu_learner: best project MFU {best_project:.3f} (target {TARGET_MFU}): {'met' if met else 'NOT met'}")

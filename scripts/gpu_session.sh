@@ -46,10 +46,10 @@ fi
 learner_pid=
 if has learner; then
   if ((ngpu >= 2)); then
-    CUDA_VISIBLE_DEVICES=0 run learner "${LEARNER_TIMEOUT:-280}" python3 -m bench.gpu_learner &
+    CUDA_VISIBLE_DEVICES=0 run learner "${LEARNER_TIMEOUT:-420}" python3 -m bench.gpu_learner &
     learner_pid=$!
   else
-    CUDA_VISIBLE_DEVICES=0 run learner "${LEARNER_TIMEOUT:-280}" python3 -m bench.gpu_learner
+    CUDA_VISIBLE_DEVICES=0 run learner "${LEARNER_TIMEOUT:-420}" python3 -m bench.gpu_learner
   fi
 fi
 if has generate; then
