@@ -103,7 +103,7 @@ def weight_update_seconds(engine, model, repeats: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp, RedisServer(directory=Path(tmp)) as server:
         r = connect(server.url)
         keys = Keys("bench")
-        learner = CollectiveBroadcast(r, keys, master_addr="127.0.0.1", timeout_s=60)
+        learner = CollectiveBroadcast(r, keys, master_addr="127.0.0.1", timeout_s=60, flatten=True)
         r.set(keys.worker_alive(engine.worker_id), "1", ex=3600)
         r.hset(keys.policy, POLICY_JOIN_PREFIX + engine.worker_id, time.time())
         worker_s, learner_s, receive_s, load_s = [], [], [], []

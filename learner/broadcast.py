@@ -4,9 +4,12 @@ Two transports behind one base, `WeightBroadcast.broadcast(model, version)`:
 
 - `CollectiveBroadcast`: a weight group of its own (gloo on CPU, NCCL on GPU) built on a TCPStore that this
   process hosts, separate from the learner's torchrun group. Rank 0 is the learner, rank i+1 is
-  `announcement.members[i]`. Parameters are packed into flat buckets of at most `bucket_bytes` (one dtype per
-  bucket), one broadcast each. The `WeightAnnouncement` (version, epoch, bucket layout, rendezvous) is written
-  to the policy hash before the first byte moves, so every member knows what to expect and a hang is visible.
+  `announcement.members[i]`. Parameters travel as flat buckets of at most `bucket_bytes` (one dtype per
+  bucket), one broadcast each. With `flatten=True` (the learner's setting) the model's parameters are laid out
+  as views of those buckets once (`weightsync.flat`), so later broadcasts send the parameter storage itself:
+  no pack copy, no fresh memory to fault in. The `WeightAnnouncement` (version, epoch, bucket layout,
+  rendezvous) is written to the policy hash before the first byte moves, so every member knows what to expect
+  and a hang is visible.
 - `FilesystemBroadcast`: one safetensors file per version in a shared directory, announced the same way.
 
 Membership (docs/weight_sync.md): a worker asks to join by writing `join:<worker_id>` into the policy hash. At
@@ -42,7 +45,7 @@ from broker.keys import (
     Keys,
 )
 from broker.schemas import BucketSpec, MessageError, TensorSpec, WeightAnnouncement, decode, encode
-from weightsync.flat import bucket_view, wait_in_order
+from weightsync.flat import bucket_view, flatten_into_buckets, wait_in_order
 from weightsync.groups import new_group
 
 log = logging.getLogger(__name__)
@@ -111,9 +114,11 @@ def plan_buckets(tensors: NamedTensors, bucket_bytes: int) -> list[BucketSpec]:
     return buckets
 
 
-def pack_bucket(by_name: dict[str, torch.Tensor], spec: BucketSpec, device: torch.device) -> torch.Tensor:
-    """One flat tensor [spec.numel] holding the bucket's parameters at their offsets."""
-    flat = torch.empty(spec.numel, dtype=getattr(torch, spec.dtype), device=device)  # [numel]
+def pack_bucket(
+    by_name: dict[str, torch.Tensor], spec: BucketSpec, device: torch.device, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One flat tensor [spec.numel] holding the bucket's parameters at their offsets (in `out` if given)."""
+    flat = out if out is not None else torch.empty(spec.numel, dtype=getattr(torch, spec.dtype), device=device)
     for ts in spec.tensors:
         flat[ts.offset : ts.offset + ts.numel].copy_(by_name[ts.name].reshape(-1))
     return flat
@@ -175,11 +180,17 @@ class CollectiveBroadcast(WeightBroadcast):
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         backend: str | None = None,
+        flatten: bool = False,
     ) -> None:
         super().__init__(r, keys)
         self.bucket_bytes = bucket_bytes
         self.timeout_s = timeout_s
         self.backend = backend
+        # Off by default: it changes the storage (not the identity) of the caller's parameters. The learner turns
+        # it on (make_broadcast); bench/gpu_weight_sync.py measures both layouts with the default.
+        self.flatten = flatten
+        self._plan: tuple[tuple, list[BucketSpec]] | None = None
+        self._ring: dict[str, list[torch.Tensor]] = {}  # per dtype: 2 reusable pack buffers (CPU packed path)
         self.master_addr = master_addr or socket.gethostname()
         # Port 0: the OS picks a free one; the announcement tells the workers which.
         self.store = dist.TCPStore(
@@ -198,8 +209,10 @@ class CollectiveBroadcast(WeightBroadcast):
             WeightSyncError: MAX_ATTEMPTS tries failed (the learner may go on; workers keep older weights).
         """
         tensors = named_tensors(source)
+        buckets = self._buckets(tensors)
+        if self.flatten and isinstance(source, torch.nn.Module) and self._flatten(source, tensors, buckets):
+            tensors = named_tensors(source)  # the same parameters, now views of the buckets
         by_name = dict(tensors)
-        buckets = plan_buckets(tensors, self.bucket_bytes)
         device = tensors[0][1].device
         backend = self.backend or ("nccl" if device.type == "cuda" else "gloo")
         report = BroadcastReport(version=version, epoch=self.epoch, members=[], bytes=total_bytes(buckets))
@@ -233,6 +246,39 @@ class CollectiveBroadcast(WeightBroadcast):
     def close(self) -> None:
         self.pg = None
         self.r.hdel(self.keys.policy, POLICY_ANNOUNCEMENT)
+
+    def _buckets(self, tensors: NamedTensors) -> list[BucketSpec]:
+        """The bucket plan, kept while names, shapes and dtypes stay the same (a plan costs Python per tensor)."""
+        key = tuple((n, tuple(t.shape), t.dtype) for n, t in tensors)
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, plan_buckets(tensors, self.bucket_bytes))
+        return self._plan[1]
+
+    @staticmethod
+    def _flatten(model: torch.nn.Module, tensors: NamedTensors, buckets: list[BucketSpec]) -> bool:
+        """Lay `model`'s parameters out as the buckets (once; again only if something moved them). True if done.
+
+        Plain tensors only: sharded (DTensor) parameters have no local storage to lay out.
+        """
+        by_name = dict(tensors)
+        if all(bucket_view(by_name, spec) is not None for spec in buckets):
+            return False
+        if any(type(t) is not torch.Tensor for _, t in tensors):
+            return False
+        flatten_into_buckets(model, buckets)
+        return True
+
+    def _pack_buffer(self, spec: BucketSpec, device: torch.device, slot: int) -> torch.Tensor | None:
+        """A reusable [spec.numel] pack buffer on CPU, where a fresh one costs page faults on every byte (a 517 MB
+        model: ~0.2 s of first touch, more than the transfer); None on GPU, whose caching allocator reuses memory."""
+        if device.type != "cpu":
+            return None
+        ring = self._ring.setdefault(spec.dtype, [])
+        while len(ring) <= slot:
+            ring.append(torch.empty(0, dtype=getattr(torch, spec.dtype)))
+        if ring[slot].numel() < spec.numel:
+            ring[slot] = torch.empty(spec.numel, dtype=getattr(torch, spec.dtype))
+        return ring[slot][: spec.numel]
 
     def _last_epoch(self) -> int:
         """Continue after the epoch of any earlier announcement, so a restarted learner never reuses one."""
@@ -281,31 +327,31 @@ class CollectiveBroadcast(WeightBroadcast):
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         deadline = time.monotonic() + self.timeout_s
-        in_flight: list = []
-        previous: Any = None
+        in_flight: list = []  # NCCL, and gloo buckets sent from the parameters themselves: waited for at the end
+        packed_works: list = []  # gloo buckets sent from a pack buffer: at most 2 alive (the buffers rotate)
+        n_packed = 0
         for spec in buckets:
             # Parameters laid out as this bucket (weightsync.flat) are sent as they are: no copy, no memory.
             flat = bucket_view(by_name, spec)  # [numel]
             packed = flat is None
+            if packed and device.type == "cpu" and len(packed_works) >= 2:
+                packed_works.pop(0).wait(timedelta(seconds=_left(deadline, self.timeout_s)))  # frees its buffer
             if packed:
-                flat = pack_bucket(by_name, spec, device)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RuntimeError(f"weight broadcast exceeded its {self.timeout_s:.0f}s deadline")
+                flat = pack_bucket(by_name, spec, device, self._pack_buffer(spec, device, n_packed % 2))
+                n_packed += 1
             work = self.pg.broadcast([flat], opts)
             if device.type == "cpu":
-                # gloo: wait for the previous bucket only, so packing this one overlapped its transfer (<= 2 alive).
-                if previous is not None:
-                    previous.wait(timedelta(seconds=remaining))
-                previous = work
+                (packed_works if packed else in_flight).append(work)
             elif packed:
-                work.wait(timedelta(seconds=remaining))  # one packed bucket alive at a time
+                work.wait(timedelta(seconds=_left(deadline, self.timeout_s)))  # one packed bucket alive at a time
             else:
                 in_flight.append(work)  # NCCL runs them in order on its stream; no host round trip per bucket
-        if previous is not None:
-            previous.wait(timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
-        wait_in_order(in_flight, deadline)
-        if device.type == "cuda":
+        if device.type == "cpu":
+            # gloo: every bucket is in flight at once (its worker threads keep the order); wait in issue order.
+            for work in in_flight + packed_works:
+                work.wait(timedelta(seconds=_left(deadline, self.timeout_s)))
+        else:
+            wait_in_order(in_flight, deadline)
             torch.cuda.synchronize(device)
 
     def _wait_for_lapsed_heartbeat(self, wait_s: float) -> list[str]:
@@ -333,6 +379,14 @@ class CollectiveBroadcast(WeightBroadcast):
             return missing
         alive = self._alive(set(self.members))
         return [m for m in self.members if m not in alive]
+
+
+def _left(deadline: float, timeout_s: float) -> float:
+    """Seconds left before `deadline` (time.monotonic()); raises once it has passed."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise RuntimeError(f"weight broadcast exceeded its {timeout_s:.0f}s deadline")
+    return remaining
 
 
 class FilesystemBroadcast(WeightBroadcast):
@@ -383,4 +437,5 @@ def make_broadcast(cfg: Any, r: redis.Redis) -> WeightBroadcast:
         bucket_bytes=int(getattr(rt, "weight_bucket_mb", DEFAULT_BUCKET_BYTES / 2**20) * 2**20),
         timeout_s=float(getattr(rt, "weight_sync_timeout_s", DEFAULT_TIMEOUT_S)),
         backend=backend,
+        flatten=True,  # the learner's parameters become views of the buckets at the first broadcast
     )

@@ -85,6 +85,34 @@ def test_workers_receive_every_parameter_in_buckets(sync) -> None:
         t.join(30)
 
 
+def test_a_flattening_sender_sends_its_parameters_in_place(redis_url: str, run_name: str) -> None:
+    from broker.schemas import BucketSpec
+    from weightsync.flat import bucket_view
+
+    r = connect(redis_url)
+    keys = Keys(run_name)
+    bc = CollectiveBroadcast(r, keys, master_addr="127.0.0.1", bucket_bytes=256, timeout_s=TIMEOUT_S, flatten=True)
+    model = _model()
+    first = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _ask_to_join(r, keys, "w1")
+    out: dict = {}
+    for version in (1, 2):
+        worker = threading.Thread(target=_worker, args=(r, keys, "w1", version, out))
+        worker.start()
+        bc.broadcast(model, version=version)
+        worker.join(30)
+        params = dict(model.named_parameters())
+        ann = read_announcement(r, keys)
+        assert all(bucket_view(params, BucketSpec(**{f: getattr(b, f) for f in b.__struct_fields__})) is not None
+                   for b in ann.buckets)  # fmt: skip
+        assert all(torch.equal(out["w1"][n], p.detach()) for n, p in params.items())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)  # an optimizer step writes into the bucket views
+    assert all(torch.allclose(first[n] + 2.0, p.detach()) for n, p in model.named_parameters())
+    bc.close()
+
+
 def test_a_member_that_never_comes_is_evicted_and_the_rest_are_served(sync) -> None:
     r, keys, bc = sync
     model = _model()
