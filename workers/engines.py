@@ -238,7 +238,7 @@ class HFEngine(Engine):
         if ann.backend == "filesystem":
             return self.load_file(ann.checkpoint_path)
         if self._receiver is None:
-            self._receiver = WeightReceiver(self.worker_id, self.device)
+            self._receiver = WeightReceiver(self.worker_id, self.device, reuse_buffers=self.device.type == "cpu")
         t0 = time.perf_counter()
         tensors = self._receiver.receive(ann)
         t1 = time.perf_counter()

@@ -59,12 +59,17 @@ def _prod(shape: list[int]) -> int:
 class WeightReceiver:
     """One worker's membership of the weight group: joins per epoch, receives buckets, never hangs."""
 
-    def __init__(self, worker_id: str, device: torch.device | str = "cpu") -> None:
+    def __init__(self, worker_id: str, device: torch.device | str = "cpu", *, reuse_buffers: bool = False) -> None:
+        """`reuse_buffers`: receive every update into the same buffers (CPU: a fresh buffer costs a page fault per
+        4 KiB, ~0.2 s for 517 MB, more than the transfer). The tensors `receive` returns are then valid only
+        until the next `receive`, and one copy of the weights stays allocated between updates."""
         self.worker_id = worker_id
         self.device = torch.device(device)
         self.epoch: int | None = None
         self.pg: Any = None
         self._store: Any = None
+        self.reuse_buffers = reuse_buffers
+        self._buffers: list[torch.Tensor] = []
 
     def receive(self, ann: WeightAnnouncement, into: dict[str, torch.Tensor] | None = None) -> NamedTensors:
         """Every parameter of `ann`, received from rank 0 of the weight group.
@@ -114,11 +119,11 @@ class WeightReceiver:
         out: NamedTensors = []
         in_flight: list = []
         gloo_works: list = []
-        for spec in ann.buckets:
+        for i, spec in enumerate(ann.buckets):
             flat = bucket_view(into, spec) if into else None  # [numel], the parameters themselves
             in_place = flat is not None
             if flat is None:
-                flat = torch.empty(spec.numel, dtype=getattr(torch, spec.dtype), device=self.device)  # [numel]
+                flat = self._buffer(i, spec)  # [numel]
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WeightSyncError(f"weight update v{ann.version} exceeded its {ann.timeout_s:.0f}s deadline")
@@ -128,12 +133,24 @@ class WeightReceiver:
             (in_flight if self.device.type == "cuda" else gloo_works).append(work)
             if not in_place:
                 out += unpack_bucket(flat, spec)  # views: filled in once its work completes
+        del self._buffers[len(ann.buckets) :]  # a layout with fewer buckets: free the rest
         for work in gloo_works:
             work.wait(timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
         wait_in_order(in_flight, deadline)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return out
+
+    def _buffer(self, index: int, spec: BucketSpec) -> torch.Tensor:
+        """A [spec.numel] tensor to receive bucket `index` into: kept from the last update when reuse is on."""
+        dtype = getattr(torch, spec.dtype)
+        if not self.reuse_buffers:
+            return torch.empty(spec.numel, dtype=dtype, device=self.device)
+        while len(self._buffers) <= index:
+            self._buffers.append(torch.empty(0, dtype=dtype, device=self.device))
+        if self._buffers[index].dtype != dtype or self._buffers[index].numel() != spec.numel:
+            self._buffers[index] = torch.empty(spec.numel, dtype=dtype, device=self.device)
+        return self._buffers[index]
 
 
 def load_safetensors(path: str) -> NamedTensors:
@@ -204,15 +221,33 @@ class VllmWeightExtension:
         receiver = getattr(self, "_rlq_weight_receiver", None)
         if receiver is None or receiver.worker_id != worker_id:
             device = self.device if isinstance(getattr(self, "device", None), torch.device) else "cpu"
-            receiver = WeightReceiver(worker_id, device)
+            # The buffers are only read by the load that follows each receive; on CPU reusing them saves faulting
+            # in a full copy of the weights every update.
+            receiver = WeightReceiver(worker_id, device, reuse_buffers=torch.device(device).type == "cpu")
             self._rlq_weight_receiver = receiver
         return receiver
 
     def _rlq_load(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        # Names are Hugging Face's; reload_weights maps them (q/k/v -> qkv_proj, ...) and repacks per layer.
-        # The worker's own reload_weights sets vLLM's current config around the model runner's.
+        # Names are Hugging Face's; both paths map them (q/k/v -> qkv_proj, ...) with the model's load_weights.
+        from workers.vllm_reload import load_in_place
+
+        model = self.model_runner.get_model()
+        config = self.model_runner.vllm_config
+        with _current_vllm_config(config):
+            if load_in_place(model, tensors, quantized=config.model_config.quantization is not None):
+                for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):  # as reload_weights
+                    getattr(self.model_runner, reset, lambda: None)()
+                return
+        # Elsewhere (GPU, quantized): vLLM's layer-wise reload. The worker's own reload_weights sets vLLM's
+        # current config around the model runner's.
         reload = getattr(self, "reload_weights", None) or self.model_runner.reload_weights
         reload(weights_iterator=iter(tensors), is_checkpoint_format=True)
-        model = self.model_runner.get_model()
         if next(model.parameters()).device.type == "cpu":
             refresh_tied_cpu_gemms(model)
+
+
+def _current_vllm_config(config: Any) -> Any:
+    """vLLM's context that weight loaders and post-load processing read their settings from."""
+    from vllm.config import set_current_vllm_config
+
+    return set_current_vllm_config(config)

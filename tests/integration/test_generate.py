@@ -140,26 +140,28 @@ def test_after_a_weight_update_vllm_logprobs_equal_the_learners(
 ) -> None:
     r = connect(redis_url)
     keys = Keys(run_name)
-    learner = CollectiveBroadcast(r, keys, master_addr="127.0.0.1", bucket_bytes=1 << 20, timeout_s=30)
-    model = _perturbed(tiny_dir, seed=1)
-    before = _vllm_sequence_logprobs(vllm_engine, SEQUENCE)
+    learner = CollectiveBroadcast(r, keys, master_addr="127.0.0.1", bucket_bytes=1 << 20, timeout_s=30, flatten=True)
     worker = _worker(vllm_engine, redis_url, run_name, "vllm-0")
     worker.sync()  # no announcement yet: asks to join
-    syncer = threading.Thread(target=lambda: _wait(worker.sync, what="the worker's sync"))
-    syncer.start()
-    report = learner.broadcast(model, version=1)
-    syncer.join(120)
-    assert report.members == ["vllm-0"] and len(report.members) == 1 and worker.version == 1
-    assert int(r.hget(keys.policy, POLICY_SYNCED_PREFIX + "vllm-0")) == 1
-    after = _vllm_sequence_logprobs(vllm_engine, SEQUENCE)
-    expected = _hf_logprobs(model, SEQUENCE[:1], SEQUENCE[1:], temperature=1.0)
-    assert (before - expected).abs().max() > 1.0  # the update mattered
-    assert (after - expected).abs().max().item() <= 1e-4
+    # Twice: the first update sets up what later ones reuse (receive buffers, unpacked linear weights).
+    for version, seed in ((1, 1), (2, 4)):
+        model = _perturbed(tiny_dir, seed=seed)
+        before = _vllm_sequence_logprobs(vllm_engine, SEQUENCE)
+        syncer = threading.Thread(target=lambda: _wait(worker.sync, what="the worker's sync"))
+        syncer.start()
+        report = learner.broadcast(model, version=version)
+        syncer.join(120)
+        assert report.members == ["vllm-0"] and worker.version == version
+        assert int(r.hget(keys.policy, POLICY_SYNCED_PREFIX + "vllm-0")) == version
+        after = _vllm_sequence_logprobs(vllm_engine, SEQUENCE)
+        expected = _hf_logprobs(model, SEQUENCE[:1], SEQUENCE[1:], temperature=1.0)
+        assert (before - expected).abs().max() > 1.0  # the update mattered
+        assert (after - expected).abs().max().item() <= 1e-4
     # The behaviour logprobs of fresh samples are the learner's logprobs at the sampling temperature.
-    StreamProducer(r, keys.prompts).add(_batch(7, min_version=1))
+    StreamProducer(r, keys.prompts).add(_batch(7, min_version=2))
     assert worker.run(max_batches=1) == 1
     (group, *_) = _groups(r, run_name)
-    assert group.policy_version == 1
+    assert group.policy_version == 2
     for s in group.samples:
         lp = _hf_logprobs(model, group.prompt.token_ids.to_numpy().tolist(), s.token_ids.to_numpy().tolist(), 0.8)
         assert (torch.from_numpy(s.logprobs.to_numpy().copy()) - lp).abs().max().item() <= 1e-4
