@@ -82,7 +82,9 @@ def init_distributed(backend: str) -> DistInfo:
         torch.cuda.set_device(device)
     else:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+        # The CPUs this process may use (a pinned learner gets fewer than the machine has), shared by local ranks.
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cpus // max(local_world, 1)))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     if rank == 0:

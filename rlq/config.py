@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from broker.keys import check_run_name
 from learner.config import (
@@ -50,6 +50,80 @@ class ClusterConfig(_Strict):
     learner_procs_per_node: int = Field(1, ge=1, description="Learner ranks per node (torchrun --nproc-per-node).")
     generation_workers: int = Field(1, ge=1, description="`rlq worker generate` processes.")
     judge_workers: int = Field(1, ge=1, description="Celery worker processes (`--concurrency`) of the judge role.")
+    learner_cpus: str | None = Field(
+        None,
+        description='`rlq train` only: CPU ids the learner ranks are pinned to (taskset syntax, e.g. "1" or '
+        '"4-7"); their torch threads = CPUs / learner_procs_per_node. null: no pinning.',
+    )
+    generation_cpus: str | None = Field(
+        None,
+        description="`rlq train` only: CPU ids each generation worker (its vLLM CPU engine's threads included, "
+        "VLLM_CPU_OMP_THREADS_BIND) is pinned to; one list per worker separated by '|' (e.g. \"0\" or "
+        '"0-1|2-3"). null: no pinning (vLLM binds its own threads).',
+    )
+    judge_cpus: str | None = Field(
+        None, description="`rlq train` only: CPU ids the judge workers are pinned to. null: no pinning."
+    )
+
+    @field_validator("learner_cpus", "generation_cpus", "judge_cpus", mode="before")
+    @classmethod
+    def _cpu_id_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # `learner_cpus=1`
+
+    @model_validator(mode="after")
+    def _check_cpu_lists(self) -> ClusterConfig:
+        for name in ("learner_cpus", "judge_cpus"):
+            value = getattr(self, name)
+            if value is not None:
+                parse_cpu_list(value, f"cluster.{name}")
+        if self.generation_cpus is not None:
+            lists = self.generation_cpus.split("|")
+            if len(lists) not in (1, self.generation_workers):
+                raise ValueError(
+                    f"cluster.generation_cpus has {len(lists)} '|'-separated lists for "
+                    f"{self.generation_workers} generation workers: give one list, or one per worker"
+                )
+            for item in lists:
+                parse_cpu_list(item, "cluster.generation_cpus")
+        return self
+
+
+def parse_cpu_list(text: str, name: str) -> list[int]:
+    """ "0,2-3" -> [0, 2, 3]. Only the syntax is checked here: the config is read on every node."""
+    ids: set[int] = set()
+    try:
+        for part in text.replace(" ", "").split(","):
+            low, dash, high = part.partition("-")
+            ids.update(range(int(low), int(high if dash else low) + 1))
+    except ValueError:
+        raise ValueError(f'{name}={text!r} is not a CPU list like "0", "0,2" or "4-7"') from None
+    if not ids or min(ids) < 0:
+        raise ValueError(f'{name}={text!r} is not a CPU list like "0", "0,2" or "4-7"')
+    return sorted(ids)
+
+
+def local_cpu_list(text: str, name: str) -> list[int]:
+    """`parse_cpu_list`, and every id must be a CPU this process may run on (for the machine that pins)."""
+    ids = parse_cpu_list(text, name)
+    available = (
+        sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    )
+    if not set(ids) <= set(available):
+        raise ValueError(
+            f"{name}={text!r} names CPUs this machine does not offer (available: {_ranges(available)}); "
+            f"set it to a subset, or to null for no pinning"
+        )
+    return ids
+
+
+def _ranges(ids: list[int]) -> str:
+    out, start = [], ids[0] if ids else 0
+    for i, cpu in enumerate(ids):
+        if i + 1 == len(ids) or ids[i + 1] != cpu + 1:
+            out.append(str(start) if start == cpu else f"{start}-{cpu}")
+            if i + 1 < len(ids):
+                start = ids[i + 1]
+    return ",".join(out)
 
 
 class WandbConfig(_Strict):

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from broker.server import RedisServer
-from rlq.config import BROKER_URL_ENV, RunConfig, save_resolved
+from rlq.config import BROKER_URL_ENV, RunConfig, local_cpu_list, save_resolved
 from rlq.errors import UserError
 from rlq.supervisor import RoleFailed, RoleSpec, Supervisor
 from rlq.tracking import MetricsFollower, WandbSettings
@@ -30,18 +30,37 @@ def role_specs(cfg: RunConfig, config_path: Path) -> list[RoleSpec]:
     """The processes of a one-machine run, in start order (judges first: nothing waits on an empty queue)."""
     python = sys.executable
     base = ["--config", str(config_path)]
+    cluster = cfg.cluster
+    try:  # validated here, on the machine that pins, not when each role reads the config
+        learner_cpus = local_cpu_list(cluster.learner_cpus, "cluster.learner_cpus") if cluster.learner_cpus else None
+        judge_cpus = local_cpu_list(cluster.judge_cpus, "cluster.judge_cpus") if cluster.judge_cpus else None
+        generation_cpus = [
+            local_cpu_list(text, "cluster.generation_cpus")
+            for text in (cluster.generation_cpus or "").split("|")
+            if text
+        ]
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     specs = [
         RoleSpec("judge", [python, "-m", "rlq", "worker", "judge", *base,
-                           "--concurrency", str(cfg.cluster.judge_workers)]),
+                           "--concurrency", str(cfg.cluster.judge_workers)], cpus=judge_cpus),
     ]  # fmt: skip
-    for index in range(cfg.cluster.generation_workers):
+    for index in range(cluster.generation_workers):
+        # The whole worker is pinned (its vLLM engine process inherits it), and vLLM binds its OpenMP threads to
+        # the same CPUs instead of picking its own, which may be the learner's.
+        cpus = generation_cpus[index % len(generation_cpus)] if generation_cpus else None
+        engine_env = {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus))} if cpus else {}
         specs.append(
             RoleSpec(f"generate-{index}", [python, "-m", "rlq", "worker", "generate", *base,
-                                           "--worker-id", f"{cfg.run_name}-gen-{index}"])
+                                           "--worker-id", f"{cfg.run_name}-gen-{index}"], env=engine_env, cpus=cpus)
         )  # fmt: skip
     learner = [python, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={cfg.cluster.learner_procs_per_node}", "-m", "rlq", "learner", *base]  # fmt: skip
-    specs.append(RoleSpec("learner", learner, finishes_run=True))
+               f"--nproc-per-node={cluster.learner_procs_per_node}", "-m", "rlq", "learner", *base]  # fmt: skip
+    learner_env = {}
+    if learner_cpus:
+        # Threads per rank from the pinned set: more would fight over the same cores (OpenMP spins while waiting).
+        learner_env["OMP_NUM_THREADS"] = str(max(1, len(learner_cpus) // cluster.learner_procs_per_node))
+    specs.append(RoleSpec("learner", learner, env=learner_env, finishes_run=True, cpus=learner_cpus))
     return specs
 
 

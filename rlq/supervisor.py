@@ -33,6 +33,7 @@ class RoleSpec:
     env: dict[str, str] = field(default_factory=dict)
     required: bool = True  # when a required role exits (even cleanly), the run is over
     finishes_run: bool = False  # a clean exit of this role ends the run successfully (the learner)
+    cpus: list[int] | None = None  # pin the process (and what it starts) to these CPU ids
 
 
 @dataclass
@@ -57,13 +58,16 @@ class Supervisor:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{spec.name}.log"
         env = {**self.base_env, **spec.env}
+        cpus = spec.cpus
         with open(log_path, "ab") as sink:
             # A new session per role: Ctrl-C reaches only us, and we stop the roles in order.
             process = subprocess.Popen(
                 spec.argv, env=env, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
             )  # fmt: skip
-        (self.log_dir / "commands.txt").open("a").write(f"{spec.name}: {' '.join(spec.argv)}\n")
+        pinned = f"taskset -c {','.join(map(str, cpus))} " if cpus else ""
+        exported = "".join(f"{k}={v} " for k, v in sorted(spec.env.items()))
+        (self.log_dir / "commands.txt").open("a").write(f"{spec.name}: {exported}{pinned}{' '.join(spec.argv)}\n")
         role = RoleProcess(spec, process, log_path)
         self.roles.append(role)
         log.info("started %s (pid %d), log %s", spec.name, process.pid, log_path)

@@ -42,7 +42,13 @@ class GenerateRuntime(_Strict):
     capacity: int = Field(
         8, ge=1, description="Prompts this worker takes per batch; advertised in the heartbeat for the feeder."
     )
-    read_block_ms: int = Field(1000, ge=1, description="Longest blocking read on the prompts stream.")
+    read_block_ms: int = Field(
+        50,
+        ge=1,
+        le=10_000,
+        description="Longest blocking read on the prompts stream: also how late an idle worker may notice a weight "
+        "announcement (it checks between reads), so the learner's broadcast waits up to this long for it.",
+    )
     claim_idle_ms: int = Field(
         60_000, ge=100, description="A batch pending this long on a silent worker is reclaimed by another."
     )
