@@ -152,8 +152,8 @@ class PolicyConfig(_Strict):
     torch_compile: Literal["auto"] | bool = Field(
         "auto",
         description="torch.compile each decoder layer: fused norms, RoPE and SiLU, and fewer saved activations "
-        "(Qwen3-4B on one H100: 30 -> 47 % MFU, packed micro-batches of 8k tokens then fit without activation "
-        "checkpointing). The first steps pay the compile (~20 s). auto: on when the learner runs on CUDA in "
+        "(Qwen3-4B on one H100: 30 -> 46 % MFU, packed micro-batches of 8k tokens then fit without activation "
+        "checkpointing). The first step pays the compile (~30 s). auto: on when the learner runs on CUDA in "
         "bfloat16, as sequence_packing.enabled.",
     )
     dtensor_cfg: DTensorConfig = Field(default_factory=DTensorConfig)
