@@ -3,8 +3,8 @@
 The same config twice: `grpo.max_staleness=0` (synchronous, on-policy: generation waits for every weight
 update) and `grpo.max_staleness=2` (generation runs up to two versions ahead while the learner trains).
 Figures: steps per minute of each (measured between the first and the last step, so engine start-up is left
-out), their ratio, and the final sampled rewards (mean of the last 3 steps). Targets (issue 7): ratio >= 1.5,
-final rewards within 0.05.
+out), their ratio, and the final sampled rewards (mean of the last `learning.WINDOW` steps). Targets
+(issue 7): ratio >= 1.5, final rewards within 0.05.
 
 Usage: .venv/bin/python bench/async_vs_sync.py [overrides for both runs...]
 Writes bench/results/async_vs_sync.json.
@@ -45,7 +45,8 @@ def main() -> None:
                                           f"bench-{mode}")  # fmt: skip
         rewards = [r["rollout/reward_mean"] for r in records]
         figures[f"{mode}_steps_per_min"] = round(steps_per_minute(records), 3)
-        figures[f"{mode}_final_reward"] = round(sum(rewards[-3:]) / len(rewards[-3:]), 4)
+        last = rewards[-learning.WINDOW :]
+        figures[f"{mode}_final_reward"] = round(sum(last) / len(last), 4)
         figures[f"{mode}_minutes"] = round(minutes, 2)
         figures[f"{mode}_reward_curve"] = [round(r, 3) for r in rewards]
     figures["steps_per_min_ratio"] = round(figures["async_steps_per_min"] / figures["sync_steps_per_min"], 3)

@@ -1,9 +1,11 @@
 """Does the tiny arithmetic run learn? `rlq train` from the warm-started tiny policy, timed, on this machine.
 
-Figures: the sampled reward of the first step and of the last steps (mean of the last 3), wall-clock minutes
-of the whole `rlq train` (start-up included), and greedy accuracy on held-out problems (the warm start's
-validation split minus anything in the RL training set) before and after. Baseline: the same policy before
-RL. Targets (issue 7): start reward <= 0.5, final reward >= 0.8, within 15 minutes.
+Figures: greedy accuracy on held-out problems (the warm start's validation split minus anything in the RL
+training set) before and after RL; the sampled training reward of the first and of the last steps (means over
+WINDOW steps: one step's 128 samples are too noisy to quote alone); the minutes until that windowed sampled
+reward first reached 0.8; wall-clock minutes of the whole `rlq train` (start-up included). Baseline: the same
+policy before RL. Targets (issue 7, "reported on held-out problems"): held-out accuracy <= 0.5 before and
+>= 0.8 after, within 15 minutes.
 
 Usage: .venv/bin/python bench/learning.py [overrides for rlq train...]
 Writes bench/results/learning.json.
@@ -25,7 +27,8 @@ sys.path[:0] = [str(REPO)]
 RESULT = REPO / "bench" / "results" / "learning.json"
 WORK = REPO / "runs" / "bench-learning"
 POLICY = REPO / "artifacts" / "tiny-policy"
-LAST_STEPS = 3
+WINDOW = 10
+TARGET_REWARD = 0.8
 
 
 def held_out(train_problems: set[str]) -> list:
@@ -81,24 +84,29 @@ def main() -> None:
     examples = held_out(train_problems)
     before = greedy(POLICY, examples)
     run_dir = WORK / f"run-{int(time.time())}"
+    launched = time.time()  # metrics records carry wall-clock times
     records, minutes = train(str(REPO / "configs" / "tiny_arith_cpu.yaml"), data_dir, run_dir, overrides, "bench")
     rewards = [r["rollout/reward_mean"] for r in records]
     after = greedy(final_policy(run_dir), examples)
+    windowed = [sum(rewards[i - WINDOW : i]) / WINDOW for i in range(WINDOW, len(rewards) + 1)]
+    reached = next((i + WINDOW - 1 for i, value in enumerate(windowed) if value >= TARGET_REWARD), None)
     figures = {
-        "start_reward": round(rewards[0], 4),
-        "final_reward": round(sum(rewards[-LAST_STEPS:]) / len(rewards[-LAST_STEPS:]), 4),
-        "best_reward": round(max(rewards), 4),
-        "minutes": round(minutes, 2),
-        "steps": len(records),
         "heldout_greedy_before": round(before, 4),
         "heldout_greedy_after": round(after, 4),
         "heldout_problems": len(examples),
+        "start_reward": round(sum(rewards[:WINDOW]) / len(rewards[:WINDOW]), 4),
+        "final_reward": round(sum(rewards[-WINDOW:]) / len(rewards[-WINDOW:]), 4),
+        "reward_window_steps": WINDOW,
+        "minutes_to_reward_0.8": (None if reached is None else round((records[reached]["time"] - launched) / 60, 2)),
+        "minutes": round(minutes, 2),
+        "steps": len(records),
+        "seconds_per_step": round((records[-1]["time"] - records[0]["time"]) / max(len(records) - 1, 1), 3),
         "reward_curve": [round(r, 3) for r in rewards],
         "overrides": overrides,
         "run_dir": str(run_dir.relative_to(REPO)),
     }
-    targets = {"start_reward": "<= 0.5", "final_reward": ">= 0.8", "minutes": "<= 15"}
-    met = figures["start_reward"] <= 0.5 and figures["final_reward"] >= 0.8 and figures["minutes"] <= 15
+    targets = {"heldout_greedy_before": "<= 0.5", "heldout_greedy_after": ">= 0.8", "minutes": "<= 15"}
+    met = before <= 0.5 and after >= TARGET_REWARD and minutes <= 15
     write("learning", figures, targets, met)
 
 
