@@ -163,8 +163,8 @@ class Trainer:
             self._prepare(reference, self.forward_settings, trained=False)
             self.reference = PolicyLogprobs(reference, self.forward_settings.logprob_chunk).eval()
         self.pad_id = pad_id
-        # Mixed precision: the parameters (and AdamW) stay float32, the forward runs in `compute_dtype`; pure
-        # bf16 weights would round most 1e-6-sized updates away.
+        # Mixed precision: the forward runs in `compute_dtype` whatever the parameters' dtype (float32 master
+        # weights, or bfloat16 ones with learner.optim.StochasticAdamW: policy.master_weights).
         self.compute_dtype = compute_dtype
 
     def _forward(self, net: nn.Module, micro: Micro) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ from broker.keys import Keys
 from broker.schemas import ScoredGroup
 from learner.batch import Collector, Feeder, assemble, group_to_samples, rollout_metrics
 from learner.checkpoint import Ledger, latest_checkpoint, load_checkpoint, save_checkpoint
-from learner.config import LearnerConfig
+from learner.config import LearnerConfig, PolicyConfig
 from learner.loss import LossSettings
 from learner.metrics import ConsoleSummary, JsonlLogger, MultiLogger
 from learner.step import ForwardSettings, Trainer, reduce_stats
@@ -130,9 +130,14 @@ def load_model(path: str | Path, precision: str, device: torch.device) -> torch.
     return model.to(device)
 
 
-def build_optimizer(params, cfg: LearnerConfig) -> torch.optim.Optimizer:
-    kw = cfg.policy.optimizer.kwargs
+def build_optimizer(params, policy: PolicyConfig) -> torch.optim.Optimizer:
+    """AdamW as `policy.optimizer` sets it, for weights of dtype `policy.master_weights`."""
+    kw = policy.optimizer.kwargs
     params = list(params)
+    if policy.master_weights == "bfloat16":  # torch's AdamW would round most updates away (learner/optim.py)
+        from learner.optim import StochasticAdamW
+
+        return StochasticAdamW(params, lr=kw.lr, weight_decay=kw.weight_decay, betas=kw.betas, eps=kw.eps)
     # fused on GPUs: one kernel for all tensors and no foreach temporaries (~one more copy of the weights)
     fused = bool(params) and params[0].device.type == "cuda"
     return torch.optim.AdamW(params, lr=kw.lr, weight_decay=kw.weight_decay, betas=kw.betas, eps=kw.eps,
@@ -266,8 +271,11 @@ class Coordinator:
         from learner.broadcast import WeightSyncError
 
         source: torch.nn.Module | list[tuple[str, torch.Tensor]] = model
-        if self.cfg.policy.precision != "float32":  # workers run in the compute dtype: send half the bytes
-            dtype = getattr(torch, self.cfg.policy.precision)
+        policy = self.cfg.policy
+        # Workers run in the compute dtype: float32 master weights go as a bfloat16 copy (half the bytes). Weights
+        # already in it go as the model itself, which the broadcast lays out once and then sends without a copy.
+        if policy.precision != policy.master_weights:
+            dtype = getattr(torch, policy.precision)
             source = [(name, p.detach().to(dtype)) for name, p in model.named_parameters()]
         try:
             report = self.weights.broadcast(source, version)
@@ -382,9 +390,10 @@ def build_trainer(cfg: LearnerConfig, info: DistInfo, resume: Path | None) -> tu
 
     model_path = resume / "policy" if resume else cfg.policy.model_name
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.policy.tokenizer_name or model_path))
-    model = load_model(model_path, "float32", info.device)  # float32 master weights; see Trainer.compute_dtype
+    master = cfg.policy.master_weights  # the trained weights' dtype; the forward's is policy.precision
+    model = load_model(model_path, master, info.device)
     fsdp = cfg.policy.dtensor_cfg.enabled and info.world_size > 1
-    shadow = load_model(model_path, "float32", torch.device("cpu")) if fsdp and info.is_main else None
+    shadow = load_model(model_path, master, torch.device("cpu")) if fsdp and info.is_main else None
     if cfg.policy.activation_checkpointing:
         model.gradient_checkpointing_enable()
     reference = None
@@ -392,7 +401,7 @@ def build_trainer(cfg: LearnerConfig, info: DistInfo, resume: Path | None) -> tu
         reference = load_model(cfg.policy.model_name, cfg.policy.precision, info.device).requires_grad_(False)
     trainer = Trainer(
         model,
-        lambda params: build_optimizer(params, cfg),
+        lambda params: build_optimizer(params, cfg.policy),
         loss_settings(cfg),
         world_size=info.world_size,
         micro_batch_size=cfg.policy.train_micro_batch_size,
