@@ -1,14 +1,22 @@
 """Learner throughput on the Qwen3-4B shape (random weights) on one GPU: the project's GRPO step vs plain transformers.
 
 Project: `learner.step.Trainer.train` on a synthetic GRPO step (groups -> `group_to_samples` -> `assemble`), as
-the learner runs it: completion-only LM head, global-normaliser loss, grad clipping, fused AdamW. Each project
-variant sets the learner's forward knobs (`policy.*`, see `learner.step.ForwardSettings`): sequence packing to a
-token budget with flash varlen attention (`pack`, 0: `micro` padded samples per micro-batch), activation
-checkpointing (`ckpt`), compiled decoder layers (`compile`), LM-head logprob chunk (`chunk`, 0: one pass), and
-the weight dtype (`dtype`: bf16 weights and AdamW state, or fp32 master weights under bf16 autocast, the
-learner's default). Baseline: plain transformers forward+backward (`labels=` loss over full logits) with
-gradient checkpointing, the issue's reference configuration, on the same sequences, `micro` padded rows a batch.
-A check compares the packed (varlen) and padded (SDPA) bf16 logprobs with a float32 padded forward.
+the learner runs it: completion-only LM head, global-normaliser loss, grad clipping, and the optimizer the
+learner builds (`learner.train.build_optimizer`). Each project variant sets the learner's forward knobs
+(`policy.*`, see `learner.step.ForwardSettings`): sequence packing to a token budget with flash varlen attention
+(`pack`, 0: `micro` padded samples per micro-batch), activation checkpointing (`ckpt`), compiled decoder layers
+(`compile`), LM-head logprob chunk (`chunk`, 0: one pass), and `policy.master_weights` (`dtype`): bf16 weights
+with the learner's stochastic-rounding AdamW (learner/optim.py; bf16 moments), or fp32 master weights with
+torch's fused AdamW under bf16 autocast. Until this optimizer existed the bf16 variants ran torch's fused AdamW on
+bf16 weights, which rounds lr-1e-6 updates away; such figures are kept under `previous_run` with their date.
+Baseline: plain transformers forward+backward (`labels=` loss over full logits) with gradient checkpointing, the
+issue's reference configuration, on the same sequences, `micro` padded rows a batch, torch's fused AdamW.
+
+Also measured: `sr_check` (5 AdamW steps at lr 1e-6 on 4M bf16 weights in [0.5, 1): the mean displacement along
+float32 AdamW's, 1.0 = float32's, for the learner's optimizer and torch's fused one), `optimizer_timing` per bf16
+variant (one optimizer step on the 4B weights, synchronised: the learner's vs torch's fused AdamW; the step's
+`optimizer_s` is host time and leaves queued GPU work to the next step's `fwd_bwd_s`), and optionally a check of
+the packed (varlen) and padded (SDPA) bf16 logprobs against a float32 padded forward.
 
 MFU = 6 * N * tokens/s / 989 TFLOP/s (N = parameters, tied embedding once; tokens = real, unpadded tokens).
 Writes bench/results/gpu_learner.json (and $OUT/gpu_learner.json).
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import time
 from pathlib import Path
@@ -26,14 +35,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.gpu_common import H100_BF16_FLOPS, out_dir, param_count, qwen3_config, random_model, write_result
+from bench.gpu_common import (
+    H100_BF16_FLOPS,
+    RESULTS,
+    out_dir,
+    param_count,
+    qwen3_config,
+    random_model,
+    write_result,
+)
 from broker.schemas import Array, Prompt, RolloutGroup, Sample, ScoredGroup
 from learner.batch import assemble, group_to_samples
-from learner.config import GRPOConfig
+from learner.config import GRPOConfig, OptimizerConfig, OptimizerKwargs, PolicyConfig
 from learner.kernels import use_varlen_attention
 from learner.loss import LossSettings
 from learner.packing import collate, collate_packed
 from learner.step import ForwardSettings, PolicyLogprobs, Trainer
+from learner.train import build_optimizer
 
 log = logging.getLogger("bench.gpu_learner")
 TARGET_MFU = 0.40
@@ -57,11 +75,24 @@ def make_groups(args, vocab: int) -> list[ScoredGroup]:
     return groups
 
 
-def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    # fused: foreach's temporaries (~one more copy of the float32 parameters) do not fit next to a 4B model's
-    # float32 weights, gradients and AdamW moments on one 80 GB card.
-    fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01, fused=fused, foreach=not fused)
+LR, WEIGHT_DECAY = 1e-6, 0.01  # the tutorial's
+
+
+def torch_adamw(params) -> torch.optim.Optimizer:
+    """The baseline's optimizer: torch's AdamW, fused on GPUs (foreach's temporaries do not fit next to a 4B
+    model's float32 weights, gradients and moments on one 80 GB card)."""
+    params = list(params)
+    fused = params[0].device.type == "cuda"
+    return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=fused, foreach=not fused)
+
+
+def learner_optimizer(params, dtype: str) -> torch.optim.Optimizer:
+    """What the learner builds for `policy.master_weights` = bfloat16 (bf16) or float32 (fp32)."""
+    master = "bfloat16" if dtype == "bf16" else "float32"
+    kwargs = OptimizerKwargs(lr=LR, weight_decay=WEIGHT_DECAY)
+    policy = PolicyConfig(model_name="bench", precision="bfloat16", master_weights=master,
+                          optimizer=OptimizerConfig(kwargs=kwargs))  # fmt: skip
+    return build_optimizer(params, policy)
 
 
 PROJECT_DEFAULTS = {"dtype": "bf16", "pack": 8192, "micro": 4, "ckpt": 0, "compile": 0, "chunk": 2048}
@@ -88,7 +119,8 @@ def project_variant(args, groups, opts: dict, device: torch.device) -> dict:
     n_params = param_count(model)
     if opts["ckpt"]:
         model.gradient_checkpointing_enable()
-    opt = optimizer(model)
+    opt = learner_optimizer(model.parameters(), opts["dtype"])
+    opt_name = type(opt).__name__
     forward = ForwardSettings(pack_tokens=opts["pack"] or None, logprob_chunk=opts["chunk"] or None,
                               compile_layers=bool(opts["compile"]))  # fmt: skip
     trainer = Trainer(model, opt, LossSettings(), world_size=1, micro_batch_size=opts["micro"], max_grad_norm=1.0,
@@ -110,17 +142,20 @@ def project_variant(args, groups, opts: dict, device: torch.device) -> dict:
             if step >= warmup:
                 times.append(time.perf_counter() - t0)
             log.info("%s step %d: %.2fs", opts, step, time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        timing = time_optimizers(model, opt, device) if opts["dtype"] == "bf16" else None
     except torch.OutOfMemoryError as exc:
         return {"error": "out of memory: " + str(exc).splitlines()[0][:160]}
     finally:
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
         del trainer, opt, model
         _free(device)
+    extra = {"optimizer_timing": timing} if timing else {}
     return _figures(tokens, times, n_params, peak) | {
         "fwd_bwd_s": round(parts["fwd_bwd_s"], 3),
         "optimizer_s": round(parts["optimizer_s"], 3),
         "micro_batches": micros,
-        "knobs": opts,
+        **extra,
+        "knobs": opts | {"optimizer": opt_name},
     }
 
 
@@ -128,13 +163,15 @@ def profile_step(args, groups, opts: dict, device: torch.device, path) -> None:
     """One warmed-up project step under torch.profiler: the 40 costliest GPU kernels into `path` (a text table)."""
     from torch.profiler import ProfilerActivity, profile
 
-    model = random_model(qwen3_config(**args.shape), torch.bfloat16, device)
+    dtype = torch.float32 if opts["dtype"] == "fp32" else torch.bfloat16
+    model = random_model(qwen3_config(**args.shape), dtype, device)
     if opts["ckpt"]:
         model.gradient_checkpointing_enable()
     forward = ForwardSettings(pack_tokens=opts["pack"] or None, logprob_chunk=opts["chunk"] or None,
                               compile_layers=bool(opts["compile"]))  # fmt: skip
-    trainer = Trainer(model, optimizer(model), LossSettings(), world_size=1, micro_batch_size=opts["micro"],
-                      max_grad_norm=1.0, device=device, compute_dtype=torch.bfloat16, forward=forward)  # fmt: skip
+    opt = learner_optimizer(model.parameters(), opts["dtype"])
+    trainer = Trainer(model, opt, LossSettings(), world_size=1, micro_batch_size=opts["micro"], max_grad_norm=1.0,
+                      device=device, compute_dtype=torch.bfloat16, forward=forward)  # fmt: skip
     cfg = GRPOConfig(num_prompts_per_step=args.prompts, num_generations_per_prompt=args.generations)
     max_len = args.prompt_len + args.completion_len + 1
     for step in range(3 if opts["compile"] else 2):
@@ -187,7 +224,7 @@ def baseline_variant(args, groups, opts: dict, device: torch.device) -> dict:
     if checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    opt = optimizer(model)
+    opt = torch_adamw(model.parameters())
     rows = [
         np.concatenate([g.rollout.prompt.token_ids.to_numpy(), s.token_ids.to_numpy()]).astype(np.int64)
         for g in groups
@@ -227,6 +264,74 @@ def baseline_variant(args, groups, opts: dict, device: torch.device) -> dict:
     return _figures(tokens, times, n_params, peak) | {"knobs": opts}
 
 
+def time_optimizers(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device, repeats: int = 3) -> dict:
+    """Seconds of one optimizer step on `model`'s weights (synchronised, best of `repeats` after a warm-up): the
+    learner's optimizer `opt` (its state already built) and torch's fused AdamW on the same bf16 weights."""
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    out: dict = {}
+    for name, o in (("learner", opt), ("torch_fused_adamw", torch_adamw(params))):
+        o.step()  # warm-up: state, compile
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            o.step()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_s"] = round(min(times), 4)
+        if o is not opt:
+            o.state.clear()
+    for p in params:
+        p.grad = None
+    return out
+
+
+def sr_check(device: torch.device, n: int = 1 << 22, steps: int = 5) -> dict:
+    """`steps` AdamW steps at lr 1e-6 with random gradients on `n` bf16 weights in [0.5, 1) (a bf16 gap of 2^-8,
+    ~4000x the update). Progress: mean displacement along float32 AdamW's, as a fraction of it (1.0: float32's)."""
+    gen = torch.Generator(device).manual_seed(0)
+    w0 = (0.5 + torch.rand(n, device=device, generator=gen) / 2).to(torch.bfloat16)
+    ref = w0.float().requires_grad_()
+    runs = {"learner": w0.clone().requires_grad_(), "torch_fused_adamw": w0.clone().requires_grad_()}
+    opts = {"ref": torch.optim.AdamW([ref], lr=LR, weight_decay=WEIGHT_DECAY),
+            "learner": learner_optimizer([runs["learner"]], "bf16"),
+            "torch_fused_adamw": torch_adamw([runs["torch_fused_adamw"]])}  # fmt: skip
+    for _ in range(steps):
+        g = torch.randn(n, device=device, generator=gen)
+        for name, p in (("ref", ref), *runs.items()):
+            p.grad = g.to(p.dtype)
+            opts[name].step()
+    delta = ref.detach() - w0.float()
+    moved = delta.abs().mean()
+    out = {"weights": n, "steps": steps, "lr": LR, "optimizer": type(opts["learner"]).__name__}
+    for name, p in runs.items():
+        out[f"{name}_progress"] = round(float(((p.detach().float() - w0.float()) * delta.sign()).mean() / moved), 4)
+        out[f"{name}_changed_fraction"] = round(float((p.detach() != w0).float().mean()), 5)
+    return out
+
+
+def carry_previous(figures: dict, path: Path = RESULTS / "gpu_learner.json") -> None:
+    """Variants (and the varlen check) of the result file this run replaces, as measured then, with their date,
+    under figures["previous_run"]; an entry without an `optimizer` knob ran torch's fused AdamW (all did before
+    learner/optim.py existed). This run's figures are the top-level ones; the summary looks at those only."""
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    old_figures = old.get("figures", {})
+    carried = dict(old_figures.get("previous_run", {}).get("variants", {}))
+    for key, value in old_figures.items():
+        if isinstance(value, dict) and (key.startswith(("project_", "baseline_")) or key == "varlen_check"):
+            entry = {"date": old["date"], **value}
+            if "knobs" in entry and "optimizer" not in entry["knobs"]:
+                entry["knobs"] = {**entry["knobs"], "optimizer": "AdamW (torch, fused)"}
+            carried[key] = entry
+    if carried:
+        figures["previous_run"] = {"note": "earlier runs' figures as measured then (date per entry)",
+                                   "variants": carried}  # fmt: skip
+
+
 def _figures(tokens: int, times: list[float], n_params: int, peak_gib: float) -> dict:
     """Best of the timed steps (and their mean, to show the spread)."""
     tps = tokens / min(times)
@@ -248,7 +353,7 @@ def summarize(figures: dict) -> tuple[bool, float]:
     base = max((v for k, v in runs.items() if k.startswith("baseline") and k.endswith("ckpt1")), default=0.0)
     figures["best_project_mfu"] = best
     figures["best_project_variant"] = max((k for k in runs if k.startswith("project")), key=runs.get, default=None)
-    figures["project_fp32_master_mfu"] = max((v for k, v in runs.items() if k.startswith("project_fp32")), default=0.0)
+    figures["project_fp32_master_mfu"] = max((v for k, v in runs.items() if k.startswith("project_fp32")), default=None)
     figures["speedup_vs_baseline_gc"] = round(best / base, 3) if base else None
     return best >= TARGET_MFU, best
 
@@ -306,6 +411,14 @@ def main() -> None:
         "flops_per_token": "6N",
         "peak_flops": H100_BF16_FLOPS,
     }
+    if not args.no_write:
+        carry_previous(figures)  # before the first write replaces the file
+    try:
+        figures["sr_check"] = sr_check(device, n=1 << 18 if args.tiny else 1 << 22)
+    except Exception as exc:
+        log.exception("stochastic rounding check failed")
+        figures["sr_check"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    print(f"sr check: {figures['sr_check']}")
     if not args.no_check:
         try:
             figures["varlen_check"] = varlen_check(args, groups, device)

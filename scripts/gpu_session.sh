@@ -6,6 +6,7 @@
 #   4. the whole loop (rlq train) with the learner on GPU0 and a transformers worker on GPU1.
 # Results go to bench/results/gpu_*.json and $OUT (default ./gpu-out), with one session.log.
 # Usage: OUT=/path WHEELS=.whl STAGES="sync learner generate loop" scripts/gpu_session.sh
+# LEARNER_ARGS passes arguments to bench/gpu_learner.py, e.g. "--no-check --variants project:pack=8192,compile=1".
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 # NVLink multicast off (it can take a shared host's GPUs down); PyTorch and NVSHMEM likewise.
@@ -45,11 +46,12 @@ fi
 # Side by side on two GPUs; one after the other on one (the learner run fills a whole 80 GB card).
 learner_pid=
 if has learner; then
+  read -ra learner_args <<<"${LEARNER_ARGS:-}"
   if ((ngpu >= 2)); then
-    CUDA_VISIBLE_DEVICES=0 run learner "${LEARNER_TIMEOUT:-420}" python3 -m bench.gpu_learner &
+    CUDA_VISIBLE_DEVICES=0 run learner "${LEARNER_TIMEOUT:-420}" python3 -m bench.gpu_learner "${learner_args[@]}" &
     learner_pid=$!
   else
-    CUDA_VISIBLE_DEVICES=0 run learner "${LEARNER_TIMEOUT:-420}" python3 -m bench.gpu_learner
+    CUDA_VISIBLE_DEVICES=0 run learner "${LEARNER_TIMEOUT:-420}" python3 -m bench.gpu_learner "${learner_args[@]}"
   fi
 fi
 if has generate; then
