@@ -1,12 +1,17 @@
 """Generation-worker benchmark, one run: vLLM CPU vs transformers tokens/s, and weight-update time vs raw gloo.
 
 - tokens/s: the same tiny Qwen3 (rlq/tiny_policy.py), the same prompts, n samples each, through
-  `workers.engines.VllmEngine` (warm) and `HFEngine` (`generate()`), both float32 on CPU.
-- weight update: `learner.broadcast.CollectiveBroadcast` -> `VllmEngine.update_weights` (join once, then steady
-  state: bucketed gloo broadcast into the engine's worker process + `reload_weights` + prefix-cache reset),
-  against a raw gloo broadcast of the same bytes as one flat tensor between two ranks. Medians of repeats.
+  `workers.engines.VllmEngine` (warm, the project's GenerationConfig defaults: compiled, engine inside this
+  process, text decoded once per completion) and `HFEngine` (`generate()`), both float32 on CPU. Each backend's
+  best of --rounds interleaved rounds.
+- weight update: `learner.broadcast.CollectiveBroadcast(flatten=True)` in a learner process of its own ->
+  `VllmEngine.update_weights` (join once, then steady state: bucketed gloo broadcast into the engine + the
+  in-place load of workers/vllm_reload.py + prefix-cache reset), from the learner's first step until the worker
+  has loaded, against a raw gloo broadcast of the same bytes as one flat tensor between two processes. Medians
+  of repeats. (Before 2026-11-27 the learner was a thread of the bench process and the engine had its own
+  processes; the update crossed the same one process boundary then as now.)
 - the same update on a wider random Qwen3 (--scaled-hidden x --scaled-layers), to show how the ratio moves
-  when bytes, not vLLM's per-layer reload overhead, dominate.
+  when bytes, not per-layer overheads, dominate.
 
 Usage: python bench/generate.py [--prompts 16] [--n 8] [--max-new-tokens 64] [--repeats 5]
 """
@@ -20,7 +25,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -93,41 +97,71 @@ def raw_gloo_seconds(numel: int, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
-def weight_update_seconds(engine, model, repeats: int) -> dict[str, float]:
-    """Median seconds of steady-state updates: learner broadcast() and the worker's receive + reload."""
+_LEARNER = """
+import json, sys
+sys.path.insert(0, sys.argv[4])
+from transformers import AutoModelForCausalLM
+from broker.connection import connect
+from broker.keys import Keys
+from learner.broadcast import CollectiveBroadcast
+url, model_dir, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+r = connect(url)
+model = AutoModelForCausalLM.from_pretrained(model_dir)
+learner = CollectiveBroadcast(r, Keys("bench"), master_addr="127.0.0.1", timeout_s=60, flatten=True)
+r.rpush("bench:ready", 1)
+for version in range(1, rounds + 1):
+    r.blpop(["bench:go"])
+    report = learner.broadcast(model, version)
+    r.rpush("bench:report", json.dumps({"seconds": report.seconds, "bytes": report.bytes}))
+learner.close()
+"""
+
+
+def weight_update_seconds(engine, model_dir: Path, repeats: int) -> dict[str, float]:
+    """Median seconds of steady-state updates: learner broadcast() and the worker's receive + reload.
+
+    The learner is a process of its own (`CollectiveBroadcast(flatten=True)`, as `make_broadcast` builds it), as
+    in a run: with the vLLM CPU engine inside this process, a learner thread here would share its interpreter.
+    """
+    import json
+    import subprocess
+
     from broker.connection import connect
     from broker.keys import POLICY_JOIN_PREFIX, Keys
     from broker.server import RedisServer
-    from learner.broadcast import CollectiveBroadcast, read_announcement
+    from learner.broadcast import read_announcement
 
+    rounds = repeats + 1
     with tempfile.TemporaryDirectory() as tmp, RedisServer(directory=Path(tmp)) as server:
         r = connect(server.url)
         keys = Keys("bench")
-        learner = CollectiveBroadcast(r, keys, master_addr="127.0.0.1", timeout_s=60, flatten=True)
         r.set(keys.worker_alive(engine.worker_id), "1", ex=3600)
         r.hset(keys.policy, POLICY_JOIN_PREFIX + engine.worker_id, time.time())
-        worker_s, learner_s, receive_s, load_s = [], [], [], []
-        for version in range(1, repeats + 2):
-            reports: list = []
-            sender = threading.Thread(target=lambda v=version, out=reports: out.append(learner.broadcast(model, v)))
-            t0 = time.perf_counter()
-            sender.start()
-            ann = None
-            while ann is None or ann.version != version:
-                ann = read_announcement(r, keys)
-            stats = engine.update_weights(ann)
-            elapsed = time.perf_counter() - t0
-            sender.join()
-            if version > 1:  # the first one includes the rendezvous (once per epoch)
-                worker_s.append(elapsed)
-                learner_s.append(reports[0].seconds)
-                receive_s.append(stats.receive_s)
-                load_s.append(stats.load_s)
-        learner.close()
-        nbytes = reports[0].bytes
+        cmd = [sys.executable, "-c", _LEARNER, server.url, str(model_dir), str(rounds), str(_ROOT)]
+        learner = subprocess.Popen(cmd)
+        try:
+            r.blpop(["bench:ready"], timeout=300)
+            worker_s, learner_s, receive_s, load_s, in_place = [], [], [], [], []
+            for version in range(1, rounds + 1):
+                t0 = time.perf_counter()
+                r.rpush("bench:go", 1)
+                ann = None
+                while ann is None or ann.version != version:
+                    ann = read_announcement(r, keys)
+                stats = engine.update_weights(ann)
+                elapsed = time.perf_counter() - t0
+                report = json.loads(r.blpop(["bench:report"], timeout=120)[1])
+                if version > 1:  # the first one includes the rendezvous (once per epoch) and the layout
+                    worker_s.append(elapsed)
+                    learner_s.append(report["seconds"])
+                    receive_s.append(stats.receive_s)
+                    load_s.append(stats.load_s)
+                    in_place.append(stats.extra.get("in_place", 0.0))
+        finally:
+            learner.wait(60)
     med = statistics.median
     return {"update_s": med(worker_s), "learner_broadcast_s": med(learner_s), "receive_s": med(receive_s),
-            "reload_s": med(load_s), "bytes": float(nbytes)}  # fmt: skip
+            "reload_s": med(load_s), "bytes": float(report["bytes"]), "in_place": min(in_place)}  # fmt: skip
 
 
 def build_scaled_model(out: Path, hidden: int, layers: int) -> Path:
@@ -149,15 +183,12 @@ def build_scaled_model(out: Path, hidden: int, layers: int) -> Path:
 
 def scaled_update(cfg, cache: Path, hidden: int, layers: int, repeats: int) -> dict[str, float]:
     """Weight update vs raw gloo on a wider model, where bytes rather than per-layer overheads dominate."""
-    from transformers import AutoModelForCausalLM
-
     from workers.engines import VllmEngine
 
     model_dir = build_scaled_model(cache / f"scaled-{hidden}x{layers}", hidden, layers)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
     engine = VllmEngine(cfg, "bench-scaled", str(model_dir))
     try:
-        update = weight_update_seconds(engine, model, repeats)
+        update = weight_update_seconds(engine, model_dir, repeats)
         raw_s = raw_gloo_seconds(int(update["bytes"]) // 4, repeats)  # with the engine up, as in the update
     finally:
         engine.close()
@@ -171,6 +202,7 @@ def scaled_update(cfg, cache: Path, hidden: int, layers: int, repeats: int) -> d
         "scaled_learner_broadcast_s": update["learner_broadcast_s"],
         "scaled_raw_gloo_broadcast_s": raw_s,
         "scaled_update_over_raw_gloo": update["update_s"] / raw_s,
+        "scaled_weight_update_in_place": update["in_place"],
         "scaled_learner_broadcast_over_raw_gloo": update["learner_broadcast_s"] / raw_s,
     }
 
@@ -213,7 +245,7 @@ def main() -> None:
     print(f"transformers generate(): {hf_tps:,.0f} tokens/s ({hf_tokens} tokens), best of {args.rounds}")
     print(f"vLLM CPU: {vllm_tps:,.0f} tokens/s ({vllm_tokens} tokens), best of {args.rounds}")
 
-    update = weight_update_seconds(vllm, hf.model, args.repeats)
+    update = weight_update_seconds(vllm, model_dir, args.repeats)
     numel = int(update["bytes"]) // 4
     raw_s = raw_gloo_seconds(numel, args.repeats)
     print(f"weight update {update['update_s'] * 1e3:.1f} ms (receive {update['receive_s'] * 1e3:.1f} ms, reload "
@@ -236,6 +268,7 @@ def main() -> None:
         "weight_bytes": update["bytes"],
         "update_over_raw_gloo": update["update_s"] / raw_s,
         "learner_broadcast_over_raw_gloo": update["learner_broadcast_s"] / raw_s,
+        "weight_update_in_place": update["in_place"],  # 1: workers/vllm_reload.py's path, 0: vLLM's reload
         **scaled,
     }
     targets = {"speedup_vllm_over_hf": ">= 10", "update_over_raw_gloo": "<= 1.5"}

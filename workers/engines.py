@@ -86,6 +86,7 @@ class VllmEngine(Engine):
 
         self.detokenize = has_tokenizer(model_path)
         self.llm = LLM(
+            **_in_process_kwargs(vc),
             model=model_path,
             dtype=vc.precision,
             max_model_len=vc.max_model_len,
@@ -98,6 +99,10 @@ class VllmEngine(Engine):
             logprobs_mode="processed_logprobs",
             worker_extension_cls=EXTENSION,
         )
+        # Text is decoded once per finished completion (as HFEngine does), not by vLLM: its per-step incremental
+        # detokenizer also decodes the token of every logprob, which was half of the front end's time and kept
+        # the engine waiting on a 2-core machine (py-spy, bench/generate.py).
+        self.tokenizer = self.llm.get_tokenizer() if self.detokenize else None
 
     def _params(self, n: int, seed: int) -> Any:
         from vllm import SamplingParams
@@ -113,7 +118,7 @@ class VllmEngine(Engine):
             seed=seed,
             logprobs=0,  # the sampled token only
             flat_logprobs=True,
-            detokenize=self.detokenize,
+            detokenize=False,
         )
 
     def generate(self, prompts: list[list[int]], n: int, seeds: list[int]) -> list[list[Completion]]:
@@ -122,7 +127,7 @@ class VllmEngine(Engine):
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         params = [self._params(n, s) for s in seeds]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
-        return [[_completion(c) for c in out.outputs] for out in outputs]
+        return [[_completion(c, self.tokenizer) for c in out.outputs] for out in outputs]
 
     def update_weights(self, ann: WeightAnnouncement) -> SyncStats:
         if ann.backend == "filesystem":
@@ -138,7 +143,8 @@ class VllmEngine(Engine):
 
             raise WeightSyncError(str(exc).splitlines()[0][:300]) from None
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
-        return SyncStats(receive_s=stats["receive_s"], load_s=stats["load_s"])
+        extra = {"in_place": stats["in_place"]} if "in_place" in stats else {}
+        return SyncStats(receive_s=stats["receive_s"], load_s=stats["load_s"], extra=extra)
 
     def load_file(self, path: str) -> SyncStats:
         (stats,) = self.llm.collective_rpc("rlq_load_file", args=(path,))
@@ -155,13 +161,34 @@ class VllmEngine(Engine):
             shutdown.shutdown()
 
 
-def _completion(c: Any) -> Completion:
+def _in_process_kwargs(vc: Any) -> dict[str, Any]:
+    """Engine arguments (and environment) that keep vLLM's CPU engine inside this process (`cpu_in_process`).
+
+    vLLM reads VLLM_ENABLE_V1_MULTIPROCESSING when the engine starts; its CPU worker replaces
+    `torch.set_num_threads` with a no-op once it runs, so the thread count is set before.
+    """
+    from vllm.platforms import current_platform
+
+    if not (vc.cpu_in_process and current_platform.is_cpu()):
+        return {}
+    import torch
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    # A worker pinned to its CPUs (rlq/launch.py sets VLLM_CPU_OMP_THREADS_BIND with the affinity) uses them all;
+    # unpinned, one core stays for everything else, as vLLM's automatic binding keeps one.
+    pinned = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") not in ("auto", "nobind")
+    torch.set_num_threads(vc.cpu_threads or (usable if pinned else max(1, usable - 1)))
+    return {"distributed_executor_backend": "uni"}
+
+
+def _completion(c: Any, tokenizer: Any) -> Completion:
     token_ids = list(c.token_ids)
     return Completion(
         token_ids=token_ids,
         logprobs=sampled_logprobs(token_ids, c.logprobs),
         finish_reason=c.finish_reason or "abort",
-        text=c.text or "",
+        text=str(tokenizer.decode(token_ids, skip_special_tokens=True)) if tokenizer is not None else "",
     )
 
 

@@ -198,8 +198,9 @@ class VllmWeightExtension:
         t0 = time.perf_counter()
         tensors = receiver.receive(ann)
         t1 = time.perf_counter()
-        self._rlq_load(tensors)
-        return {"version": float(ann.version), "receive_s": t1 - t0, "load_s": time.perf_counter() - t1}
+        in_place = self._rlq_load(tensors)
+        return {"version": float(ann.version), "receive_s": t1 - t0, "load_s": time.perf_counter() - t1,
+                "in_place": float(in_place)}  # fmt: skip
 
     def rlq_load_file(self, path: str) -> dict[str, float]:
         """Load a safetensors file or directory in place (filesystem sync, or a joining worker's checkpoint)."""
@@ -227,7 +228,8 @@ class VllmWeightExtension:
             self._rlq_weight_receiver = receiver
         return receiver
 
-    def _rlq_load(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def _rlq_load(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> bool:
+        """Load Hugging Face-named tensors; True if the CPU in-place path did it, False if vLLM's reload did."""
         # Names are Hugging Face's; both paths map them (q/k/v -> qkv_proj, ...) with the model's load_weights.
         from workers.vllm_reload import load_in_place
 
@@ -237,13 +239,14 @@ class VllmWeightExtension:
             if load_in_place(model, tensors, quantized=config.model_config.quantization is not None):
                 for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):  # as reload_weights
                     getattr(self.model_runner, reset, lambda: None)()
-                return
+                return True
         # Elsewhere (GPU, quantized): vLLM's layer-wise reload. The worker's own reload_weights sets vLLM's
         # current config around the model runner's.
         reload = getattr(self, "reload_weights", None) or self.model_runner.reload_weights
         reload(weights_iterator=iter(tensors), is_checkpoint_format=True)
         if next(model.parameters()).device.type == "cpu":
             refresh_tied_cpu_gemms(model)
+        return False
 
 
 def _current_vllm_config(config: Any) -> Any:
