@@ -17,6 +17,10 @@ and torch's state layout (`step`, `exp_avg`, `exp_avg_sq` in the parameter's dty
 optimizer state dicts treat it like torch's. The moments are bfloat16 too (stochastically rounded): float32
 moments would add 16 GB on the Qwen3-4B shape, which does not fit next to 8k-token micro-batches on one 80 GB card.
 
+Random bits: each step draws from generators seeded by (`seed`, step number), inside `torch.random.fork_rng`. So
+data-parallel replicas, which see the same gradients, round the same way and stay bit-identical; a resumed run
+draws what the uninterrupted one would have; and the caller's random streams are left as they were.
+
 One tensor's update is one function, `adamw_sr_`: on CUDA compiled by torch.compile into one kernel per tensor
 that reads p, grad, exp_avg, exp_avg_sq once, draws its random bits in the kernel and writes the three states back
 (no float32 temporaries); elsewhere run eagerly in chunks that bound the float32 temporaries.
@@ -38,6 +42,8 @@ _LOW_BITS = 1 << 16
 """float32 bits below bfloat16's mantissa: the random range of one rounding."""
 _HIGH_MASK = -(1 << 16)
 """0xFFFF0000 as an int32: keeps the sign, exponent and bfloat16 mantissa of a float32."""
+_GOLDEN = 0x9E3779B97F4A7C15
+"""Spreads (seed, step) over the 63-bit seed space."""
 _COMPILED: Callable[..., None] | None = None
 
 
@@ -92,7 +98,8 @@ class StochasticAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW's update for float32 or bfloat16 parameters; bfloat16 states are stochastically rounded.
 
     `compile`: run the per-tensor update through torch.compile (None: on CUDA tensors). `chunk_numel`: elements
-    per eager call (the compiled update takes whole tensors: it has no temporaries to bound).
+    per eager call (the compiled update takes whole tensors: it has no temporaries to bound). `seed`: with the
+    step number, seeds the rounding's random bits (the same on every rank).
     """
 
     def __init__(
@@ -105,6 +112,7 @@ class StochasticAdamW(torch.optim.Optimizer):
         *,
         compile: bool | None = None,
         chunk_numel: int = EAGER_CHUNK_NUMEL,
+        seed: int = 0,
     ) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"invalid AdamW hyperparameters lr={lr} betas={betas} eps={eps} wd={weight_decay}")
@@ -115,6 +123,7 @@ class StochasticAdamW(torch.optim.Optimizer):
                     raise TypeError(f"StochasticAdamW takes float32 or bfloat16 parameters, not {p.dtype}")
         self.compile = compile
         self.chunk_numel = chunk_numel
+        self.seed = seed
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -122,6 +131,15 @@ class StochasticAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        cuda = sorted({_cuda_index(_local(p).device) for p in params if p.device.type == "cuda"})
+        step = 1 + max((int(s["step"].item()) for s in self.state.values() if "step" in s), default=0)
+        with torch.random.fork_rng(devices=cuda):
+            _seed_generators((self.seed * _GOLDEN + step) % (1 << 63), cuda)
+            self._step_groups()
+        return loss
+
+    def _step_groups(self) -> None:
         for group in self.param_groups:
             hypers: dict[tuple[int, torch.device], torch.Tensor] = {}  # one small host->device copy per step
             for p in group["params"]:
@@ -140,7 +158,6 @@ class StochasticAdamW(torch.optim.Optimizer):
                 if key not in hypers:
                     hypers[key] = _hyper(group, key[0], local.device)
                 self._update(local, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]), hypers[key])
-        return loss
 
     def _update(self, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, hyper: torch.Tensor) -> None:
         compiled = self.compile if self.compile is not None else p.device.type == "cuda"
@@ -165,6 +182,18 @@ def _hyper(group: dict[str, Any], step: int, device: torch.device) -> torch.Tens
     lr = float(group["lr"])
     values = [1 - lr * group["weight_decay"], lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, group["eps"]]
     return torch.tensor([*values, 1 - beta1, beta2, 1 - beta2], dtype=torch.float32, device=device)
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _seed_generators(seed: int, cuda: list[int]) -> None:
+    """Seed the CPU generator and those of the `cuda` device indices (a compiled update draws from the latter)."""
+    torch.default_generator.manual_seed(seed)
+    for index in cuda:
+        with torch.cuda.device(index):
+            torch.cuda.manual_seed(seed)
 
 
 def _flat_alias(t: torch.Tensor) -> torch.Tensor:

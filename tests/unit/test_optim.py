@@ -96,6 +96,24 @@ def test_small_bfloat16_updates_survive_in_expectation():
     assert float(v_sr.float().mean() / v_ref.mean()) == pytest.approx(1.0, abs=0.01)
 
 
+def test_rounding_is_reproducible_per_step_and_leaves_the_callers_rng_alone():
+    """Replicas with the same gradients round the same way (data parallel stays bit-identical), and a step does
+    not move the global generator (the learner's other random streams)."""
+    torch.manual_seed(0)
+    w0, grads = torch.randn(4096).to(torch.bfloat16), [torch.randn(4096) for _ in range(3)]
+    replicas = [w0.clone().requires_grad_() for _ in range(2)]
+    opts = [StochasticAdamW([p], lr=1e-3) for p in replicas]
+    other = StochasticAdamW([w1 := w0.clone().requires_grad_()], lr=1e-3, seed=1)
+    for g in grads:
+        for p, opt in zip((*replicas, w1), (*opts, other), strict=True):
+            p.grad = g.to(torch.bfloat16)
+            before = torch.get_rng_state()
+            opt.step()
+            assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(replicas[0], replicas[1])
+    assert not torch.equal(replicas[0], w1), "another seed draws other bits"
+
+
 def test_rejects_other_dtypes():
     with pytest.raises(TypeError, match="float32 or bfloat16"):
         StochasticAdamW([torch.zeros(3, dtype=torch.float16, requires_grad=True)])
