@@ -313,23 +313,25 @@ def sr_check(device: torch.device, n: int = 1 << 22, steps: int = 5) -> dict:
 
 
 def carry_previous(figures: dict, path: Path = RESULTS / "gpu_learner.json") -> None:
-    """Variants (and the varlen check) of the result file this run replaces, as measured then, with their date,
-    under figures["previous_run"]; an entry without an `optimizer` knob ran torch's fused AdamW (all did before
-    learner/optim.py existed). This run's figures are the top-level ones; the summary looks at those only."""
+    """Variants (and the varlen check) of the result file this run replaces, as measured then, under
+    figures["previous_run"]["variants"] as "<label> @ <date>"; an entry without an `optimizer` knob ran torch's
+    fused AdamW (all did before learner/optim.py existed). This run's figures are the top-level ones; the summary
+    looks at those only."""
     if not path.exists():
         return
     old = json.loads(path.read_text())
     old_figures = old.get("figures", {})
-    carried = dict(old_figures.get("previous_run", {}).get("variants", {}))
+    carried = {}
+    for key, value in old_figures.get("previous_run", {}).get("variants", {}).items():
+        carried[key if " @ " in key else f"{key} @ {value.get('date', '?')}"] = value
     for key, value in old_figures.items():
         if isinstance(value, dict) and (key.startswith(("project_", "baseline_")) or key == "varlen_check"):
             entry = {"date": old["date"], **value}
             if "knobs" in entry and "optimizer" not in entry["knobs"]:
                 entry["knobs"] = {**entry["knobs"], "optimizer": "AdamW (torch, fused)"}
-            carried[key] = entry
+            carried[f"{key} @ {old['date']}"] = entry
     if carried:
-        figures["previous_run"] = {"note": "earlier runs' figures as measured then (date per entry)",
-                                   "variants": carried}  # fmt: skip
+        figures["previous_run"] = {"note": "earlier runs' figures as measured then", "variants": carried}
 
 
 def _figures(tokens: int, times: list[float], n_params: int, peak_gib: float) -> dict:
