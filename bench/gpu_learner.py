@@ -266,21 +266,24 @@ def baseline_variant(args, groups, opts: dict, device: torch.device) -> dict:
 
 def time_optimizers(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device, repeats: int = 3) -> dict:
     """Seconds of one optimizer step on `model`'s weights (synchronised, best of `repeats` after a warm-up): the
-    learner's optimizer `opt` (its state already built) and torch's fused AdamW on the same bf16 weights."""
+    learner's optimizer `opt` (its state already built) and torch's fused AdamW on the same bf16 weights; `_host_s`:
+    until `step()` returns (launching; the GPU may still be busy), so host_s ~ total means the host bounds it."""
     params = list(model.parameters())
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     out: dict = {}
     for name, o in (("learner", opt), ("torch_fused_adamw", torch_adamw(params))):
         o.step()  # warm-up: state, compile
-        times = []
+        times, host = [], []
         for _ in range(repeats):
             _sync(device)
             t0 = time.perf_counter()
             o.step()
+            host.append(time.perf_counter() - t0)
             _sync(device)
             times.append(time.perf_counter() - t0)
         out[f"{name}_s"] = round(min(times), 4)
+        out[f"{name}_host_s"] = round(min(host), 4)
         if o is not opt:
             o.state.clear()
     for p in params:

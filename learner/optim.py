@@ -22,8 +22,9 @@ data-parallel replicas, which see the same gradients, round the same way and sta
 draws what the uninterrupted one would have; and the caller's random streams are left as they were.
 
 One tensor's update is one function, `adamw_sr_`: on CUDA compiled by torch.compile into one kernel per tensor
-that reads p, grad, exp_avg, exp_avg_sq once, draws its random bits in the kernel and writes the three states back
-(no float32 temporaries); elsewhere run eagerly in chunks that bound the float32 temporaries.
+that reads p, grad, exp_avg, exp_avg_sq once, draws 48 random bits per element in the kernel (16 per stored
+state) and writes the three states back (no float32 temporaries); elsewhere run eagerly in chunks that bound the
+float32 temporaries.
 """
 
 from __future__ import annotations
@@ -47,18 +48,28 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _COMPILED: Callable[..., None] | None = None
 
 
-def stochastic_round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def random_bits(like: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """`count` (<= 3) independent int32 tensors of `like`'s shape, uniform in [0, 2^16), from ONE draw of 48 random
+    bits per element: a compiled update makes one counter-based (Philox) call per element instead of `count`; the
+    generator's work, not memory traffic, would otherwise bound the kernel."""
+    if not 1 <= count <= 3:
+        raise ValueError(f"48 random bits make 1 to 3 roundings, not {count}")
+    bits = torch.randint(0, 1 << 48, like.shape, dtype=torch.int64, device=like.device)  # [same as like]
+    return [((bits >> (16 * i)) & (_LOW_BITS - 1)).to(torch.int32) for i in range(count)]
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, noise: torch.Tensor | None = None) -> torch.Tensor:
     """`x` (float32) in `dtype`, rounded so that the expected result is `x` (bfloat16), or as is (float32).
 
-    NaN stays NaN and +-inf stays +-inf; a finite value above bfloat16's largest rounds to inf with the probability
-    stochastic rounding gives it.
+    `noise`: int32 uniform in [0, 2^16), x's shape (`random_bits`); drawn here if None. NaN stays NaN and +-inf
+    stays +-inf; a finite value above bfloat16's largest rounds to inf with the probability stochastic rounding
+    gives it.
     """
     if dtype == torch.float32:
         return x
     if dtype != torch.bfloat16:
         raise TypeError(f"stochastic rounding to {dtype} is not implemented (float32 or bfloat16)")
-    # u in [0, 1) -> 16 random bits; the clamp guards generators that can return 1.0 after float rounding.
-    noise = (torch.rand_like(x) * _LOW_BITS).to(torch.int32).clamp_max(_LOW_BITS - 1)  # [same as x]
+    noise = random_bits(x, 1)[0] if noise is None else noise  # [same as x]
     # int32 addition on the bit pattern is unsigned addition mod 2^32: a carry rounds the magnitude up. Only NaN
     # patterns can wrap around (to a small number), hence the where.
     truncated = ((x.view(torch.int32) + noise) & _HIGH_MASK).view(torch.float32)  # low 16 bits zero
@@ -81,9 +92,10 @@ def adamw_sr_(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Ten
     v32 = v.float() * beta2 + one_minus_beta2 * g * g  # torch: exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
     denom = v32.sqrt() / bc2_sqrt + eps
     p32 = p.float() * decay - step_size * m32 / denom  # torch: param.mul_(1 - lr * wd).addcdiv_(...)
-    p.copy_(stochastic_round(p32, p.dtype))
-    m.copy_(stochastic_round(m32, m.dtype))
-    v.copy_(stochastic_round(v32, v.dtype))
+    rounded = [t for t in (p, m, v) if t.dtype != torch.float32]
+    noise = iter(random_bits(p, len(rounded)) if rounded else [])
+    for target, value in ((p, p32), (m, m32), (v, v32)):
+        target.copy_(stochastic_round(value, target.dtype, next(noise) if target.dtype != torch.float32 else None))
 
 
 def compiled_update() -> Callable[..., None]:

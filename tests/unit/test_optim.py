@@ -8,7 +8,7 @@ import torch
 from pydantic import ValidationError
 
 from learner.config import PolicyConfig
-from learner.optim import StochasticAdamW, stochastic_round
+from learner.optim import StochasticAdamW, random_bits, stochastic_round
 
 
 def _neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +33,15 @@ def test_stochastic_rounding_is_unbiased():
     quarter = low[:1] + (high[:1] - low[:1]) / 4
     ups = torch.stack([stochastic_round(quarter, torch.bfloat16).float() for _ in range(20000)]) == high[:1]
     assert float(ups.float().mean()) == pytest.approx(0.25, abs=0.015)
+
+
+def test_one_draw_gives_three_independent_uniform_noises():
+    torch.manual_seed(0)
+    noises = torch.stack(random_bits(torch.empty(1 << 18), 3)).double()  # [3, n]
+    assert float(noises.min()) == 0 and float(noises.max()) == (1 << 16) - 1
+    assert float(noises.mean(1).sub(((1 << 16) - 1) / 2).abs().max()) < 150  # std of the mean: ~36
+    corr = torch.corrcoef(noises)
+    assert float((corr - torch.eye(3, dtype=corr.dtype)).abs().max()) < 0.01
 
 
 def test_representable_values_stay_exact():
