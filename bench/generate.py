@@ -2,8 +2,11 @@
 
 - tokens/s: the same tiny Qwen3 (rlq/tiny_policy.py), the same prompts, n samples each, through
   `workers.engines.VllmEngine` (warm, the project's GenerationConfig defaults: compiled, engine inside this
-  process, text decoded once per completion) and `HFEngine` (`generate()`), both float32 on CPU. Each backend's
-  best of --rounds interleaved rounds.
+  process, text decoded once per completion) and `HFEngine` (`generate()`), both float32 on CPU, in this process
+  with the same torch thread count (the engine's: the usable CPUs less one, 1 on a 2-core machine). Each
+  backend's best of --rounds interleaved rounds. (Until 2026-11-27 generate() ran with torch's default 2 threads
+  beside vLLM's engine processes: on this shared 2-vCPU machine that collapsed it to ~1k tokens/s through OpenMP
+  waits, against ~10k with one thread; the 4.8x recorded then compared vLLM with that collapsed baseline.)
 - weight update: `learner.broadcast.CollectiveBroadcast(flatten=True)` in a learner process of its own ->
   `VllmEngine.update_weights` (join once, then steady state: bucketed gloo broadcast into the engine + the
   in-place load of workers/vllm_reload.py + prefix-cache reset), from the learner's first step until the worker
@@ -233,6 +236,7 @@ def main() -> None:
 
     hf = HFEngine(cfg, "bench-hf", str(model_dir), device="cpu")
     vllm = VllmEngine(cfg, "bench-vllm", str(model_dir))
+    threads = torch.get_num_threads()  # the vLLM engine set it (cpu_threads); generate() runs with the same
     tokens_per_s(hf, batch[:2], args.n)  # warm-up
     tokens_per_s(vllm, batch, args.n)  # warm-up (compilation, first KV blocks)
     # The machine is shared: interleave the two backends and keep each one's best round.
@@ -277,7 +281,8 @@ def main() -> None:
         "bench": "generate",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
-        "settings": vars(args) | {"cache": str(args.cache), "model_params": hf.model.num_parameters()},
+        "settings": vars(args)
+        | {"cache": str(args.cache), "model_params": hf.model.num_parameters(), "torch_threads": threads},
         "figures": figures,
         "targets": targets,
         "met": met,
