@@ -7,22 +7,27 @@ buffers each layer's tensors until the layer is complete, loads, re-runs the pos
 the result back. On a small model that fixed per-layer work is the whole update (~30 ms for the tiny policy,
 against ~1 ms for the bytes), and every update faults in fresh memory for every layer.
 
-`load_in_place` does only what a CPU reload needs:
+`InPlaceLoad` does only what a CPU reload needs:
 
 1. each packed linear gets a real weight parameter again, built from the metadata vLLM recorded when it loaded
    the model (so its `weight_loader` and shard attributes are vLLM's own); the parameter's memory is kept
-   between updates, so no update faults it in again;
+   between updates, so no update faults it in again. The layer computes with its packed handle, never with
+   this parameter, so loading into it changes nothing the engine uses;
 2. the model's own `load_weights` maps the Hugging Face names (q/k/v -> qkv_proj, gate/up -> gate_up_proj, a
-   tied head) and copies: into those weights, and in place into everything that was never packed (embeddings,
-   norms);
-3. each of those linears runs its `process_weights_after_loading` again: a fresh oneDNN handle from the new
-   weight, whose unpacked copy is dropped from the layer again. A layer that kept its weight and has a handle (an
-   LM head, tied or not) is re-packed too; an embedding whose weight an LM head shares is not (its own handle
-   is never used for a lookup, and the head's is rebuilt).
+   tied head) and copies into those weights;
+3. each linear runs its `process_weights_after_loading` again: a fresh oneDNN handle from the new weight,
+   whose unpacked copy is dropped from the layer again. Steps 2 and 3 run per bucket as the broadcast delivers
+   it (`add`), so re-packing overlaps the transfer of later buckets;
+4. `finish` loads the rest in place (embeddings, norms: everything that was never packed, which the engine
+   does use), and re-packs what is left: linears not complete before, and a layer that kept its weight and has
+   a handle (an LM head, tied or not; its handle holds a packed copy). An LM head whose source tensor arrived
+   with the shape of its weight is re-packed from the received tensor already in step 3. An embedding whose
+   weight an LM head shares is not re-packed (a lookup never uses its handle; the head's is rebuilt).
 
-The compiled graph reads `layer.cpu_linear` at every call, as after vLLM's own reload. Where the path does not
-apply (a quantized model, a layer without recorded metadata, weights not on the CPU) it returns False and the
-caller uses `reload_weights`.
+Until `finish`, what the engine computes with is either untouched or kept aside: `rollback` (a broadcast that
+failed half-way) puts every layer's previous handle back. The compiled graph reads `layer.cpu_linear` at every
+call, as after vLLM's own reload. Where the path does not apply (a quantized model, a layer without recorded
+metadata, weights not on the CPU) `InPlaceLoad.begin` returns None and the caller uses `reload_weights`.
 """
 
 from __future__ import annotations
@@ -56,23 +61,90 @@ def packed_linears(model: torch.nn.Module) -> list[torch.nn.Module] | None:
     return out
 
 
-def load_in_place(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], quantized: bool) -> bool:
-    """Load Hugging Face-named `tensors` into a live CPU model; False (nothing touched) where it does not apply."""
-    if quantized or next(model.parameters()).device.type != "cpu":
-        return False
-    linears = packed_linears(model)
-    if linears is None:
-        return False
-    heads = _kept_weight_heads(model)  # before the linears get their weights back
-    for module in linears:
-        module.weight = _unpacked_weight(module)
-    model.load_weights(tensors)  # type: ignore[operator]
-    for module in linears + heads:
-        module.quant_method.process_weights_after_loading(module)
-    for module in linears:
-        if module.weight.numel() > 0:
-            raise RuntimeError(f"{type(module).__name__} kept its weight after re-packing; the CPU path changed")
-    return True
+class InPlaceLoad:
+    """One update's in-place load into a live CPU model, fed bucket by bucket (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, linears: list[torch.nn.Module]) -> None:
+        self.model = model
+        self.linears = linears
+        self.heads = _kept_weight_heads(model)  # before the linears get their weights back
+        self.previous = {m: (m.weight, m.cpu_linear) for m in linears + self.heads}
+        self.missing = {m: _unpacked_weight(m).numel() for m in linears}  # elements still to arrive
+        self.head_of = {id(h.weight): h for h in self.heads}
+        self.packed: set[torch.nn.Module] = set()
+        self.deferred: list[tuple[str, torch.Tensor]] = []
+        self.mapper = getattr(model, "hf_to_vllm_mapper", None)
+        for module in linears:
+            module.weight = _unpacked_weight(module)
+
+    @classmethod
+    def begin(cls, model: torch.nn.Module, quantized: bool) -> InPlaceLoad | None:
+        """Set up an update, or None where this path does not apply (nothing touched)."""
+        if quantized or next(model.parameters()).device.type != "cpu":
+            return None
+        linears = packed_linears(model)
+        return cls(model, linears) if linears is not None else None
+
+    def add(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Tensors that arrived: load and re-pack the linears they complete; keep the rest for `finish`."""
+        early, done = [], []
+        for name, tensor in tensors:
+            target = self._target(name)
+            if target in self.missing:
+                early.append((name, tensor))
+                self.missing[target] -= tensor.numel()
+                if self.missing[target] == 0:
+                    done.append(target)
+            else:
+                self.deferred.append((name, tensor))
+                head = self.head_of.get(id(getattr(target, "weight", None)))
+                if head is not None and head not in self.packed and tuple(tensor.shape) == tuple(head.weight.shape):
+                    self._pack_head_from(head, tensor)
+        if early:
+            self.model.load_weights(early)  # type: ignore[operator]
+        self._pack(done)
+
+    def finish(self) -> None:
+        """Load what the engine uses directly (in place) and re-pack everything not re-packed yet."""
+        if self.deferred:
+            self.model.load_weights(self.deferred)  # type: ignore[operator]
+        self._pack([m for m in self.linears + self.heads if m not in self.packed])
+        for module in self.linears:
+            if module.weight.numel() > 0:
+                raise RuntimeError(f"{type(module).__name__} kept its weight after re-packing; the CPU path changed")
+        self.previous.clear()
+
+    def rollback(self) -> None:
+        """Every layer back to the weight and handle it had before `begin` (the received data is discarded)."""
+        for module, (weight, cpu_linear) in self.previous.items():
+            module.weight = weight
+            module.cpu_linear = cpu_linear
+        self.previous.clear()
+
+    def _target(self, name: str) -> torch.nn.Module | None:
+        """The module whose `weight` an HF tensor name loads into, if the name maps to one."""
+        mapped = self.mapper.map_name(name) if self.mapper is not None else name
+        module_name, _, param = (mapped or "").rpartition(".")
+        if param != "weight":
+            return None
+        try:
+            return self.model.get_submodule(module_name)
+        except AttributeError:
+            return None
+
+    def _pack(self, modules: list[torch.nn.Module]) -> None:
+        for module in modules:
+            module.quant_method.process_weights_after_loading(module)
+            self.packed.add(module)
+
+    def _pack_head_from(self, head: torch.nn.Module, tensor: torch.Tensor) -> None:
+        """Re-pack an LM head from its received tensor, leaving its live (maybe shared) weight untouched."""
+        live = head.weight
+        head.weight = torch.nn.Parameter(tensor.view(live.shape), requires_grad=False)
+        try:
+            self._pack([head])
+        finally:
+            head.weight = live
 
 
 def _has_handle(module: torch.nn.Module) -> bool:

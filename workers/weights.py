@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -66,18 +66,30 @@ class WeightReceiver:
         self.worker_id = worker_id
         self.device = torch.device(device)
         self.epoch: int | None = None
+        # The store and epoch of the group joined: the same epoch number under another learner's store (a test's
+        # second learner, a learner moved to another port) is another group.
+        self._group: tuple[str, int, int] | None = None
         self.pg: Any = None
         self._store: Any = None
         self.reuse_buffers = reuse_buffers
         self._buffers: list[torch.Tensor] = []
 
-    def receive(self, ann: WeightAnnouncement, into: dict[str, torch.Tensor] | None = None) -> NamedTensors:
+    def receive(
+        self,
+        ann: WeightAnnouncement,
+        into: dict[str, torch.Tensor] | None = None,
+        on_bucket: Callable[[NamedTensors], None] | None = None,
+    ) -> NamedTensors:
         """Every parameter of `ann`, received from rank 0 of the weight group.
 
         `into` (parameters by name, laid out by `weightsync.flat.flatten_into_buckets`): buckets that are views
         of these parameters are received in place and left out of the result. Faster and copy-free, but a
         failure then leaves the model partly updated: the caller must restore it (engine_hf_fast reloads the
         checkpoint).
+
+        `on_bucket` is called with each bucket's tensors, in order, as soon as that bucket has arrived (on CPU;
+        on GPU once all have), while later buckets are still in flight. An exception it raises fails the
+        receive like a transfer error.
 
         Raises:
             WeightSyncError: not a member, the rendezvous or a bucket did not complete within `ann.timeout_s`,
@@ -86,9 +98,9 @@ class WeightReceiver:
         if self.worker_id not in ann.members:
             raise WeightSyncError(f"{self.worker_id} is not a member of weight-group epoch {ann.epoch}")
         try:
-            if self.pg is None or self.epoch != ann.epoch:
+            if self.pg is None or self._group != (ann.master_addr, ann.master_port, ann.epoch):
                 self._join(ann)
-            return self._receive_buckets(ann, into or {})
+            return self._receive_buckets(ann, into or {}, on_bucket)
         except (RuntimeError, dist.DistError, ValueError) as exc:
             self.leave()
             if isinstance(exc, WeightSyncError):
@@ -100,6 +112,7 @@ class WeightReceiver:
         self.pg = None
         self._store = None
         self.epoch = None
+        self._group = None
 
     def _join(self, ann: WeightAnnouncement) -> None:
         self.leave()
@@ -110,13 +123,16 @@ class WeightReceiver:
         store.set(WEIGHT_JOINED_KEY + self.worker_id, "1")
         self.pg = new_group(ann.backend, store, rank, ann.world_size, ann.timeout_s)
         self.epoch = ann.epoch
+        self._group = (ann.master_addr, ann.master_port, ann.epoch)
         log.info("joined weight group epoch %d as rank %d of %d", ann.epoch, rank, ann.world_size)
 
-    def _receive_buckets(self, ann: WeightAnnouncement, into: dict[str, torch.Tensor]) -> NamedTensors:
+    def _receive_buckets(
+        self, ann: WeightAnnouncement, into: dict[str, torch.Tensor], on_bucket: Callable[[NamedTensors], None] | None
+    ) -> NamedTensors:
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         deadline = time.monotonic() + ann.timeout_s
-        out: NamedTensors = []
+        per_bucket: list[NamedTensors] = []
         in_flight: list = []
         gloo_works: list = []
         for i, spec in enumerate(ann.buckets):
@@ -131,15 +147,18 @@ class WeightReceiver:
             # NCCL keeps them in order; gloo too (tags follow the issue order), and every bucket is kept anyway:
             # posting them all lets the next transfer start while Python is still cutting up this one.
             (in_flight if self.device.type == "cuda" else gloo_works).append(work)
-            if not in_place:
-                out += unpack_bucket(flat, spec)  # views: filled in once its work completes
+            per_bucket.append([] if in_place else unpack_bucket(flat, spec))  # views: filled in as it completes
         del self._buffers[len(ann.buckets) :]  # a layout with fewer buckets: free the rest
-        for work in gloo_works:
+        for work, tensors in zip(gloo_works, per_bucket, strict=False):
             work.wait(timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
+            if on_bucket is not None:
+                _call(on_bucket, tensors)  # overlaps the buckets still arriving
         wait_in_order(in_flight, deadline)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return out
+            for tensors in per_bucket if on_bucket is not None else []:
+                _call(on_bucket, tensors)
+        return [item for tensors in per_bucket for item in tensors]
 
     def _buffer(self, index: int, spec: BucketSpec) -> torch.Tensor:
         """A [spec.numel] tensor to receive bucket `index` into: kept from the last update when reuse is on."""
@@ -151,6 +170,14 @@ class WeightReceiver:
         if self._buffers[index].dtype != dtype or self._buffers[index].numel() != spec.numel:
             self._buffers[index] = torch.empty(spec.numel, dtype=dtype, device=self.device)
         return self._buffers[index]
+
+
+def _call(on_bucket: Callable[[NamedTensors], None], tensors: NamedTensors) -> None:
+    """A failing callback fails the receive like a transfer error: the group is left, the update reported."""
+    try:
+        on_bucket(tensors)
+    except Exception as exc:
+        raise RuntimeError(f"loading a received bucket failed: {type(exc).__name__}: {exc}") from exc
 
 
 def load_safetensors(path: str) -> NamedTensors:
@@ -196,11 +223,22 @@ class VllmWeightExtension:
         assert isinstance(ann, WeightAnnouncement)
         receiver = self._rlq_receiver(worker_id)
         t0 = time.perf_counter()
-        tensors = receiver.receive(ann)
+        load = self._rlq_begin_in_place()  # CPU: loads and re-packs each bucket as it arrives
+        try:
+            with self._rlq_config():
+                tensors = receiver.receive(ann, on_bucket=load.add if load is not None else None)
+        except BaseException:
+            if load is not None:
+                load.rollback()  # the engine computes with its previous weights again
+            raise
         t1 = time.perf_counter()
-        in_place = self._rlq_load(tensors)
+        if load is not None:
+            self._rlq_finish(load)
+        else:
+            self._rlq_load(tensors)
+        # receive_s includes the loading and re-packing that overlapped the transfer; load_s is what came after.
         return {"version": float(ann.version), "receive_s": t1 - t0, "load_s": time.perf_counter() - t1,
-                "in_place": float(in_place)}  # fmt: skip
+                "in_place": float(load is not None)}  # fmt: skip
 
     def rlq_load_file(self, path: str) -> dict[str, float]:
         """Load a safetensors file or directory in place (filesystem sync, or a joining worker's checkpoint)."""
@@ -231,26 +269,45 @@ class VllmWeightExtension:
     def _rlq_load(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> bool:
         """Load Hugging Face-named tensors; True if the CPU in-place path did it, False if vLLM's reload did."""
         # Names are Hugging Face's; both paths map them (q/k/v -> qkv_proj, ...) with the model's load_weights.
-        from workers.vllm_reload import load_in_place
-
-        model = self.model_runner.get_model()
-        config = self.model_runner.vllm_config
-        with _current_vllm_config(config):
-            if load_in_place(model, tensors, quantized=config.model_config.quantization is not None):
-                for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):  # as reload_weights
-                    getattr(self.model_runner, reset, lambda: None)()
-                return True
+        load = self._rlq_begin_in_place()
+        if load is not None:
+            try:
+                with self._rlq_config():
+                    load.add(tensors)
+            except BaseException:
+                load.rollback()
+                raise
+            self._rlq_finish(load)
+            return True
         # Elsewhere (GPU, quantized): vLLM's layer-wise reload. The worker's own reload_weights sets vLLM's
         # current config around the model runner's.
+        model = self.model_runner.get_model()
         reload = getattr(self, "reload_weights", None) or self.model_runner.reload_weights
         reload(weights_iterator=iter(tensors), is_checkpoint_format=True)
         if next(model.parameters()).device.type == "cpu":
             refresh_tied_cpu_gemms(model)
         return False
 
+    def _rlq_begin_in_place(self) -> Any:
+        """A `workers.vllm_reload.InPlaceLoad` for this update, or None where vLLM's reload must do it."""
+        from workers.vllm_reload import InPlaceLoad
 
-def _current_vllm_config(config: Any) -> Any:
-    """vLLM's context that weight loaders and post-load processing read their settings from."""
-    from vllm.config import set_current_vllm_config
+        quantized = self.model_runner.vllm_config.model_config.quantization is not None
+        with self._rlq_config():
+            return InPlaceLoad.begin(self.model_runner.get_model(), quantized)
 
-    return set_current_vllm_config(config)
+    def _rlq_finish(self, load: Any) -> None:
+        try:
+            with self._rlq_config():
+                load.finish()
+        except BaseException:
+            load.rollback()
+            raise
+        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):  # as reload_weights does
+            getattr(self.model_runner, reset, lambda: None)()
+
+    def _rlq_config(self) -> Any:
+        """vLLM's context that weight loaders and post-load processing read their settings from."""
+        from vllm.config import set_current_vllm_config
+
+        return set_current_vllm_config(self.model_runner.vllm_config)

@@ -168,6 +168,43 @@ def test_after_a_weight_update_vllm_logprobs_equal_the_learners(
     learner.close()
 
 
+def test_a_broadcast_that_dies_half_way_leaves_the_engine_on_its_weights(
+    vllm_engine, tiny_dir: Path, redis_url: str, run_name: str
+) -> None:
+    """The worker loads and re-packs each bucket as it arrives; a learner that dies after a few buckets (the
+    first linear layers complete) must leave the engine computing with the weights it had."""
+    import torch.distributed as dist
+
+    from learner.broadcast import named_tensors, pack_bucket, plan_buckets
+
+    r = connect(redis_url)
+    keys = Keys(run_name)
+    learner = CollectiveBroadcast(r, keys, master_addr="127.0.0.1", bucket_bytes=64 << 10, timeout_s=5)
+    worker = _worker(vllm_engine, redis_url, run_name, "vllm-0")
+    worker.sync()  # no announcement yet: asks to join
+    version = worker.version
+    before = _vllm_sequence_logprobs(vllm_engine, SEQUENCE)
+    tensors = named_tensors(_perturbed(tiny_dir, seed=5))
+    buckets = plan_buckets(tensors, learner.bucket_bytes)
+    first = [t.name.rsplit(".", 2)[-2] for b in buckets[:3] for t in b.tensors]
+    assert first == ["embed_tokens", "q_proj", "k_proj", "v_proj"]
+    learner._update_membership()
+    learner._announce(learner._announcement(version + 1, "gloo", buckets))
+    syncer = threading.Thread(target=worker.sync)  # one try: it fails, the worker asks to join again
+    syncer.start()
+    pg = learner._form_group("gloo")
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    for spec in buckets[:3]:  # the embedding, then every weight of layer 0's qkv_proj: re-packed on arrival
+        pg.broadcast([pack_bucket(dict(tensors), spec, torch.device("cpu"))], opts).wait()
+    del pg  # the learner is gone
+    syncer.join(60)
+    assert not syncer.is_alive() and worker.version == version
+    after = _vllm_sequence_logprobs(vllm_engine, SEQUENCE)
+    assert (after - before).abs().max().item() <= 1e-6
+    learner.close()
+
+
 def test_a_worker_started_mid_run_takes_work_and_joins_the_weight_group(
     vllm_engine, tiny_dir: Path, redis_url: str, run_name: str
 ) -> None:
