@@ -11,8 +11,10 @@
   `VllmEngine.update_weights` (join once, then steady state: bucketed gloo broadcast into the engine + the
   in-place load of workers/vllm_reload.py + prefix-cache reset), from the learner's first step until the worker
   has loaded, against a raw gloo broadcast of the same bytes as one flat tensor between two processes. Medians
-  of repeats. (Before 2026-11-27 the learner was a thread of the bench process and the engine had its own
-  processes; the update crossed the same one process boundary then as now.)
+  of repeats. Since 2026-11-27 the worker loads and re-packs each bucket as it arrives: `*_receive_s` includes
+  that overlapped work and `*_reload_s` is only what follows the last bucket (before: receive, then load). The
+  learner was a thread of the bench process before and the engine had its own processes; the update crossed
+  one process boundary then as now.
 - the same update on a wider random Qwen3 (--scaled-hidden x --scaled-layers), to show how the ratio moves
   when bytes, not per-layer overheads, dominate.
 
