@@ -30,6 +30,20 @@ from broker.streams import StreamConsumer, publish_once
 REPO = Path(__file__).resolve().parents[2]
 
 
+def random_train_samples(n: int = 8, seed: int = 0) -> list:
+    """`n` TrainSamples of random ids (vocab 3..39), groups of 4, one of them (index 5) not trainable."""
+    from learner.batch import TrainSample
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        prompt_len, completion_len = int(rng.integers(2, 6)), int(rng.integers(1, 9))
+        ids = rng.integers(3, 40, size=prompt_len + completion_len)
+        behaviour = np.full(completion_len, -3.5, np.float32)
+        out.append(TrainSample(f"g{i // 4}", ids, prompt_len, behaviour, float(rng.normal()), trainable=i != 5))
+    return out
+
+
 def write_prompts(path: Path, n: int = 40) -> Path:
     """`n` arithmetic problems as prepared JSONL rows (the `rlq.data.Example` contract the feeder reads)."""
     from rlq.data import ArithConfig, generate_arith

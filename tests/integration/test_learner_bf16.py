@@ -6,29 +6,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from learner.batch import TrainSample, assemble
+from learner.batch import assemble
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.optim import StochasticAdamW
 from learner.train import DistInfo, build_trainer, load_model
 from rlq.config import load_run_config
+from tests.integration.learner_support import random_train_samples
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
-def samples(n: int = 8, seed: int = 0) -> list[TrainSample]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        prompt_len, completion_len = int(rng.integers(2, 6)), int(rng.integers(2, 9))
-        ids = rng.integers(3, 40, size=prompt_len + completion_len)
-        behaviour = np.full(completion_len, -3.5, np.float32)
-        out.append(TrainSample(f"g{i // 4}", ids, prompt_len, behaviour, float(rng.normal())))
-    return out
 
 
 def lm_gradients(model: torch.nn.Module, seed: int = 0) -> list[torch.Tensor]:
@@ -94,7 +83,7 @@ def test_master_weights_knob_reaches_the_learner_and_survives_a_checkpoint(tmp_p
     assert isinstance(trainer.optimizer, StochasticAdamW)
     assert all(p.dtype == torch.bfloat16 for p in trainer.model.parameters())
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    trainer.train(assemble(samples(), 1, None)[0])
+    trainer.train(assemble(random_train_samples(), 1, None)[0])
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
     path = save_checkpoint(tmp_path / "ckpt", 1, trainer.model, tokenizer, trainer.optimizer_state(),
                            {"version": 1, "collector": {}}, b"")  # fmt: skip
@@ -108,7 +97,7 @@ def test_master_weights_knob_reaches_the_learner_and_survives_a_checkpoint(tmp_p
             saved, restored = trainer.optimizer.state[p][key], resumed.optimizer.state[q][key]
             assert restored.dtype == torch.bfloat16 and torch.equal(saved, restored)
         assert float(resumed.optimizer.state[q]["step"]) == 1.0
-    resumed.train(assemble(samples(seed=1), 1, None)[0])  # and it trains on
+    resumed.train(assemble(random_train_samples(seed=1), 1, None)[0])  # and it trains on
     assert float(resumed.optimizer.state[next(resumed.model.parameters())]["step"]) == 2.0
 
     default = _config(tmp_path, tiny_model_dir)  # float32 master weights stay the default

@@ -7,26 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from learner.batch import TrainSample, assemble
+from learner.batch import assemble
 from learner.loss import LossSettings
 from learner.step import PolicyLogprobs, Trainer, collate, reduce_stats
 from learner.train import load_model
+from tests.integration.learner_support import random_train_samples
 
 
 @pytest.fixture
 def policy_dir(tiny_model_dir):
     return tiny_model_dir
-
-
-def samples(n: int = 8, seed: int = 0) -> list[TrainSample]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        prompt_len, completion_len = int(rng.integers(2, 6)), int(rng.integers(1, 9))
-        ids = rng.integers(3, 40, size=prompt_len + completion_len)
-        behaviour = np.full(completion_len, -3.5, np.float32)
-        out.append(TrainSample(f"g{i // 4}", ids, prompt_len, behaviour, float(rng.normal()), trainable=i != 5))
-    return out
 
 
 def trainer(policy_dir, settings: LossSettings, reference=False) -> Trainer:
@@ -39,7 +29,7 @@ def trainer(policy_dir, settings: LossSettings, reference=False) -> Trainer:
 
 def test_completion_logprobs_match_a_full_forward(policy_dir):
     model = load_model(policy_dir, "float32", torch.device("cpu")).eval()
-    batch = samples(4)
+    batch = random_train_samples(4)
     micro = collate(batch, torch.device("cpu"))
     with torch.no_grad():
         flat, entropy = PolicyLogprobs(model)(micro.input_ids, micro.attention_mask, micro.pred_mask)
@@ -65,12 +55,12 @@ def test_completion_logprobs_match_a_full_forward(policy_dir):
 def test_each_variant_updates_the_policy(policy_dir, settings):
     t = trainer(policy_dir, settings)
     before = [p.detach().clone() for p in t.model.parameters()]
-    stats, timings = t.train(assemble(samples(), 1, None)[0])
+    stats, timings = t.train(assemble(random_train_samples(), 1, None)[0])
     metrics = reduce_stats(stats, timings, 1)
     assert np.isfinite(metrics["loss/total"]) and metrics["perf/updates"] == 1
     assert metrics["loss/ratio_mean"] == pytest.approx(1.0)  # one update per step: on-policy ratio
     assert any(not torch.equal(a, b) for a, b in zip(before, t.model.parameters(), strict=True))
-    trainable_tokens = sum(s.completion_len for s in samples() if s.trainable)
+    trainable_tokens = sum(s.completion_len for s in random_train_samples() if s.trainable)
     if not settings.use_decoupled_ppo:
         assert metrics["loss/trained_tokens"] == trainable_tokens
     assert metrics["loss/token_mult_prob_error"] > 1.0  # behaviour logprobs are made up: a visible mismatch
@@ -78,7 +68,7 @@ def test_each_variant_updates_the_policy(policy_dir, settings):
 
 def test_several_updates_per_step_move_the_ratio_and_kl(policy_dir):
     t = trainer(policy_dir, LossSettings(reference_policy_kl_penalty=0.1), reference=True)
-    updates = assemble(samples(8), 1, 4)[0]
+    updates = assemble(random_train_samples(8), 1, 4)[0]
     stats, timings = t.train(updates)
     metrics = reduce_stats(stats, timings, 1)
     assert metrics["perf/updates"] == 2
@@ -94,7 +84,7 @@ def test_bfloat16_compute_keeps_float32_master_weights(policy_dir):
     t = Trainer(model, opt, LossSettings(), world_size=1, micro_batch_size=4, max_grad_norm=1.0,
                 device=torch.device("cpu"), compute_dtype=torch.bfloat16)  # fmt: skip
     before = [p.detach().clone() for p in model.parameters()]
-    stats, timings = t.train(assemble(samples(), 1, None)[0])
+    stats, timings = t.train(assemble(random_train_samples(), 1, None)[0])
     assert np.isfinite(reduce_stats(stats, timings, 1)["loss/total"])
     assert all(p.dtype == torch.float32 for p in model.parameters())
     # A 1e-6 step survives in float32; in bfloat16 most such updates would round back to the old weight.
