@@ -70,6 +70,7 @@ def train(cfg: RunConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     save_resolved(cfg, config_path)
+    specs = role_specs(cfg, config_path)  # a bad CPU list fails here, before anything has started
     server = None
     env: dict[str, str] = {"RLQ_RUN": cfg.run_name, "PYTHONUNBUFFERED": "1"}
     if cfg.broker.url is None:
@@ -87,7 +88,7 @@ def train(cfg: RunConfig) -> Path:
     )  # fmt: skip
     started = time.monotonic()
     try:
-        for spec in role_specs(cfg, config_path):
+        for spec in specs:
             supervisor.start(spec)
         supervisor.wait(on_tick=lambda: _report(follower, cfg.grpo.max_num_steps, started))
         log.info("run finished in %.1f min: %s", (time.monotonic() - started) / 60, run_dir)
