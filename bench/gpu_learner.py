@@ -44,7 +44,8 @@ from bench.gpu_common import (
     random_model,
     write_result,
 )
-from broker.schemas import Array, Prompt, RolloutGroup, Sample, ScoredGroup
+from bench.synthetic import scored_groups
+from broker.schemas import ScoredGroup
 from learner.batch import assemble, group_to_samples
 from learner.config import GRPOConfig, OptimizerConfig, OptimizerKwargs, PolicyConfig
 from learner.kernels import use_varlen_attention
@@ -58,21 +59,8 @@ TARGET_MFU = 0.40
 
 
 def make_groups(args, vocab: int) -> list[ScoredGroup]:
-    """Prompts of `prompt_len`, completions uniform in [completion_len/4, completion_len], rewards 0/1."""
-    rng = np.random.default_rng(0)
-    groups = []
-    for p in range(args.prompts):
-        prompt = Prompt(f"p{p}", Array.from_numpy(rng.integers(0, vocab, args.prompt_len), "int32"), "1")
-        samples = []
-        for _ in range(args.generations):
-            n = int(rng.integers(args.completion_len // 4, args.completion_len + 1))
-            ids, logprobs = rng.integers(0, vocab, n), -rng.random(n) * 3
-            samples.append(Sample(Array.from_numpy(ids, "int32"), Array.from_numpy(logprobs, "float32"), "stop"))
-        rollout = RolloutGroup(group_id=f"p{p}@b", batch_id="b", prompt=prompt, samples=samples, policy_version=0,
-                               worker_id="bench")  # fmt: skip
-        rewards = Array.from_numpy(rng.integers(0, 2, args.generations), "float32")
-        groups.append(ScoredGroup(rollout=rollout, rewards=rewards, verdicts=["correct"] * args.generations))
-    return groups
+    return scored_groups(args.prompts, args.generations, args.prompt_len, args.completion_len, vocab,
+                         shortest=0.25, logprob_scale=3)  # fmt: skip
 
 
 LR, WEIGHT_DECAY = 1e-6, 0.01  # the tutorial's

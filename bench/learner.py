@@ -33,7 +33,8 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() !=
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from broker.schemas import Array, Prompt, RolloutGroup, Sample, ScoredGroup  # noqa: E402
+from bench.synthetic import scored_groups  # noqa: E402
+from broker.schemas import ScoredGroup  # noqa: E402
 from learner.batch import assemble, group_to_samples  # noqa: E402
 from learner.checkpoint import save_checkpoint  # noqa: E402
 from learner.config import GRPOConfig  # noqa: E402
@@ -56,20 +57,8 @@ def make_model(vocab: int) -> torch.nn.Module:
 
 
 def make_groups(args, vocab: int) -> list[ScoredGroup]:
-    rng = np.random.default_rng(0)
-    groups = []
-    for p in range(args.prompts):
-        prompt = Prompt(f"p{p}", Array.from_numpy(rng.integers(0, vocab, args.prompt_len), "int32"), "1")
-        samples = []
-        for _ in range(args.generations):
-            n = int(rng.integers(args.completion_len // 2, args.completion_len + 1))
-            ids, logprobs = rng.integers(0, vocab, n), -rng.random(n) * 5
-            samples.append(Sample(Array.from_numpy(ids, "int32"), Array.from_numpy(logprobs, "float32"), "stop"))
-        rollout = RolloutGroup(group_id=f"p{p}@b", batch_id="b", prompt=prompt, samples=samples, policy_version=0,
-                               worker_id="bench")  # fmt: skip
-        rewards = Array.from_numpy(rng.integers(0, 2, args.generations), "float32")
-        groups.append(ScoredGroup(rollout=rollout, rewards=rewards, verdicts=["correct"] * args.generations))
-    return groups
+    return scored_groups(args.prompts, args.generations, args.prompt_len, args.completion_len, vocab,
+                         shortest=0.5, logprob_scale=5)  # fmt: skip
 
 
 def project_step(trainer: Trainer, groups, cfg: GRPOConfig, max_len: int, tmp: Path, step: int, broadcast):
