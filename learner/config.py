@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -44,6 +44,20 @@ class GRPOConfig(_Strict):
     reward_shaping: RewardShapingConfig = Field(default_factory=RewardShapingConfig)
     seed: int = Field(42, description="Seeds data order and torch.")
     prompts_per_message: int = Field(8, ge=1, description="Prompts per PromptBatch the feeder publishes.")
+    # NeMo RL's in-run validation keys, so the tutorial's command lines (`grpo.val_at_start=false`) load. rlq has
+    # no in-run validation pass yet; held-out accuracy comes from bench/learning.py. Turning one on is refused.
+    val_at_start: bool = Field(False, description="Not supported yet: must be false.")
+    val_period: int = Field(0, ge=0, description="Not supported yet: must be 0 (no in-run validation).")
+
+    @field_validator("val_at_start", "val_period")
+    @classmethod
+    def _no_in_run_validation(cls, value: bool | int) -> bool | int:
+        if value:
+            raise ValueError(
+                "rlq has no in-run validation yet: set grpo.val_at_start=false and grpo.val_period=0 "
+                "(held-out accuracy: bench/learning.py)"
+            )
+        return value
 
 
 class LossConfig(_Strict):
@@ -101,6 +115,12 @@ class DTensorConfig(_Strict):
     """NeMo RL `policy.dtensor_cfg`: FSDP2 instead of DDP."""
 
     enabled: bool = Field(False, description="Shard parameters, gradients and optimizer state over the ranks.")
+    clear_cache_every_n_steps: int | None = Field(
+        None,
+        ge=1,
+        description="On GPUs, return the allocator's cached blocks (torch.cuda.empty_cache) every this many steps, "
+        "against fragmentation when sample lengths vary. null: never.",
+    )
 
 
 class SequencePackingConfig(_Strict):

@@ -456,6 +456,9 @@ def _loop(cfg, info: DistInfo, trainer: Trainer, coordinator, stop, version: int
         stats, timings = trainer.train(share["minibatches"])
         metrics = reduce_stats(stats, timings, info.world_size, info.device)
         version += 1
+        clear_every = cfg.policy.dtensor_cfg.clear_cache_every_n_steps
+        if clear_every and info.device.type == "cuda" and version % clear_every == 0:
+            torch.cuda.empty_cache()
         every = cfg.learner.check_replicas_every
         if every and version % every == 0 and not trainer.fsdp:  # FSDP2 holds one copy: nothing to compare
             metrics["sync/replica_spread"] = replica_spread(trainer.model, info.world_size)

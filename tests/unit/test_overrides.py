@@ -65,3 +65,23 @@ def test_run_config_overrides_reach_keys_the_file_leaves_at_their_default():
     assert cfg.policy.train_global_batch_size == 32 and cfg.grpo.max_num_steps == 3
     with pytest.raises(ConfigError, match="unknown key policy.train_global_batch_sise"):
         load_run_config(config, ["policy.train_global_batch_sise=32"])
+
+
+def test_the_tutorials_sanity_run_overrides_load_on_the_4b_config():
+    from pathlib import Path
+
+    import pydantic
+
+    from rlq.config import load_run_config
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "grpo_dapo17k_qwen3_4b_instruct.yaml"
+    tutorial = ['logger.wandb.project="me-nemo-gym-rl-integration"', "logger.wandb.name=exp",
+                "logger.log_dir=results/exp", "grpo.val_at_start=false", "++grpo.num_prompts_per_step=4",
+                "++grpo.max_num_steps=3",
+                "++policy.dtensor_cfg.clear_cache_every_n_steps=1", "++cluster.num_nodes=1",
+                "checkpointing.checkpoint_dir=results/exp"]  # fmt: skip
+    cfg = load_run_config(config, tutorial)
+    assert cfg.grpo.num_prompts_per_step == 4 and cfg.grpo.max_num_steps == 3 and not cfg.grpo.val_at_start
+    assert cfg.policy.dtensor_cfg.clear_cache_every_n_steps == 1 and cfg.logger.wandb.name == "exp"
+    with pytest.raises(pydantic.ValidationError, match="rlq has no in-run validation yet"):
+        load_run_config(config, ["grpo.val_at_start=true"])
