@@ -139,9 +139,13 @@ class VllmEngine(Engine):
                 "rlq_update_weights", timeout=timeout, args=(encode(ann), self.worker_id)
             )
         except Exception as exc:
-            from workers.weights import WeightSyncError
+            from workers.vllm_reload import MODEL_LEFT_MIXED
+            from workers.weights import EngineStateLost, WeightSyncError
 
-            raise WeightSyncError(str(exc).splitlines()[0][:300]) from None
+            line = str(exc).splitlines()[0][:300]
+            if MODEL_LEFT_MIXED in str(exc):  # keeping "the old weights" would sample from a mix of two versions
+                raise EngineStateLost(f"{line}; restart the worker (it loads the latest checkpoint)") from None
+            raise WeightSyncError(line) from None
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         extra = {"in_place": stats["in_place"]} if "in_place" in stats else {}
         return SyncStats(receive_s=stats["receive_s"], load_s=stats["load_s"], extra=extra)

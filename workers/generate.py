@@ -265,11 +265,15 @@ class GenerationWorker:
         return False
 
     def _update(self, ann: WeightAnnouncement) -> bool:
+        from workers.weights import EngineStateLost  # torch: loaded with the engine already
+
         self._handled = (ann.epoch, ann.version)
         self.status = "syncing"
         t0 = time.perf_counter()
         try:
             stats = self.engine.update_weights(ann)
+        except EngineStateLost:
+            raise  # its weights are neither version: stop rather than label rollouts with the wrong one
         except Exception as exc:  # WeightSyncError, or the engine's RPC failing: keep the old weights
             log.error("weight update v%d failed after %.1fs, keeping v%d and re-joining: %s",
                       ann.version, time.perf_counter() - t0, self.version, exc)  # fmt: skip

@@ -40,6 +40,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
+MODEL_LEFT_MIXED = "weight load failed after the live weights began to change"
+"""Marker of `ModelLeftMixed` in an error message (it may cross a process boundary as text)."""
+
+
+class ModelLeftMixed(RuntimeError):
+    """The in-place load failed after it began writing the weights the engine computes with: old and new mixed."""
+
+
 _WEIGHTS_KEPT = "_rlq_unpacked_weight"
 """Attribute of a packed linear holding its unpacked weight parameter between updates."""
 
@@ -105,13 +113,22 @@ class InPlaceLoad:
         self._pack(done)
 
     def finish(self) -> None:
-        """Load what the engine uses directly (in place) and re-pack everything not re-packed yet."""
-        if self.deferred:
-            self.model.load_weights(self.deferred)  # type: ignore[operator]
-        self._pack([m for m in self.linears + self.heads if m not in self.packed])
+        """Re-pack the linears not re-packed yet, then load what the engine uses directly (in place).
+
+        Everything that can fail on the linears runs first, while `rollback` can still undo it. The in-place load
+        (embeddings, norms) and re-packing a head whose tensor did not arrive in its weight's shape come last: a
+        failure there leaves the live model mixed, which `rollback` cannot undo, so it raises `ModelLeftMixed`.
+        """
+        self._pack([m for m in self.linears if m not in self.packed])
         for module in self.linears:
             if module.weight.numel() > 0:
                 raise RuntimeError(f"{type(module).__name__} kept its weight after re-packing; the CPU path changed")
+        try:
+            if self.deferred:
+                self.model.load_weights(self.deferred)  # type: ignore[operator]
+            self._pack([h for h in self.heads if h not in self.packed])
+        except Exception as exc:
+            raise ModelLeftMixed(f"{MODEL_LEFT_MIXED}: {exc}") from exc
         self.previous.clear()
 
     def rollback(self) -> None:

@@ -37,6 +37,10 @@ class WeightSyncError(RuntimeError):
     """A weight update that did not complete: the worker keeps its weights and re-joins at the next epoch."""
 
 
+class EngineStateLost(RuntimeError):
+    """A weight update failed after it began changing the live weights: the worker cannot go on sampling."""
+
+
 def unpack_bucket(flat: torch.Tensor, spec: BucketSpec) -> NamedTensors:
     """Views into `flat` [spec.numel], one per parameter of the bucket, in the announced shapes."""
     if flat.numel() != spec.numel:
@@ -297,9 +301,13 @@ class VllmWeightExtension:
             return InPlaceLoad.begin(self.model_runner.get_model(), quantized)
 
     def _rlq_finish(self, load: Any) -> None:
+        from workers.vllm_reload import ModelLeftMixed
+
         try:
             with self._rlq_config():
                 load.finish()
+        except ModelLeftMixed:
+            raise  # nothing to roll back to: the worker must not keep sampling (workers/engines.py)
         except BaseException:
             load.rollback()
             raise

@@ -205,6 +205,49 @@ def test_a_broadcast_that_dies_half_way_leaves_the_engine_on_its_weights(
     learner.close()
 
 
+def test_a_load_that_fails_after_the_live_weights_changed_stops_the_worker(
+    vllm_engine, tiny_dir: Path, redis_url: str, run_name: str, monkeypatch
+) -> None:
+    """Past the point where `rollback` can restore (the in-place load of embeddings and norms), a failure must not
+    be reported as "kept the old weights": the worker would sample from a mix of two versions."""
+    from workers.vllm_reload import InPlaceLoad
+    from workers.weights import EngineStateLost
+
+    real_finish = InPlaceLoad.finish
+
+    def failing_finish(load: InPlaceLoad) -> None:
+        def load_weights(weights):  # the first in-place write fails, as a bad norm tensor would
+            raise ValueError("injected: norm shape mismatch")
+
+        load.model.load_weights = load_weights  # shadows the method on this model only
+        try:
+            real_finish(load)
+        finally:
+            del load.model.load_weights
+
+    monkeypatch.setattr(InPlaceLoad, "finish", failing_finish)
+    r = connect(redis_url)
+    keys = Keys(run_name)
+    learner = CollectiveBroadcast(r, keys, master_addr="127.0.0.1", bucket_bytes=1 << 20, timeout_s=30)
+    worker = _worker(vllm_engine, redis_url, run_name, "vllm-0")
+    worker.sync()  # no announcement yet: asks to join
+    raised: list[BaseException] = []
+
+    def sync_until_done() -> None:
+        try:
+            _wait(worker.sync, timeout_s=60, what="the worker's sync")
+        except BaseException as exc:  # noqa: BLE001  (the assertion below names it)
+            raised.append(exc)
+
+    syncer = threading.Thread(target=sync_until_done)
+    syncer.start()
+    learner.broadcast(_perturbed(tiny_dir, seed=6), version=worker.version + 1)
+    syncer.join(60)
+    assert len(raised) == 1 and isinstance(raised[0], EngineStateLost), raised
+    assert "weight load failed after the live weights began to change" in str(raised[0])
+    learner.close()
+
+
 def test_a_worker_started_mid_run_takes_work_and_joins_the_weight_group(
     vllm_engine, tiny_dir: Path, redis_url: str, run_name: str
 ) -> None:
