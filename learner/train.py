@@ -130,14 +130,15 @@ def load_model(path: str | Path, precision: str, device: torch.device) -> torch.
     return model.to(device)
 
 
-def build_optimizer(params, policy: PolicyConfig) -> torch.optim.Optimizer:
-    """AdamW as `policy.optimizer` sets it, for weights of dtype `policy.master_weights`."""
+def build_optimizer(params, policy: PolicyConfig, seed: int = 0) -> torch.optim.Optimizer:
+    """AdamW as `policy.optimizer` sets it, for weights of dtype `policy.master_weights`; `seed` (the run's
+    grpo.seed) seeds the stochastic rounding of bfloat16 weights."""
     kw = policy.optimizer.kwargs
     params = list(params)
     if policy.master_weights == "bfloat16":  # torch's AdamW would round most updates away (learner/optim.py)
         from learner.optim import StochasticAdamW
 
-        return StochasticAdamW(params, lr=kw.lr, weight_decay=kw.weight_decay, betas=kw.betas, eps=kw.eps)
+        return StochasticAdamW(params, lr=kw.lr, weight_decay=kw.weight_decay, betas=kw.betas, eps=kw.eps, seed=seed)
     # fused on GPUs: one kernel for all tensors and no foreach temporaries (~one more copy of the weights)
     fused = bool(params) and params[0].device.type == "cuda"
     return torch.optim.AdamW(params, lr=kw.lr, weight_decay=kw.weight_decay, betas=kw.betas, eps=kw.eps,
@@ -401,7 +402,7 @@ def build_trainer(cfg: LearnerConfig, info: DistInfo, resume: Path | None) -> tu
         reference = load_model(cfg.policy.model_name, cfg.policy.precision, info.device).requires_grad_(False)
     trainer = Trainer(
         model,
-        lambda params: build_optimizer(params, cfg.policy),
+        lambda params: build_optimizer(params, cfg.policy, cfg.grpo.seed),
         loss_settings(cfg),
         world_size=info.world_size,
         micro_batch_size=cfg.policy.train_micro_batch_size,

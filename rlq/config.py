@@ -88,17 +88,22 @@ class ClusterConfig(_Strict):
         return self
 
 
+MAX_CPU_ID = 65536
+"""CPU ids in a cpu list stay below this (Linux's own limit is lower): a typo cannot make a list of millions."""
+
+
 def parse_cpu_list(text: str, name: str) -> list[int]:
     """ "0,2-3" -> [0, 2, 3]. Only the syntax is checked here: the config is read on every node."""
     ids: set[int] = set()
     try:
         for part in text.replace(" ", "").split(","):
             low, dash, high = part.partition("-")
-            ids.update(range(int(low), int(high if dash else low) + 1))
+            first, last = int(low), int(high if dash else low)
+            if not 0 <= first <= last < MAX_CPU_ID:
+                raise ValueError(part)
+            ids.update(range(first, last + 1))
     except ValueError:
         raise ValueError(f'{name}={text!r} is not a CPU list like "0", "0,2" or "4-7"') from None
-    if not ids or min(ids) < 0:
-        raise ValueError(f'{name}={text!r} is not a CPU list like "0", "0,2" or "4-7"')
     return sorted(ids)
 
 

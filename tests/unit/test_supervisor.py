@@ -80,9 +80,11 @@ def test_cpu_lists_pin_each_role_and_bad_lists_are_refused(tmp_path):
     assert specs["judge"].cpus == [cpus[0]]
     assert role_specs(run_config(), tmp_path / "config.yaml")[-1].cpus is None, "no pinning unless asked"
 
-    with pytest.raises(UserError, match=r"cluster.learner_cpus='100000' names CPUs this machine does not offer"):
-        role_specs(run_config(learner_cpus="100000"), tmp_path / "config.yaml")
+    with pytest.raises(UserError, match=r"cluster.learner_cpus='60000' names CPUs this machine does not offer"):
+        role_specs(run_config(learner_cpus="60000"), tmp_path / "config.yaml")
     for bad, message in [({"learner_cpus": "one"}, "is not a CPU list"), ({"judge_cpus": "3-"}, "is not a CPU list"),
+                         ({"learner_cpus": "0,3-1"}, "is not a CPU list"),
+                         ({"learner_cpus": "0-99999999"}, "is not a CPU list"),
                          ({"generation_cpus": "0|1"}, "2 '|'-separated lists for 1 generation workers")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             ClusterConfig(**bad)
