@@ -172,7 +172,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
         chunk = ctx.chunk
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         # Partial weight gradients summed in float32: one [V, H] per chunk would lose bits in half precision.
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # [V, H]
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        )  # [V, H]; ~1.5 GB for Qwen3-4B's vocabulary, so only when the head is trained
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, hidden.shape[0], chunk):
                 h, g = hidden[s : s + chunk], grad_logprobs[s : s + chunk].float()  # [c, H], [c]
@@ -182,6 +184,6 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 grad_logits = grad_logits.to(hidden.dtype)
                 if grad_hidden is not None:
                     grad_hidden[s : s + chunk] = grad_logits @ weight  # [c, H]
-                if ctx.needs_input_grad[1]:
+                if grad_weight is not None:
                     grad_weight += grad_logits.T @ h  # [V, H]
-        return grad_hidden, grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None, None, None
