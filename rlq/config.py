@@ -77,7 +77,7 @@ class ClusterConfig(_Strict):
             if value is not None:
                 parse_cpu_list(value, f"cluster.{name}")
         if self.generation_cpus is not None:
-            lists = self.generation_cpus.split("|")
+            lists = self.generation_cpu_lists()
             if len(lists) not in (1, self.generation_workers):
                 raise ValueError(
                     f"cluster.generation_cpus has {len(lists)} '|'-separated lists for "
@@ -86,6 +86,10 @@ class ClusterConfig(_Strict):
             for item in lists:
                 parse_cpu_list(item, "cluster.generation_cpus")
         return self
+
+    def generation_cpu_lists(self) -> list[str]:
+        """`generation_cpus` split into its per-worker lists ([] when unset)."""
+        return self.generation_cpus.split("|") if self.generation_cpus else []
 
 
 MAX_CPU_ID = 65536

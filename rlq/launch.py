@@ -34,11 +34,7 @@ def role_specs(cfg: RunConfig, config_path: Path) -> list[RoleSpec]:
     try:  # validated here, on the machine that pins, not when each role reads the config
         learner_cpus = local_cpu_list(cluster.learner_cpus, "cluster.learner_cpus") if cluster.learner_cpus else None
         judge_cpus = local_cpu_list(cluster.judge_cpus, "cluster.judge_cpus") if cluster.judge_cpus else None
-        generation_cpus = [
-            local_cpu_list(text, "cluster.generation_cpus")
-            for text in (cluster.generation_cpus or "").split("|")
-            if text
-        ]
+        generation_cpus = [local_cpu_list(text, "cluster.generation_cpus") for text in cluster.generation_cpu_lists()]
     except ValueError as exc:
         raise UserError(str(exc)) from None
     specs = [
