@@ -7,6 +7,7 @@ out), their ratio, and the final sampled rewards (mean of the last `learning.WIN
 (issue 7): ratio >= 1.5, final rewards within 0.05.
 
 Usage: .venv/bin/python bench/async_vs_sync.py [overrides for both runs...]
+(default: `grpo.max_num_steps=100` each, as recorded; the tiny config's own 900 would take ~25 min)
 Writes bench/results/async_vs_sync.json.
 """
 
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learning  # noqa: E402  (sibling bench module: shared run/prepare/write helpers)
 
 STALENESS = {"sync": 0, "async": 2}
+DEFAULT_STEPS = 100
 
 
 def steps_per_minute(records: list[dict]) -> float:
@@ -33,7 +35,7 @@ def steps_per_minute(records: list[dict]) -> float:
 def main() -> None:
     from rlq.tiny_policy import build_policy
 
-    overrides = sys.argv[1:]
+    overrides = sys.argv[1:] or [f"grpo.max_num_steps={DEFAULT_STEPS}"]
     build_policy(learning.POLICY)
     data_dir = learning.WORK / "arith"
     learning.prepare(data_dir)
