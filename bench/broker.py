@@ -3,11 +3,16 @@
 One run starts its own redis-server, then times, interleaved and best of `--repeats`:
   * project: a real RolloutGroup (16 samples x 1024 tokens, int32 ids + float32 logprobs, ~128 KB) encoded,
     appended with StreamProducer.add_many (pipelined XADD), read back with StreamConsumer.read (batched
-    XREADGROUP + decode + validation) and acknowledged with StreamConsumer.ack (one XACK per batch);
+    XREADGROUP + decode + validation) and acknowledged with StreamConsumer.ack as the roles configure it (one
+    script per batch: XACK, then trim what every group has acknowledged, keeping the newest ROLE_KEEP_ACKED);
   * raw: the same encoded bytes through pipelined SET then pipelined GET, no encode/decode at all;
-  * stream bytes only: the same pre-encoded bytes through XADD/XREADGROUP/XACK without the codec, and
+  * stream bytes only: the same pre-encoded bytes through XADD/XREADGROUP and the same ack, without the codec;
   * naive: one message at a time (XADD, XREADGROUP COUNT 1, decode, XACK), both for reference.
 Prints the figures and writes bench/results/broker.json.
+
+Until 2026-11-27 the roles never trimmed (their consumers acknowledged only) and neither did this bench's project
+path: every entry of a pass stayed in the server, as the raw path's keys still do. Trimming at each ack lets
+the server reuse the freed entries' memory instead of faulting in fresh pages for each new 133 KB entry.
 
     python bench/broker.py [--groups 512] [--batch 32] [--repeats 15] [--redis-server PATH]
 """
@@ -35,7 +40,7 @@ import numpy as np  # noqa: E402
 from broker.connection import connect  # noqa: E402
 from broker.schemas import Array, Prompt, RolloutGroup, Sample, decode, encode  # noqa: E402
 from broker.server import RedisServer, find_redis_server  # noqa: E402
-from broker.streams import StreamConsumer, StreamProducer, tune_allocator  # noqa: E402
+from broker.streams import ROLE_KEEP_ACKED, StreamConsumer, StreamProducer, ack_and_trim, tune_allocator  # noqa: E402
 
 RESULT = Path(__file__).parent / "results" / "broker.json"
 TARGET_GROUPS_S = 3000.0
@@ -84,7 +89,15 @@ def run_project(r, groups: list[RolloutGroup], batch: int) -> Meter:
     r.delete(stream)
     producer = StreamProducer(r, stream)
     consumer = StreamConsumer(
-        r, stream, "g", "c0", expected=RolloutGroup, dead_stream="bench:dead", claim_idle_ms=60_000, count=batch
+        r,
+        stream,
+        "g",
+        "c0",
+        expected=RolloutGroup,
+        dead_stream="bench:dead",
+        claim_idle_ms=60_000,
+        count=batch,
+        trim_keep_acked=ROLE_KEEP_ACKED,
     )
     consumer.ensure_group()
     received = 0
@@ -131,7 +144,7 @@ def run_stream_bytes(r, payloads: list[bytes], batch: int) -> Meter:
             producer.add_encoded(payloads[lo : lo + batch])
             ((_, entries),) = r.xreadgroup("g", "c0", {stream: ">"}, count=batch)
             moved += sum(len(fields[b"m"]) for _, fields in entries)
-            r.xack(stream, "g", *[entry_id for entry_id, _ in entries])
+            ack_and_trim(r, stream, "g", [entry_id for entry_id, _ in entries], ROLE_KEEP_ACKED)
     assert moved == sum(len(p) for p in payloads)
     r.delete(stream)
     return meter

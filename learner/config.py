@@ -226,6 +226,9 @@ class LearnerRuntime(_Strict):
     weight_bucket_mb: float = Field(64.0, gt=0, description="Largest flat bucket of one weight broadcast.")
     weight_sync_timeout_s: float = Field(60.0, gt=0, description="Watchdog bound of one broadcast.")
     read_block_ms: int = Field(1000, ge=1, description="Longest blocking read on the scored stream.")
+    trim_acked: bool = Field(
+        True, description="Trim the scored stream at each ack (see the run config's broker.trim_acked)."
+    )
     data_timeout_s: float = Field(1800.0, gt=0, description="Give up when no scored group arrives for this long.")
     check_replicas_every: int = Field(
         0, ge=0, description="Every this many steps compare a parameter checksum across ranks (0: never)."

@@ -150,7 +150,7 @@ class Coordinator:
 
     def __init__(self, cfg: LearnerConfig, tokenizer) -> None:
         from broker.connection import connect
-        from broker.streams import StreamConsumer, publish_once
+        from broker.streams import ROLE_KEEP_ACKED, StreamConsumer, publish_once
         from learner.data_source import prompt_source
 
         self.cfg = cfg
@@ -176,6 +176,8 @@ class Coordinator:
             max_deliveries=MAX_DELIVERIES,
             claim_idle_ms=NEVER_RECLAIM_MS,
             block_ms=cfg.learner.read_block_ms,
+            # Untrimmed, Redis keeps every rollout the run ever trained on.
+            trim_keep_acked=ROLE_KEEP_ACKED if cfg.learner.trim_acked else None,
         )
         consumer.ensure_group()
         self.consumer = consumer

@@ -36,4 +36,7 @@ def generate_command(
         pass
     from workers.generate import run
 
-    run(gen, run=cfg.run_name, broker_url=cfg.broker_url(), worker_id=wid, model_name=model, max_batches=max_batches)
+    run(
+        gen, run=cfg.run_name, broker_url=cfg.broker_url(), worker_id=wid, model_name=model, max_batches=max_batches,
+        trim_acked=cfg.broker.trim_acked,
+    )  # fmt: skip

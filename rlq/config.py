@@ -41,6 +41,13 @@ class BrokerConfig(_Strict):
         description="Redis URL (redis:// or rediss://, no password: that comes from RLQ_REDIS_PASSWORD). "
         "null: `rlq train` starts a private redis-server; the roles then read RLQ_BROKER_URL.",
     )
+    trim_acked: bool = Field(
+        True,
+        description="Drop stream entries once every consumer group has acknowledged them (the learner trims the "
+        "scored stream, generation workers the prompts stream, at each ack): Redis memory stays flat. false keeps "
+        "the whole log for audits and replays; memory then grows with the run (the scored stream holds every "
+        "rollout trained on).",
+    )
 
 
 class ClusterConfig(_Strict):
@@ -186,7 +193,10 @@ class RunConfig(_Strict):
 
     def learner_config(self) -> LearnerConfig:
         policy = PolicyConfig(**self.policy.model_dump(exclude={"generation"}))
-        runtime_fields = {"run": self.run_name, "broker_url": self.broker_url(), "run_dir": self.run_dir}
+        runtime_fields = {
+            "run": self.run_name, "broker_url": self.broker_url(), "run_dir": self.run_dir,
+            "trim_acked": self.broker.trim_acked,
+        }  # fmt: skip
         return LearnerConfig(
             grpo=self.grpo, loss_fn=self.loss_fn, policy=policy, checkpointing=self.checkpointing, data=self.data,
             learner=LearnerRuntime(**runtime_fields),

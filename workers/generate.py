@@ -38,7 +38,7 @@ from broker.schemas import (
     WorkerHeartbeat,
     decode,
 )
-from broker.streams import Delivery, StreamConsumer, publish_once
+from broker.streams import ROLE_KEEP_ACKED, Delivery, StreamConsumer, publish_once
 from workers.engines import Completion, Engine, make_engine, request_seed
 from workers.generate_config import GenerationConfig
 
@@ -142,6 +142,7 @@ class GenerationWorker:
         model_name: str,
         sink: RolloutSink | None = None,
         engine: Engine | None = None,
+        trim_acked: bool = True,
     ) -> None:
         self.cfg = cfg
         self.rt = cfg.worker
@@ -165,6 +166,7 @@ class GenerationWorker:
         self.consumer = StreamConsumer(
             self.r, self.keys.prompts, CONSUMER_GROUP, worker_id, expected=PromptBatch, dead_stream=self.keys.dead,
             max_deliveries=self.rt.max_deliveries, claim_idle_ms=self.rt.claim_idle_ms, block_ms=self.rt.read_block_ms,
+            trim_keep_acked=ROLE_KEEP_ACKED if trim_acked else None,
         )  # fmt: skip
         self.consumer.ensure_group()
         self.status = "idle"
@@ -356,15 +358,23 @@ def _accelerator() -> str:
 
 
 def run(
-    cfg: GenerationConfig, *, run: str, broker_url: str, worker_id: str, model_name: str, max_batches: int | None = None
+    cfg: GenerationConfig,
+    *,
+    run: str,
+    broker_url: str,
+    worker_id: str,
+    model_name: str,
+    max_batches: int | None = None,
+    trim_acked: bool = True,
 ) -> int:
     """The role's entry point: build the worker, stop cleanly on SIGTERM/SIGINT, serve until stopped."""
     sink: RolloutSink | None = None
     if cfg.worker.sink == "stream":
         sink = StreamSink(connect(broker_url), rollout_stream(run))
     worker = GenerationWorker(
-        cfg, run=run, broker_url=broker_url, worker_id=worker_id, model_name=model_name, sink=sink
-    )
+        cfg, run=run, broker_url=broker_url, worker_id=worker_id, model_name=model_name, sink=sink,
+        trim_acked=trim_acked,
+    )  # fmt: skip
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, worker.request_stop)
     return worker.run(max_batches)

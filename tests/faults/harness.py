@@ -85,6 +85,9 @@ class LoopRun:
             f"checkpointing.checkpoint_dir={self.run_dir / 'ckpt'}", "checkpointing.save_period=1",
             "grpo.num_prompts_per_step=8", "grpo.num_generations_per_prompt=4", "grpo.prompts_per_message=4",
             "policy.generation.backend=hf", "policy.generation.max_new_tokens=16",
+            # The ledger audits the whole log afterwards, so the roles keep acknowledged entries; the trimming
+            # scenario turns trimming back on and records the streams as they go.
+            "broker.trim_acked=false",
             *self.overrides,
         ]  # fmt: skip
         cfg = load_run_config(REPO / "configs" / "tiny_arith_cpu.yaml", overrides)

@@ -157,9 +157,12 @@ def test_worker_joins_and_another_leaves(loop: LoopRun):
 
 
 def test_stream_trimming_while_entries_are_pending(loop: LoopRun):
-    """Both streams trimmed as hard as safe_trim allows (keep_acked=0) every half second of the run, while a
-    worker is killed holding a batch: no pending entry may go."""
-    loop.overrides += ["grpo.max_num_steps=5", "++policy.generation.worker.claim_idle_ms=4000"]
+    """The roles trim at every ack (`broker.trim_acked`, as in production) and both streams are also trimmed as
+    hard as safe_trim allows (keep_acked=0) every half second, while a worker is killed holding a batch: no
+    pending entry may go."""
+    loop.overrides += [
+        "grpo.max_num_steps=5", "++policy.generation.worker.claim_idle_ms=4000", "broker.trim_acked=true"
+    ]  # fmt: skip
     loop.start_redis()
     recorder = StreamRecorder(loop, trim=True)
     recorder.start()
@@ -179,8 +182,9 @@ def test_stream_trimming_while_entries_are_pending(loop: LoopRun):
     recorder.stop()
     verdict = Ledger(loop).classify(recorder)
     summary = verdict.summary()
-    record("trimming", **summary, trimmed_entries=recorder.trimmed, steps=loop.step())
-    assert recorder.trimmed > 0, "nothing was trimmed: the scenario did not test anything"
+    by_roles = trimmed_entries(loop) - recorder.trimmed
+    record("trimming", **summary, trimmed_entries=recorder.trimmed, trimmed_by_roles=by_roles, steps=loop.step())
+    assert recorder.trimmed > 0 and by_roles > 0, "nothing was trimmed: the scenario did not test anything"
     assert not verdict.lost, f"lost groups: {verdict.lost[:10]} ({summary})"
     assert not verdict.duplicated and not verdict.scored_twice, summary
 
@@ -206,3 +210,15 @@ def test_worker_stalled_during_a_weight_broadcast(loop: LoopRun):
                            sync_failed=sum(r.get("sync/failed", 0) for r in records),
                            sync_members=[r.get("sync/members") for r in records])  # fmt: skip
     assert evicted >= 1, f"the stalled member was never evicted ({summary})"
+
+
+def trimmed_entries(loop: LoopRun) -> int:
+    """Entries ever added to the prompt and scored streams less those still there: what trimming removed."""
+    r = loop.client()
+    try:
+        return sum(
+            int(info["entries-added"]) - int(info["length"])
+            for info in (r.xinfo_stream(stream) for stream in (loop.keys.prompts, loop.keys.scored))
+        )
+    finally:
+        r.close()

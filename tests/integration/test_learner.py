@@ -87,3 +87,14 @@ def test_two_gloo_ranks_take_real_steps_and_stay_identical(tmp_path, tiny_model_
     sent = load_file(announcement.checkpoint_path)
     assert all(torch.equal(sent[k], after[k]) for k in after)
     assert all(m["sync/failed"] == 0.0 and m["sync/bytes"] > 0 for m in metrics)
+    # Every ack trimmed: what is left of the scored stream is pending (kept for a checkpoint) or not yet read.
+    (group,) = r.xinfo_groups(Keys(run_name).scored)
+    pending = {row["message_id"] for row in r.xpending_range(Keys(run_name).scored, group["name"], "-", "+", 1000)}
+    left = [entry_id for entry_id, _ in r.xrange(Keys(run_name).scored)]
+    assert all(i in pending or _id(i) > _id(group["last-delivered-id"]) for i in left), (len(left), len(pending))
+    assert len(left) < len(trained)
+
+
+def _id(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.decode().partition("-")
+    return int(ms), int(seq)

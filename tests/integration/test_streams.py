@@ -204,6 +204,17 @@ def test_safe_trim_never_drops_pending_or_unread_entries(r, keys) -> None:
     assert r.xlen(keys.prompts) == 13
 
 
+def test_ack_of_many_ids_trims_in_one_script(r, keys) -> None:
+    """More ids than one XACK inside the script takes (1000): all acknowledged, then trimmed to nothing."""
+    StreamProducer(r, keys.prompts).add_encoded([b"x"] * 2500)
+    c = consumer(r, keys, "a", trim_keep_acked=0)
+    raw = r.xreadgroup("gen", "a", {keys.prompts: ">"}, count=2500)
+    ids = [i.decode() for _, entries in raw for i, _ in entries]
+    assert len(ids) == 2500
+    assert c.ack(ids) == 2500
+    assert r.xlen(keys.prompts) == 0 and pending_ids(r, keys) == []
+
+
 def test_safe_trim_without_groups_keeps_everything(r, keys) -> None:
     StreamProducer(r, keys.prompts).add_many([batch(i) for i in range(3)])
     assert safe_trim(r, keys.prompts) == 0
