@@ -41,7 +41,8 @@ def main() -> None:
     argv = [sys.executable, "-m", "rlq", "train", "--config", str(REPO / "configs" / "tiny_arith_cpu.yaml"),
             f"policy.model_name={args.model}", f"data.path={data_dir}", f"logger.log_dir={run_dir}",
             f"checkpointing.checkpoint_dir={run_dir / 'ckpt'}", "logger.wandb_enabled=false",
-            f"grpo.max_num_steps={args.steps}", "policy.generation.backend=hf", *args.overrides]  # fmt: skip
+            f"grpo.max_num_steps={args.steps}", "policy.generation.backend=hf", "grpo.val_at_start=false",
+            "grpo.val_period=0", *args.overrides]  # fmt: skip
     t0 = time.monotonic()
     result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
     wall = time.monotonic() - t0

@@ -50,6 +50,7 @@ def greedy(model_dir: Path, examples: list) -> float:
 
 
 def train(config: str, data_dir: Path, run_dir: Path, overrides: list[str], tag: str) -> tuple[list[dict], float]:
+    """Run `rlq train`; returns its per-step metrics records (validation passes: `validation_records`) and minutes."""
     argv = [sys.executable, "-m", "rlq", "train", "--config", config, f"policy.model_name={POLICY}",
             f"data.path={data_dir}", f"logger.log_dir={run_dir}", f"checkpointing.checkpoint_dir={run_dir / 'ckpt'}",
             f"run_name={tag}", "logger.wandb_enabled=false", *overrides]  # fmt: skip
@@ -58,8 +59,16 @@ def train(config: str, data_dir: Path, run_dir: Path, overrides: list[str], tag:
     minutes = (time.monotonic() - started) / 60
     if result.returncode != 0:
         raise SystemExit(f"rlq train failed: {result.stderr.strip().splitlines()[-1]}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return records, minutes
+    return [r for r in metrics_records(run_dir) if "loss/total" in r], minutes
+
+
+def metrics_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def validation_records(run_dir: Path) -> list[dict]:
+    """The in-run validation passes (learner/validation.py), in the order they completed."""
+    return [r for r in metrics_records(run_dir) if "val/accuracy" in r]
 
 
 def prepare(data_dir: Path) -> set[str]:
@@ -102,6 +111,10 @@ def main() -> None:
         "steps": len(records),
         "seconds_per_step": round((records[-1]["time"] - records[0]["time"]) / max(len(records) - 1, 1), 3),
         "reward_curve": [round(r, 3) for r in rewards],
+        # Sampled accuracy on the prepared validation split, measured by the run itself (learner/validation.py).
+        "in_run_validation": [
+            [int(r["val/policy_version"]), round(r["val/accuracy"], 4)] for r in validation_records(run_dir)
+        ],  # fmt: skip
         "overrides": overrides,
         "run_dir": str(run_dir.relative_to(REPO)),
     }

@@ -21,7 +21,8 @@ from typing import Literal
 import msgspec
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: `purpose` on PromptBatch and RolloutGroup (in-run validation)."""
 """Bumped whenever a field changes meaning; a consumer rejects messages of any other version."""
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -42,6 +43,7 @@ _ITEMSIZE = {name: dt.itemsize for name, dt in DTYPES.items()}
 
 Verdict = Literal["correct", "incorrect", "no_answer", "timeout", "error"]
 VERDICTS: tuple[str, ...] = ("correct", "incorrect", "no_answer", "timeout", "error")
+Purpose = Literal["train", "val"]
 
 
 class MessageError(ValueError):
@@ -125,6 +127,7 @@ class PromptBatch(_Base, tag="prompt_batch"):
     prompts: list[Prompt]
     n_samples: int  # completions to draw per prompt (the GRPO group size)
     min_policy_version: int = 0  # the worker must hold at least this version before sampling
+    purpose: Purpose = "train"  # "val": scored for val/* metrics, never trained on
     created_at: float = msgspec.field(default_factory=now)
 
     def __post_init__(self) -> None:
@@ -158,6 +161,7 @@ class RolloutGroup(_Base, tag="rollout_group"):
     policy_version: int  # learner version whose weights produced every sample of the group
     worker_id: str
     temperature: float = 1.0
+    purpose: Purpose = "train"  # copied from the PromptBatch
     timings: dict[str, float] = msgspec.field(default_factory=dict)  # seconds: queue_wait_s, generate_s, ...
     created_at: float = msgspec.field(default_factory=now)
 

@@ -274,6 +274,7 @@ class Collector:
         self.cfg = cfg
         self.read_block_ms = read_block_ms
         self.buffer: list[ScoredGroup] = []  # read, admitted when read, not trained yet
+        self.validation: list[ScoredGroup] = []  # purpose "val": for learner/validation.py, never trained
         self.seen: set[str] = set()
         self._unacked: list[str] = []
         self._carried: dict[str, list[str]] = {}  # drops found by `recover`, reported with the next step
@@ -330,7 +331,28 @@ class Collector:
         result.wait_s = time.monotonic() - start
         return result
 
+    def poll(self, learner_version: int, block_ms: int) -> list[str]:
+        """Read once (after the last step: validation groups still out); returns the validation entries' ids,
+        which no checkpoint needs. Training groups are taken in as `collect` would, for a resumed run."""
+        result = CollectResult(groups=[], dropped=self._carried)
+        val_ids = []
+        for delivery in self.consumer.read(block_ms=block_ms):
+            if delivery.message.rollout.purpose == "val":
+                val_ids.append(delivery.entry_id)
+            else:
+                self._unacked.append(delivery.entry_id)
+            self._accept(delivery.message, learner_version, result)
+        self._carried = result.dropped
+        return val_ids
+
+    def take_validation(self) -> list[ScoredGroup]:
+        groups, self.validation = self.validation, []
+        return groups
+
     def _accept(self, group: ScoredGroup, learner_version: int, result: CollectResult) -> None:
+        if group.rollout.purpose == "val":
+            self.validation.append(group)
+            return
         if group.group_id in self.seen:
             result.dropped.setdefault("duplicate", []).append(group.group_id)
             return

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -44,20 +44,18 @@ class GRPOConfig(_Strict):
     reward_shaping: RewardShapingConfig = Field(default_factory=RewardShapingConfig)
     seed: int = Field(42, description="Seeds data order and torch.")
     prompts_per_message: int = Field(8, ge=1, description="Prompts per PromptBatch the feeder publishes.")
-    # NeMo RL's in-run validation keys, so the tutorial's command lines (`grpo.val_at_start=false`) load. rlq has
-    # no in-run validation pass yet; held-out accuracy comes from bench/learning.py. Turning one on is refused.
-    val_at_start: bool = Field(False, description="Not supported yet: must be false.")
-    val_period: int = Field(0, ge=0, description="Not supported yet: must be 0 (no in-run validation).")
-
-    @field_validator("val_at_start", "val_period")
-    @classmethod
-    def _no_in_run_validation(cls, value: bool | int) -> bool | int:
-        if value:
-            raise ValueError(
-                "rlq has no in-run validation yet: set grpo.val_at_start=false and grpo.val_period=0 "
-                "(held-out accuracy: bench/learning.py)"
-            )
-        return value
+    # In-run validation, under NeMo RL's names (learner/validation.py): the workers sample the validation split
+    # with the policy of that version, the judges score it, the learner logs val/* metrics. Training never waits.
+    val_at_start: bool = Field(False, description="Validate the starting policy (version 0) too.")
+    val_period: int = Field(
+        0, ge=0, description="Validate after every this many steps, and after the last one (0: never)."
+    )
+    max_val_samples: int = Field(
+        256, ge=1, description="Validation prompts per pass: the first this many of the validation split."
+    )
+    num_val_generations_per_prompt: int = Field(
+        1, ge=1, description="Samples per validation prompt; val/accuracy averages over all of them."
+    )
 
 
 class LossConfig(_Strict):
@@ -206,6 +204,11 @@ class CheckpointConfig(_Strict):
 class DataConfig(_Strict):
     path: Path = Field(..., description="Prepared examples (rlq/data.py `load_prepared`).")
     shuffle: bool = True
+    validation_path: Path | None = Field(
+        None,
+        description="Validation examples for grpo.val_period / val_at_start; null: validation.jsonl next to the "
+        "training split when data.path is a prepared directory.",
+    )
 
 
 class LearnerRuntime(_Strict):

@@ -13,12 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from broker.schemas import Array, Prompt
-from learner.config import LearnerConfig
+from learner.config import DataConfig, LearnerConfig
 
 log = logging.getLogger(__name__)
 
 TRAIN_FILE = "train.jsonl"
 """The training split inside a prepared data directory."""
+VALIDATION_FILE = "validation.jsonl"
+"""The validation split next to it."""
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -72,3 +74,36 @@ def prompt_source(cfg: LearnerConfig, tokenizer) -> tuple[Callable[[int], Prompt
 
     log.info("%d training prompts from %s", len(rows), path)
     return prompt_at, len(rows)
+
+
+def validation_file(data: DataConfig) -> Path:
+    """Where the validation split is: `data.validation_path`, else validation.jsonl in the prepared directory.
+
+    Raises:
+        ValueError: (one line, for the user) there is no such file.
+    """
+    path = data.validation_path
+    if path is None:
+        if not Path(data.path).is_dir():
+            raise ValueError(
+                f"grpo.val_period/val_at_start need validation data: data.path {data.path} is a file, so set "
+                "data.validation_path (rlq prepare-data writes validation.jsonl next to train.jsonl)"
+            )
+        path = Path(data.path) / VALIDATION_FILE
+    if not Path(path).is_file():
+        raise ValueError(f"no validation file at {path}: set data.validation_path, or grpo.val_period=0")
+    return Path(path)
+
+
+def validation_prompts(cfg: LearnerConfig, tokenizer) -> list[Prompt]:
+    """The first `grpo.max_val_samples` prompts of the validation split, tokenised (a pass always uses the same).
+
+    Raises:
+        ValueError: no validation file, or an empty one.
+    """
+    path = validation_file(cfg.data)
+    rows = read_rows(path)[: cfg.grpo.max_val_samples]
+    if not rows:
+        raise ValueError(f"the validation file {path} has no examples")
+    log.info("%d validation prompts from %s", len(rows), path)
+    return [prompt_from_row(row, index, tokenizer) for index, row in enumerate(rows)]

@@ -45,7 +45,8 @@ class JsonlLogger:
 class ConsoleSummary:
     """One log line per step with the figures a person watches."""
 
-    KEYS = ("rollout/reward_mean", "loss/total", "perf/step_s", "queue/wait_s", "sync/broadcast_s")
+    KEYS = ("rollout/reward_mean", "loss/total", "perf/step_s", "queue/wait_s", "sync/broadcast_s", "val/accuracy",
+            "val/policy_version")  # fmt: skip
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         shown = " ".join(f"{k.split('/', 1)[1]}={metrics[k]:.4g}" for k in self.KEYS if k in metrics)

@@ -187,6 +187,17 @@ class Coordinator:
         self.tokenizer = tokenizer
         self.weights = _weight_sync(cfg, self.redis)
         self.last_saved = -1
+        self.validator = None
+        if cfg.grpo.val_period or cfg.grpo.val_at_start:
+            from learner.data_source import validation_prompts
+            from learner.validation import Validator
+
+            self.validator = Validator(
+                lambda key, msg: publish_once(self.redis, self.keys.prompts, key, msg),
+                validation_prompts(cfg, tokenizer),
+                cfg.grpo,
+                run=cfg.learner.run,
+            )
 
     def restore(self, state: dict, pending: bytes) -> None:
         self.collector.restore({**state["collector"], "buffer": pending})
@@ -235,8 +246,9 @@ class Coordinator:
         model: torch.nn.Module | None,
         optimizer_state: dict | None,
         t_step: float,
+        last: bool = False,
     ) -> None:
-        """Everything after the update: weight sync, version, ledger, metrics, checkpoint + acks."""
+        """Everything after the update: weight sync, version, ledger, metrics, checkpoint + acks, validation."""
         t0 = time.perf_counter()
         if plan[0] and model is not None:
             metrics.update(self.sync_weights(version, model))
@@ -268,6 +280,43 @@ class Coordinator:
             }
         )
         self.metrics.log(version, metrics)
+        if self.validator is not None:
+            if self.validator.due(version, last):
+                self.validator.start(version)  # after the sync: workers sample it with this version or newer
+            self.log_validation(version)
+
+    def start_validation(self, version: int) -> None:
+        """Validate the starting policy (`grpo.val_at_start`), before the first step."""
+        if self.validator is not None and self.validator.due(version):
+            self.validator.start(version)
+
+    def log_validation(self, version: int) -> None:
+        """Hand the validation groups read so far to the validator; log the passes now complete."""
+        assert self.validator is not None
+        for group in self.collector.take_validation():
+            self.validator.accept(group)
+        for validated, metrics in self.validator.finished():
+            log.info("validation of version %d: accuracy %.3f over %d samples", validated,
+                     metrics["val/accuracy"], int(metrics["val/samples"]))  # fmt: skip
+            self.metrics.log(version, metrics)
+
+    def finish_validation(self, version: int) -> None:
+        """After the last step: wait for the passes still out, as long as their groups keep coming."""
+        if self.validator is None:
+            return
+        timeout_s = self.cfg.learner.data_timeout_s
+        last_progress = time.monotonic()
+        self.log_validation(version)
+        while self.validator.outstanding:
+            if time.monotonic() - last_progress > timeout_s:
+                log.warning("gave up waiting for validation of versions %s after %.0f s without progress",
+                            self.validator.outstanding, timeout_s)  # fmt: skip
+                return
+            val_ids = self.collector.poll(version, self.cfg.learner.read_block_ms)
+            if val_ids:
+                last_progress = time.monotonic()
+                self.consumer.ack(val_ids)  # no checkpoint needs them; training groups stay pending for a resume
+            self.log_validation(version)
 
     def sync_weights(self, version: int, model: torch.nn.Module) -> dict[str, float]:
         """Broadcast; a failed sync is logged and counted, and training goes on (workers keep older weights)."""
@@ -373,12 +422,15 @@ def run(cfg: LearnerConfig) -> int:
             coordinator.restore(state, pending)
         coordinator.recover(version)
         coordinator.redis.hset(coordinator.keys.policy, "version", version)
+        coordinator.start_validation(version)
     if resume is not None and cfg.learner.weight_sync != "none":
         full = trainer.full_model()  # a collective under FSDP2
         if coordinator is not None and coordinator.weights is not None and full is not None:
             coordinator.sync_weights(version, full)  # workers may hold weights of a discarded timeline
     try:
         version = _loop(cfg, info, trainer, coordinator, stop, version)
+        if coordinator is not None and not stop.set:
+            coordinator.finish_validation(version)
     finally:
         if coordinator is not None:
             coordinator.close()
@@ -482,7 +534,8 @@ def _loop(cfg, info: DistInfo, trainer: Trainer, coordinator, stop, version: int
                 }
             )
             coordinator.finish(
-                version, step_info, metrics, plan=plan, model=model, optimizer_state=optimizer_state, t_step=t_step
-            )
+                version, step_info, metrics, plan=plan, model=model, optimizer_state=optimizer_state, t_step=t_step,
+                last=last,
+            )  # fmt: skip
         if info.world_size > 1:
             dist.barrier()  # the broadcast and checkpoint of rank 0 finish before anyone starts the next step

@@ -152,6 +152,7 @@ def _check_loop(cfg: RunConfig, url: str, scratch: Path) -> str:
     one_step.grpo.max_num_steps = 1
     one_step.grpo.num_prompts_per_step = min(cfg.grpo.num_prompts_per_step, 4)
     one_step.grpo.prompts_per_message = min(cfg.grpo.prompts_per_message, 4)
+    one_step.grpo.val_at_start, one_step.grpo.val_period = False, 0  # as the tutorial's sanity run
     one_step.logger.log_dir = run_dir
     one_step.logger.wandb_enabled = False
     one_step.checkpointing.checkpoint_dir = run_dir / "checkpoints"

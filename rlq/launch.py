@@ -23,6 +23,8 @@ PROGRESS_KEYS = (
     ("rollout/staleness_mean", "staleness {:.2f}"),
     ("perf/step_s", "step {:.1f}s"),
     ("sync/broadcast_s", "sync {:.2f}s"),
+    ("val/accuracy", "validation accuracy {:.3f}"),
+    ("val/policy_version", "of version {:.0f}"),
 )
 
 
@@ -67,6 +69,13 @@ def train(cfg: RunConfig) -> Path:
     config_path = run_dir / "config.yaml"
     save_resolved(cfg, config_path)
     specs = role_specs(cfg, config_path)  # a bad CPU list fails here, before anything has started
+    if cfg.grpo.val_period or cfg.grpo.val_at_start:
+        from learner.data_source import validation_file
+
+        try:
+            validation_file(cfg.data)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     server = None
     env: dict[str, str] = {"RLQ_RUN": cfg.run_name, "PYTHONUNBUFFERED": "1"}
     if cfg.broker.url is None:

@@ -18,7 +18,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 CURVES: dict[str, tuple[str, ...]] = {
-    "reward.png": ("rollout/reward_mean", "eval/accuracy"),
+    "reward.png": ("rollout/reward_mean", "val/accuracy"),
     "staleness.png": ("rollout/staleness_mean", "rollout/staleness_max"),
     "sync_time.png": ("sync/broadcast_s", "sync/wait_s", "perf/step_s"),
 }

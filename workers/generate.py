@@ -124,6 +124,7 @@ def build_groups(
             RolloutGroup(
                 group_id=f"{prompt.prompt_id}@{batch.batch_id}", batch_id=batch.batch_id, prompt=prompt,
                 samples=samples, policy_version=version, worker_id=worker_id, temperature=temperature,
+                purpose=batch.purpose,
             )
         )  # fmt: skip
     return groups

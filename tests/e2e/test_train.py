@@ -34,11 +34,19 @@ def _train(tmp_path: Path, model_dir: Path, *overrides: str) -> subprocess.Compl
 
 
 def test_three_steps_advance_versions_score_groups_and_sync_weights(tmp_path, tiny_model_dir):
-    result = _train(tmp_path, tiny_model_dir, "grpo.max_num_steps=3")
+    result = _train(tmp_path, tiny_model_dir, "grpo.max_num_steps=3", "grpo.val_period=3", "grpo.max_val_samples=8")
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "run"
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    everything = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in everything if "loss/total" in r]
     assert [r["step"] for r in records] == [1, 2, 3], "one metrics record per step, versions advancing"
+    # Validation passes (the config's val_at_start, and the final version) went through the same worker and judge;
+    # the last one was waited for.
+    passes = {r["val/policy_version"]: r for r in everything if "val/accuracy" in r}
+    assert sorted(passes) == [0, 3]
+    for version, validation in passes.items():
+        assert validation["val/prompts"] == 8 and validation["val/samples"] == 8
+        assert 0.0 <= validation["val/accuracy"] <= 1.0 and validation["val/sampled_version_mean"] >= version
     for record in records:
         assert record["rollout/groups"] == 8 and record["rollout/samples"] == 32, "every group scored by the judge"
         assert sum(v for k, v in record.items() if k.startswith("rollout/verdict_")) == 32
@@ -50,7 +58,7 @@ def test_three_steps_advance_versions_score_groups_and_sync_weights(tmp_path, ti
     assert max(r["rollout/staleness_max"] for r in records) <= 1, "max_staleness honoured"
     assert (run_dir / "ckpt" / "step_3").is_dir(), "final checkpoint"
     assert (run_dir / "config.yaml").exists() and (run_dir / "reward.png").exists()
-    assert "step 3/3" in result.stderr
+    assert "step 3/3" in result.stderr and "validation accuracy" in result.stderr
 
 
 def test_a_failing_role_is_named_in_one_line(tmp_path, tiny_model_dir):

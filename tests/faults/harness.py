@@ -88,6 +88,7 @@ class LoopRun:
             # The ledger audits the whole log afterwards, so the roles keep acknowledged entries; the trimming
             # scenario turns trimming back on and records the streams as they go.
             "broker.trim_acked=false",
+            "grpo.val_at_start=false", "grpo.val_period=0",  # the ledger audits training groups
             *self.overrides,
         ]  # fmt: skip
         cfg = load_run_config(REPO / "configs" / "tiny_arith_cpu.yaml", overrides)
@@ -262,7 +263,7 @@ class Ledger:
                 message = decode(fields[b"m"])
             except (MessageError, KeyError):
                 continue  # the faults we injected ourselves
-            if isinstance(message, PromptBatch):
+            if isinstance(message, PromptBatch) and message.purpose == "train":
                 for prompt in message.prompts:
                     groups[f"{prompt.prompt_id}@{message.batch_id}"] = message.batch_id
         return groups
@@ -374,7 +375,7 @@ class StreamRecorder(threading.Thread):
             message = decode(fields[b"m"])
         except (MessageError, KeyError):
             return
-        if isinstance(message, PromptBatch):
+        if isinstance(message, PromptBatch) and message.purpose == "train":
             for prompt in message.prompts:
                 self.published[f"{prompt.prompt_id}@{message.batch_id}"] = message.batch_id
         elif isinstance(message, ScoredGroup):

@@ -161,7 +161,7 @@ class StandInRollouts(threading.Thread):
                 rewards.append(reward_of(text, prompt.ground_truth))
             rollout = RolloutGroup(
                 group_id=f"{prompt.prompt_id}@{batch.batch_id}", batch_id=batch.batch_id, prompt=prompt,
-                samples=samples, policy_version=batch.min_policy_version, worker_id="standin",
+                samples=samples, policy_version=batch.min_policy_version, worker_id="standin", purpose=batch.purpose,
             )  # fmt: skip
             verdicts = ["correct" if r == 1.0 else "incorrect" for r in rewards]
             out.append(ScoredGroup(rollout=rollout, rewards=Array.from_numpy(rewards, "float32"), verdicts=verdicts))

@@ -98,3 +98,41 @@ def test_two_gloo_ranks_take_real_steps_and_stay_identical(tmp_path, tiny_model_
 def _id(entry_id: bytes) -> tuple[int, int]:
     ms, _, seq = entry_id.decode().partition("-")
     return int(ms), int(seq)
+
+
+def test_validation_passes_are_scored_and_logged_apart_from_training(tmp_path, tiny_model_dir, redis_url, run_name):
+    """`grpo.val_at_start` + `val_period=2` over 3 steps: passes of versions 0, 2 and 3 (the last), each logged
+    once all its groups are in; none of their groups is trained on or counted as a training group."""
+    run_dir = tmp_path / "run"
+    val_file = write_prompts(tmp_path / "validation.jsonl", n=5)
+    config = write_config(
+        tmp_path / "learner.yaml", model=tiny_model_dir, data=write_prompts(tmp_path / "prompts.jsonl"),
+        run=run_name, redis_url=redis_url, run_dir=run_dir, max_num_steps=3, max_staleness=1,
+    )  # fmt: skip
+    rollouts = StandInRollouts(tiny_model_dir, redis_url, run_name)
+    rollouts.start()
+    validation = ["++grpo.val_at_start=true", "++grpo.val_period=2", "++grpo.num_val_generations_per_prompt=2",
+                  f"++data.validation_path={val_file}"]  # fmt: skip
+    learner = start_learner(config, 1, tmp_path / "learner.log", *validation)
+    try:
+        rc = learner.wait(timeout=300)
+    finally:
+        rollouts.stop.set()
+        if learner.poll() is None:
+            learner.kill()
+    log = (tmp_path / "learner.log").read_text()
+    assert rc == 0, log[-3000:]
+    assert rollouts.error is None
+
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    steps = [m for m in records if "loss/total" in m]
+    passes = [m for m in records if "val/accuracy" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    assert all(m["rollout/groups"] == 4 for m in steps)  # validation groups never join a training step
+    assert sorted(m["val/policy_version"] for m in passes) == [0, 2, 3]
+    for m in passes:
+        assert m["val/prompts"] == 5 and m["val/samples"] == 10
+        assert 0.0 <= m["val/accuracy"] <= 1.0 and m["val/sampled_version_mean"] >= m["val/policy_version"]
+    trained = [g for rec in read_jsonl(run_dir / "ledger.jsonl") for g in rec["trained"]]
+    assert trained and not any("-val" in g for g in trained)
+    assert "validation of version 3: accuracy" in log

@@ -15,6 +15,7 @@ import pytest
 from broker.connection import connect
 from broker.keys import Keys
 from broker.schemas import (
+    SCHEMA_VERSION,
     Array,
     DeadLetter,
     Prompt,
@@ -149,7 +150,9 @@ MALFORMED = {
     "100 MB string": b"\xdb" + (100_000_000).to_bytes(4, "big") + bytes(100_000_000),
     "unknown ext type": msgspec.msgpack.encode(msgspec.msgpack.Ext(42, b"boom")),
     "pickled bytes": pickle.dumps(batch(0)),
-    "wrong schema version": msgspec.msgpack.encode({**msgspec.msgpack.decode(encode(batch(0))), "schema": 2}),
+    "wrong schema version": msgspec.msgpack.encode(
+        {**msgspec.msgpack.decode(encode(batch(0))), "schema": SCHEMA_VERSION + 1}
+    ),
     "wrong kind for this stream": encode(WorkerHeartbeat(worker_id="w", role="judge")),
 }
 
@@ -174,7 +177,7 @@ def test_each_malformed_entry_is_dead_lettered_and_the_consumer_keeps_going(r, k
     assert all(letter.reason and letter.source_stream == keys.prompts for letter in letters)
     by_reason = " | ".join(letter.reason for letter in letters)
     assert "oversize" in by_reason
-    assert "schema version 2" in by_reason
+    assert f"schema version {SCHEMA_VERSION + 1}" in by_reason
     assert "not exactly" in by_reason
     small = [letter for letter in letters if "oversize" not in letter.reason and "not exactly" not in letter.reason]
     assert [letter.payload for letter in small] == [p for name, p in MALFORMED.items() if name != "100 MB string"]

@@ -83,5 +83,6 @@ def test_the_tutorials_sanity_run_overrides_load_on_the_4b_config():
     cfg = load_run_config(config, tutorial)
     assert cfg.grpo.num_prompts_per_step == 4 and cfg.grpo.max_num_steps == 3 and not cfg.grpo.val_at_start
     assert cfg.policy.dtensor_cfg.clear_cache_every_n_steps == 1 and cfg.logger.wandb.name == "exp"
-    with pytest.raises(pydantic.ValidationError, match="rlq has no in-run validation yet"):
-        load_run_config(config, ["grpo.val_at_start=true"])
+    assert load_run_config(config).grpo.val_at_start  # validation is on unless the command line turns it off
+    with pytest.raises(pydantic.ValidationError, match="max_val_samples"):
+        load_run_config(config, ["grpo.max_val_samples=0"])
