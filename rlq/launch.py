@@ -23,8 +23,6 @@ PROGRESS_KEYS = (
     ("rollout/staleness_mean", "staleness {:.2f}"),
     ("perf/step_s", "step {:.1f}s"),
     ("sync/broadcast_s", "sync {:.2f}s"),
-    ("val/accuracy", "validation accuracy {:.3f}"),
-    ("val/policy_version", "of version {:.0f}"),
 )
 
 
@@ -109,6 +107,10 @@ def train(cfg: RunConfig) -> Path:
 
 def _report(follower: MetricsFollower, max_steps: int, started: float) -> None:
     for record in follower.poll():
+        if "val/accuracy" in record:  # a validation pass (learner/validation.py), not a step
+            log.info("validation of version %d: accuracy %.3f on %d prompts", record["val/policy_version"],
+                     record["val/accuracy"], record["val/prompts"])  # fmt: skip
+            continue
         parts = [fmt.format(record[key]) for key, fmt in PROGRESS_KEYS if isinstance(record.get(key), (int, float))]
         elapsed = (time.monotonic() - started) / 60
         log.info("step %s/%d  %s  (%.1f min)", record.get("step"), max_steps, "  ".join(parts), elapsed)

@@ -58,7 +58,7 @@ def test_three_steps_advance_versions_score_groups_and_sync_weights(tmp_path, ti
     assert max(r["rollout/staleness_max"] for r in records) <= 1, "max_staleness honoured"
     assert (run_dir / "ckpt" / "step_3").is_dir(), "final checkpoint"
     assert (run_dir / "config.yaml").exists() and (run_dir / "reward.png").exists()
-    assert "step 3/3" in result.stderr and "validation accuracy" in result.stderr
+    assert "step 3/3" in result.stderr and "validation of version 3: accuracy" in result.stderr
 
 
 def test_a_failing_role_is_named_in_one_line(tmp_path, tiny_model_dir):
