@@ -103,7 +103,14 @@ def validation_prompts(cfg: LearnerConfig, tokenizer) -> list[Prompt]:
     """
     path = validation_file(cfg.data)
     rows = read_rows(path)[: cfg.grpo.max_val_samples]
-    if not rows:
-        raise ValueError(f"the validation file {path} has no examples")
-    log.info("%d validation prompts from %s", len(rows), path)
-    return [prompt_from_row(row, index, tokenizer) for index, row in enumerate(rows)]
+    prompts = [prompt_from_row(row, index, tokenizer) for index, row in enumerate(rows)]
+    # As the feeder does with training prompts: one with no room left to answer would never come back scored.
+    limit = cfg.policy.max_total_sequence_length
+    fitting = [p for p in prompts if len(p.token_ids) < limit]
+    if len(fitting) < len(prompts):
+        log.warning("%d validation prompts have >= %d tokens (policy.max_total_sequence_length): left out",
+                    len(prompts) - len(fitting), limit)  # fmt: skip
+    if not fitting:
+        raise ValueError(f"the validation file {path} has no example shorter than {limit} tokens")
+    log.info("%d validation prompts from %s", len(fitting), path)
+    return fitting

@@ -304,7 +304,9 @@ class Coordinator:
         """After the last step: wait for the passes still out, as long as their groups keep coming."""
         if self.validator is None:
             return
-        timeout_s = self.cfg.learner.data_timeout_s
+        from learner.validation import FINAL_WAIT_S
+
+        timeout_s = min(self.cfg.learner.data_timeout_s, FINAL_WAIT_S)
         last_progress = time.monotonic()
         self.log_validation(version)
         while self.validator.outstanding:

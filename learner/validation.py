@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 _BATCH_ID = re.compile(r"-val(\d{7})-\d{5}$")
 
+FINAL_WAIT_S = 300.0
+"""After the last step, the learner stops waiting for a validation pass when none of its groups has come for this
+long (or for learner.data_timeout_s, if shorter): a batch that went to the dead-letter stream never will."""
+
 
 def validation_batch_id(run: str, version: int, index: int) -> str:
     return f"{run}-val{version:07d}-{index:05d}"

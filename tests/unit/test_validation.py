@@ -95,3 +95,33 @@ def test_pass_metrics_count_truncations():
     metrics = pass_metrics([group], 0, 1.5)
     assert metrics["val/truncated_fraction"] == 1.0 and metrics["val/accuracy"] == 0.0
     assert np.isclose(metrics["val/seconds"], 1.5)
+
+
+class CharTokenizer:
+    """One token per character: enough for prompt lengths."""
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return "".join(m["content"] for m in messages)
+
+    def __call__(self, text, add_special_tokens):
+        return {"input_ids": [ord(c) % 97 for c in text]}
+
+
+def test_validation_prompts_come_from_the_prepared_split_and_leave_out_prompts_with_no_room(tmp_path):
+    import json
+
+    from learner.config import LearnerConfig
+    from learner.data_source import validation_prompts
+
+    rows = [{"id": f"q{i}", "prompt": "x" * length, "ground_truth": "1"} for i, length in enumerate([5, 50, 7, 9])]
+    (tmp_path / "train.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (tmp_path / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = LearnerConfig.model_validate({
+        "policy": {"model_name": "m", "max_total_sequence_length": 20},
+        "data": {"path": str(tmp_path)}, "grpo": {"val_period": 5, "max_val_samples": 3},
+    })  # fmt: skip
+    assert [p.prompt_id for p in validation_prompts(cfg, CharTokenizer())] == ["q0", "q2"]  # q1: too long
+
+    (tmp_path / "validation.jsonl").unlink()
+    with pytest.raises(ValueError, match="no validation file at"):
+        validation_prompts(cfg, CharTokenizer())
