@@ -7,6 +7,7 @@ ScoredGroups, tiny-model samples, a simple reward.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,20 +25,19 @@ from tests.integration.learner_support import (
 )
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp2", "ddp-bf16", "fsdp2-bf16"])
-def test_two_gloo_ranks_take_real_steps_and_stay_identical(tmp_path, tiny_model_dir, redis_url, run_name, parallel):
-    """`-bf16`: bfloat16 master weights (learner/optim.py): stochastic rounding draws the same bits on both ranks,
-    so DDP replicas stay bit-identical; FSDP2 rounds its DTensor shards."""
+def run_learner(tmp_path, model_dir, redis_url: str, run_name: str, nproc: int, *overrides: str) -> tuple[Path, str]:
+    """3 steps of the learner under torchrun (`nproc` gloo ranks) beside StandInRollouts; it must succeed.
+
+    Returns the run directory and the learner's log.
+    """
     run_dir = tmp_path / "run"
     config = write_config(
-        tmp_path / "learner.yaml", model=tiny_model_dir, data=write_prompts(tmp_path / "prompts.jsonl"),
+        tmp_path / "learner.yaml", model=model_dir, data=write_prompts(tmp_path / "prompts.jsonl"),
         run=run_name, redis_url=redis_url, run_dir=run_dir, max_num_steps=3, max_staleness=1,
     )  # fmt: skip
-    rollouts = StandInRollouts(tiny_model_dir, redis_url, run_name)
+    rollouts = StandInRollouts(model_dir, redis_url, run_name)
     rollouts.start()
-    fsdp = f"++policy.dtensor_cfg.enabled={parallel.startswith('fsdp2')}"
-    bf16 = ["++policy.precision=bfloat16", "++policy.master_weights=bfloat16"] if parallel.endswith("bf16") else []
-    learner = start_learner(config, 2, tmp_path / "learner.log", "learner.weight_sync=filesystem", fsdp, *bf16)
+    learner = start_learner(config, nproc, tmp_path / "learner.log", *overrides)
     try:
         rc = learner.wait(timeout=300)
     finally:
@@ -47,6 +47,17 @@ def test_two_gloo_ranks_take_real_steps_and_stay_identical(tmp_path, tiny_model_
     log = (tmp_path / "learner.log").read_text()
     assert rc == 0, log[-3000:]
     assert rollouts.error is None
+    return run_dir, log
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2", "ddp-bf16", "fsdp2-bf16"])
+def test_two_gloo_ranks_take_real_steps_and_stay_identical(tmp_path, tiny_model_dir, redis_url, run_name, parallel):
+    """`-bf16`: bfloat16 master weights (learner/optim.py): stochastic rounding draws the same bits on both ranks,
+    so DDP replicas stay bit-identical; FSDP2 rounds its DTensor shards."""
+    fsdp = f"++policy.dtensor_cfg.enabled={parallel.startswith('fsdp2')}"
+    bf16 = ["++policy.precision=bfloat16", "++policy.master_weights=bfloat16"] if parallel.endswith("bf16") else []
+    run_dir, _ = run_learner(tmp_path, tiny_model_dir, redis_url, run_name, 2, "learner.weight_sync=filesystem",
+                             fsdp, *bf16)  # fmt: skip
 
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3]
@@ -103,26 +114,10 @@ def _id(entry_id: bytes) -> tuple[int, int]:
 def test_validation_passes_are_scored_and_logged_apart_from_training(tmp_path, tiny_model_dir, redis_url, run_name):
     """`grpo.val_at_start` + `val_period=2` over 3 steps: passes of versions 0, 2 and 3 (the last), each logged
     once all its groups are in; none of their groups is trained on or counted as a training group."""
-    run_dir = tmp_path / "run"
     val_file = write_prompts(tmp_path / "validation.jsonl", n=5)
-    config = write_config(
-        tmp_path / "learner.yaml", model=tiny_model_dir, data=write_prompts(tmp_path / "prompts.jsonl"),
-        run=run_name, redis_url=redis_url, run_dir=run_dir, max_num_steps=3, max_staleness=1,
-    )  # fmt: skip
-    rollouts = StandInRollouts(tiny_model_dir, redis_url, run_name)
-    rollouts.start()
     validation = ["++grpo.val_at_start=true", "++grpo.val_period=2", "++grpo.num_val_generations_per_prompt=2",
                   f"++data.validation_path={val_file}"]  # fmt: skip
-    learner = start_learner(config, 1, tmp_path / "learner.log", *validation)
-    try:
-        rc = learner.wait(timeout=300)
-    finally:
-        rollouts.stop.set()
-        if learner.poll() is None:
-            learner.kill()
-    log = (tmp_path / "learner.log").read_text()
-    assert rc == 0, log[-3000:]
-    assert rollouts.error is None
+    run_dir, log = run_learner(tmp_path, tiny_model_dir, redis_url, run_name, 1, *validation)
 
     records = read_jsonl(run_dir / "metrics.jsonl")
     steps = [m for m in records if "loss/total" in m]
