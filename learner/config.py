@@ -57,6 +57,10 @@ class GRPOConfig(_Strict):
         1, ge=1, description="Samples per validation prompt; val/accuracy averages over all of them."
     )
 
+    @property
+    def validates(self) -> bool:
+        return bool(self.val_period or self.val_at_start)
+
 
 class LossConfig(_Strict):
     """The policy loss (NeMo RL `loss_fn.*`); see learner/loss.py for each variant."""

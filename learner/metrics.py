@@ -45,12 +45,12 @@ class JsonlLogger:
 class ConsoleSummary:
     """One log line per step with the figures a person watches."""
 
-    KEYS = ("rollout/reward_mean", "loss/total", "perf/step_s", "queue/wait_s", "sync/broadcast_s", "val/accuracy",
-            "val/policy_version")  # fmt: skip
+    KEYS = ("rollout/reward_mean", "loss/total", "perf/step_s", "queue/wait_s", "sync/broadcast_s")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         shown = " ".join(f"{k.split('/', 1)[1]}={metrics[k]:.4g}" for k in self.KEYS if k in metrics)
-        log.info("step %d %s", step, shown)
+        if shown:  # a validation pass has none of them: the learner logs its own line for it
+            log.info("step %d %s", step, shown)
 
     def close(self) -> None:
         pass

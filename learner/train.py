@@ -188,7 +188,7 @@ class Coordinator:
         self.weights = _weight_sync(cfg, self.redis)
         self.last_saved = -1
         self.validator = None
-        if cfg.grpo.val_period or cfg.grpo.val_at_start:
+        if cfg.grpo.validates:
             from learner.data_source import validation_prompts
             from learner.validation import Validator
 

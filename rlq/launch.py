@@ -67,7 +67,7 @@ def train(cfg: RunConfig) -> Path:
     config_path = run_dir / "config.yaml"
     save_resolved(cfg, config_path)
     specs = role_specs(cfg, config_path)  # a bad CPU list fails here, before anything has started
-    if cfg.grpo.val_period or cfg.grpo.val_at_start:
+    if cfg.grpo.validates:
         from learner.data_source import validation_file
 
         try:
