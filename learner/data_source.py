@@ -80,18 +80,18 @@ def validation_file(data: DataConfig) -> Path:
     """Where the validation split is: `data.validation_path`, else validation.jsonl in the prepared directory.
 
     Raises:
-        ValueError: (one line, for the user) there is no such file.
+        FileNotFoundError: (one line, for the user: the CLI shows it as such) there is no such file.
     """
     path = data.validation_path
     if path is None:
         if not Path(data.path).is_dir():
-            raise ValueError(
+            raise FileNotFoundError(
                 f"grpo.val_period/val_at_start need validation data: data.path {data.path} is a file, so set "
                 "data.validation_path (rlq prepare-data writes validation.jsonl next to train.jsonl)"
             )
         path = Path(data.path) / VALIDATION_FILE
     if not Path(path).is_file():
-        raise ValueError(f"no validation file at {path}: set data.validation_path, or grpo.val_period=0")
+        raise FileNotFoundError(f"no validation file at {path}: set data.validation_path, or grpo.val_period=0")
     return Path(path)
 
 
@@ -99,7 +99,8 @@ def validation_prompts(cfg: LearnerConfig, tokenizer) -> list[Prompt]:
     """The first `grpo.max_val_samples` prompts of the validation split, tokenised (a pass always uses the same).
 
     Raises:
-        ValueError: no validation file, or an empty one.
+        FileNotFoundError: no validation file.
+        ValueError: no example in it fits.
     """
     path = validation_file(cfg.data)
     rows = read_rows(path)[: cfg.grpo.max_val_samples]

@@ -67,13 +67,10 @@ def train(cfg: RunConfig) -> Path:
     config_path = run_dir / "config.yaml"
     save_resolved(cfg, config_path)
     specs = role_specs(cfg, config_path)  # a bad CPU list fails here, before anything has started
-    if cfg.grpo.validates:
+    if cfg.grpo.validates:  # a missing file is one line (FileNotFoundError) before anything has started
         from learner.data_source import validation_file
 
-        try:
-            validation_file(cfg.data)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+        validation_file(cfg.data)
     server = None
     env: dict[str, str] = {"RLQ_RUN": cfg.run_name, "PYTHONUNBUFFERED": "1"}
     if cfg.broker.url is None:

@@ -123,5 +123,21 @@ def test_validation_prompts_come_from_the_prepared_split_and_leave_out_prompts_w
     assert [p.prompt_id for p in validation_prompts(cfg, CharTokenizer())] == ["q0", "q2"]  # q1: too long
 
     (tmp_path / "validation.jsonl").unlink()
-    with pytest.raises(ValueError, match="no validation file at"):
+    with pytest.raises(FileNotFoundError, match="no validation file at"):
         validation_prompts(cfg, CharTokenizer())
+
+
+def test_rlq_train_refuses_a_run_without_its_validation_file_before_starting_anything(tmp_path):
+    from pathlib import Path
+
+    from rlq.config import load_run_config
+    from rlq.launch import train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("{}\n")
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny_arith_cpu.yaml"
+    cfg = load_run_config(config, [f"data.path={data}", f"logger.log_dir={tmp_path / 'run'}", "grpo.val_period=5"])
+    with pytest.raises(FileNotFoundError, match="no validation file at .*validation.jsonl"):
+        train(cfg)
+    assert not (tmp_path / "run" / "redis").exists() and not (tmp_path / "run" / "logs").exists()
