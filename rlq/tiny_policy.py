@@ -27,7 +27,7 @@ from rlq.errors import UserError
 log = logging.getLogger(__name__)
 
 # Bump when anything that changes the built files changes (tokenizer corpus, dims, template).
-BASE_VERSION = "tiny-qwen3-v1"
+BASE_VERSION = "tiny-qwen3-v2"
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 SPECIAL_TOKENS = [PAD, IM_START, IM_END]
 VOCAB_SIZE = 640

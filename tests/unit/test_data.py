@@ -76,6 +76,21 @@ def test_arith_is_deterministic_disjoint_and_correct() -> None:
         assert ex.reward_model["ground_truth"] == ex.ground_truth and ex.verifier == "math"
 
 
+def test_arith_splits_share_one_distribution() -> None:
+    # The one-operator space (200 problems at these knobs) is small: a validation split drawn first used it up
+    # (45 % of validation, 5 % of training), so "held-out accuracy" measured another task than the one trained.
+    train, val = generate_arith(ArithConfig(n_train=2000, n_val=400, seed=0))
+
+    def one_op_share(examples: list) -> float:
+        return sum(len(ex.extra_info["solution"].splitlines()) == 2 for ex in examples) / len(examples)
+
+    assert abs(one_op_share(val) - one_op_share(train)) < 0.04
+    assert [ex.extra_info["index"] for ex in val] == list(range(400))  # indices count within each split
+    assert {ex.extra_info["split"] for ex in train} == {"train"} and {ex.extra_info["split"] for ex in val} == {
+        "validation"
+    }
+
+
 def test_arith_full_template_is_the_tutorials() -> None:
     train, _ = generate_arith(ArithConfig(n_train=3, n_val=0, template="full"))
     assert train[0].messages[0]["content"] == DAPO_TEMPLATE.format(problem=train[0].extra_info["problem"])
