@@ -17,6 +17,9 @@
   one process boundary then as now.
 - the same update on a wider random Qwen3 (--scaled-hidden x --scaled-layers), to show how the ratio moves
   when bytes, not per-layer overheads, dominate.
+- every vLLM figure twice: with the default `vllm_cfg.cpu_gemm=onednn` (packed weights, re-packed at each update)
+  and, as `torch_gemm_*`, with `cpu_gemm=torch` (weights kept, updates copy in place), tokens/s included. The
+  targets are judged on the default.
 
 Usage: python bench/generate.py [--prompts 16] [--n 8] [--max-new-tokens 64] [--repeats 5]
 """
@@ -186,29 +189,53 @@ def build_scaled_model(out: Path, hidden: int, layers: int) -> Path:
     return out
 
 
-def scaled_update(cfg, cache: Path, hidden: int, layers: int, repeats: int) -> dict[str, float]:
+def scaled_update(cfg, cache: Path, hidden: int, layers: int, repeats: int, prefix: str) -> dict[str, float]:
     """Weight update vs raw gloo on a wider model, where bytes rather than per-layer overheads dominate."""
     from workers.engines import VllmEngine
 
     model_dir = build_scaled_model(cache / f"scaled-{hidden}x{layers}", hidden, layers)
     engine = VllmEngine(cfg, "bench-scaled", str(model_dir))
     try:
+        batch = prompts(16)
+        tokens_per_s(engine, batch, 8)  # warm-up
+        tps = max(tokens_per_s(engine, batch, 8)[0] for _ in range(2))
         update = weight_update_seconds(engine, model_dir, repeats)
         raw_s = raw_gloo_seconds(int(update["bytes"]) // 4, repeats)  # with the engine up, as in the update
     finally:
         engine.close()
-    print(f"scaled model ({update['bytes'] / 1e6:.0f} MB): update {update['update_s']:.3f}s (receive "
-          f"{update['receive_s']:.3f}s, reload {update['reload_s']:.3f}s; learner blocked "
-          f"{update['learner_broadcast_s']:.3f}s) vs raw gloo {raw_s:.3f}s")  # fmt: skip
+    print(f"{prefix}scaled model ({update['bytes'] / 1e6:.0f} MB): {tps:,.0f} tokens/s; update "
+          f"{update['update_s']:.3f}s (receive {update['receive_s']:.3f}s, reload {update['reload_s']:.3f}s; "
+          f"learner blocked {update['learner_broadcast_s']:.3f}s) vs raw gloo {raw_s:.3f}s")  # fmt: skip
     return {
-        "scaled_weight_bytes": update["bytes"],
-        "scaled_weight_update_s": update["update_s"],
-        "scaled_weight_update_reload_s": update["reload_s"],
-        "scaled_learner_broadcast_s": update["learner_broadcast_s"],
-        "scaled_raw_gloo_broadcast_s": raw_s,
-        "scaled_update_over_raw_gloo": update["update_s"] / raw_s,
-        "scaled_weight_update_in_place": update["in_place"],
-        "scaled_learner_broadcast_over_raw_gloo": update["learner_broadcast_s"] / raw_s,
+        f"{prefix}scaled_tokens_per_s": tps,
+        f"{prefix}scaled_weight_bytes": update["bytes"],
+        f"{prefix}scaled_weight_update_s": update["update_s"],
+        f"{prefix}scaled_weight_update_reload_s": update["reload_s"],
+        f"{prefix}scaled_learner_broadcast_s": update["learner_broadcast_s"],
+        f"{prefix}scaled_raw_gloo_broadcast_s": raw_s,
+        f"{prefix}scaled_update_over_raw_gloo": update["update_s"] / raw_s,
+        f"{prefix}scaled_weight_update_in_place": update["in_place"],
+        f"{prefix}scaled_learner_broadcast_over_raw_gloo": update["learner_broadcast_s"] / raw_s,
+    }
+
+
+def update_figures(engine, model_dir: Path, repeats: int, prefix: str) -> dict[str, float]:
+    """One engine's steady-state weight update against a raw gloo broadcast of the same bytes."""
+    update = weight_update_seconds(engine, model_dir, repeats)
+    raw_s = raw_gloo_seconds(int(update["bytes"]) // 4, repeats)
+    print(f"{prefix}weight update {update['update_s'] * 1e3:.1f} ms (receive {update['receive_s'] * 1e3:.1f} ms, "
+          f"reload {update['reload_s'] * 1e3:.1f} ms; learner blocked {update['learner_broadcast_s'] * 1e3:.1f} ms) "
+          f"vs raw gloo broadcast of the same {update['bytes'] / 1e6:.1f} MB: {raw_s * 1e3:.1f} ms")  # fmt: skip
+    return {
+        f"{prefix}weight_update_s": update["update_s"],
+        f"{prefix}weight_update_receive_s": update["receive_s"],
+        f"{prefix}weight_update_reload_s": update["reload_s"],
+        f"{prefix}learner_broadcast_s": update["learner_broadcast_s"],
+        f"{prefix}raw_gloo_broadcast_s": raw_s,
+        f"{prefix}weight_bytes": update["bytes"],
+        f"{prefix}update_over_raw_gloo": update["update_s"] / raw_s,
+        f"{prefix}learner_broadcast_over_raw_gloo": update["learner_broadcast_s"] / raw_s,
+        f"{prefix}weight_update_in_place": update["in_place"],  # 1: workers/vllm_reload.py's path, 0: vLLM's
     }
 
 
@@ -230,53 +257,42 @@ def main() -> None:
     from workers.generate_config import GenerationConfig
 
     model_dir = build_model(args.cache)
-    cfg = GenerationConfig.model_validate(
-        {"max_new_tokens": args.max_new_tokens, "temperature": 1.0,
-         "vllm_cfg": {"max_model_len": 256, "cpu_kvcache_space_gib": 1, "max_num_seqs": 256}}
-    )  # fmt: skip
+    settings = {"max_new_tokens": args.max_new_tokens, "temperature": 1.0,
+                "vllm_cfg": {"max_model_len": 256, "cpu_kvcache_space_gib": 1, "max_num_seqs": 256}}  # fmt: skip
+    cfg = GenerationConfig.model_validate(settings)
+    torch_cfg = cfg.model_copy(update={"vllm_cfg": cfg.vllm_cfg.model_copy(update={"cpu_gemm": "torch"})})
     batch = prompts(args.prompts)
 
     hf = HFEngine(cfg, "bench-hf", str(model_dir), device="cpu")
     vllm = VllmEngine(cfg, "bench-vllm", str(model_dir))
+    vllm_torch = VllmEngine(torch_cfg, "bench-vllm-torch", str(model_dir))
     threads = torch.get_num_threads()  # the vLLM engine set it (cpu_threads); generate() runs with the same
     tokens_per_s(hf, batch[:2], args.n)  # warm-up
-    tokens_per_s(vllm, batch, args.n)  # warm-up (compilation, first KV blocks)
-    # The machine is shared: interleave the two backends and keep each one's best round.
-    hf_runs, vllm_runs = [], []
+    for engine in (vllm, vllm_torch):
+        tokens_per_s(engine, batch, args.n)  # warm-up (compilation, first KV blocks)
+    # The machine is shared: interleave the backends and keep each one's best round.
+    runs: dict[str, list[tuple[float, int]]] = {"hf": [], "vllm": [], "vllm_torch": []}
     for _ in range(args.rounds):
-        hf_runs.append(tokens_per_s(hf, batch, args.n))
-        vllm_runs.append(tokens_per_s(vllm, batch, args.n))
-    hf_tps, hf_tokens = max(hf_runs)
-    vllm_tps, vllm_tokens = max(vllm_runs)
-    print(f"transformers generate(): {hf_tps:,.0f} tokens/s ({hf_tokens} tokens), best of {args.rounds}")
-    print(f"vLLM CPU: {vllm_tps:,.0f} tokens/s ({vllm_tokens} tokens), best of {args.rounds}")
-
-    update = weight_update_seconds(vllm, model_dir, args.repeats)
-    numel = int(update["bytes"]) // 4
-    raw_s = raw_gloo_seconds(numel, args.repeats)
-    print(f"weight update {update['update_s'] * 1e3:.1f} ms (receive {update['receive_s'] * 1e3:.1f} ms, reload "
-          f"{update['reload_s'] * 1e3:.1f} ms; learner blocked {update['learner_broadcast_s'] * 1e3:.1f} ms) vs raw "
-          f"gloo broadcast of the same {update['bytes'] / 1e6:.1f} MB: {raw_s * 1e3:.1f} ms")  # fmt: skip
-    vllm.close()
-    scaled = {}
-    if args.scaled_hidden:
-        scaled = scaled_update(cfg, args.cache, args.scaled_hidden, args.scaled_layers, args.repeats)
+        for name, engine in (("hf", hf), ("vllm", vllm), ("vllm_torch", vllm_torch)):
+            runs[name].append(tokens_per_s(engine, batch, args.n))
+    best = {name: max(r) for name, r in runs.items()}
+    print(f"transformers generate(): {best['hf'][0]:,.0f} tokens/s ({best['hf'][1]} tokens), best of {args.rounds}")
+    print(f"vLLM CPU (oneDNN GEMMs): {best['vllm'][0]:,.0f} tokens/s; torch GEMMs: {best['vllm_torch'][0]:,.0f}")
 
     figures = {
-        "vllm_tokens_per_s": vllm_tps,
-        "hf_tokens_per_s": hf_tps,
-        "speedup_vllm_over_hf": vllm_tps / hf_tps,
-        "weight_update_s": update["update_s"],
-        "weight_update_receive_s": update["receive_s"],
-        "weight_update_reload_s": update["reload_s"],
-        "learner_broadcast_s": update["learner_broadcast_s"],
-        "raw_gloo_broadcast_s": raw_s,
-        "weight_bytes": update["bytes"],
-        "update_over_raw_gloo": update["update_s"] / raw_s,
-        "learner_broadcast_over_raw_gloo": update["learner_broadcast_s"] / raw_s,
-        "weight_update_in_place": update["in_place"],  # 1: workers/vllm_reload.py's path, 0: vLLM's reload
-        **scaled,
+        "vllm_tokens_per_s": best["vllm"][0],
+        "hf_tokens_per_s": best["hf"][0],
+        "speedup_vllm_over_hf": best["vllm"][0] / best["hf"][0],
+        "torch_gemm_vllm_tokens_per_s": best["vllm_torch"][0],
     }
+    figures |= update_figures(vllm, model_dir, args.repeats, prefix="")
+    figures |= update_figures(vllm_torch, model_dir, args.repeats, prefix="torch_gemm_")
+    vllm.close()
+    vllm_torch.close()
+    if args.scaled_hidden:
+        for prefix, c in (("", cfg), ("torch_gemm_", torch_cfg)):
+            figures |= scaled_update(c, args.cache, args.scaled_hidden, args.scaled_layers, args.repeats, prefix)
+
     targets = {"speedup_vllm_over_hf": ">= 10", "update_over_raw_gloo": "<= 1.5"}
     met = figures["speedup_vllm_over_hf"] >= 10 and figures["update_over_raw_gloo"] <= 1.5
     result = {

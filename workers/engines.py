@@ -8,6 +8,7 @@ broadcast (`update_weights`) or from a safetensors file or directory (`load_file
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import zlib
@@ -85,20 +86,25 @@ class VllmEngine(Engine):
         from vllm import LLM
 
         self.detokenize = has_tokenizer(model_path)
-        self.llm = LLM(
-            **_in_process_kwargs(vc),
-            model=model_path,
-            dtype=vc.precision,
-            max_model_len=vc.max_model_len,
-            gpu_memory_utilization=vc.gpu_memory_utilization,
-            enforce_eager=vc.enforce_eager,
-            enable_prefix_caching=vc.enable_prefix_caching,
-            max_num_seqs=vc.max_num_seqs,
-            seed=vc.seed,
-            skip_tokenizer_init=not self.detokenize,
-            logprobs_mode="processed_logprobs",
-            worker_extension_cls=EXTENSION,
-        )
+        torch_gemm = vc.cpu_gemm == "torch" and _on_cpu()
+        with _cpu_gemm_choice(torch_gemm):
+            self.llm = LLM(
+                **_in_process_kwargs(vc),
+                model=model_path,
+                dtype=vc.precision,
+                max_model_len=vc.max_model_len,
+                gpu_memory_utilization=vc.gpu_memory_utilization,
+                enforce_eager=vc.enforce_eager,
+                enable_prefix_caching=vc.enable_prefix_caching,
+                max_num_seqs=vc.max_num_seqs,
+                seed=vc.seed,
+                skip_tokenizer_init=not self.detokenize,
+                logprobs_mode="processed_logprobs",
+                worker_extension_cls=EXTENSION,
+            )
+        if torch_gemm:
+            (layers,) = self.llm.collective_rpc("rlq_mark_torch_gemms")
+            log.info("vLLM CPU GEMMs: torch on the weights as loaded (%d layers; updates copy in place)", layers)
         # Text is decoded once per finished completion (as HFEngine does), not by vLLM: its per-step incremental
         # detokenizer also decodes the token of every logprob, which was half of the front end's time and kept
         # the engine waiting on a 2-core machine (py-spy, bench/generate.py).
@@ -165,15 +171,28 @@ class VllmEngine(Engine):
             shutdown.shutdown()
 
 
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _cpu_gemm_choice(torch_gemm: bool) -> contextlib.AbstractContextManager[None]:
+    """The context the engine loads in: torch's GEMM on kept weights (`vllm_cfg.cpu_gemm=torch`) or vLLM's own."""
+    if not torch_gemm:
+        return contextlib.nullcontext()
+    from workers.vllm_reload import torch_cpu_gemms
+
+    return torch_cpu_gemms()
+
+
 def _in_process_kwargs(vc: Any) -> dict[str, Any]:
     """Engine arguments (and environment) that keep vLLM's CPU engine inside this process (`cpu_in_process`).
 
     vLLM reads VLLM_ENABLE_V1_MULTIPROCESSING when the engine starts; its CPU worker replaces
     `torch.set_num_threads` with a no-op once it runs, so the thread count is set before.
     """
-    from vllm.platforms import current_platform
-
-    if not (vc.cpu_in_process and current_platform.is_cpu()):
+    if not (vc.cpu_in_process and _on_cpu()):
         return {}
     import torch
 

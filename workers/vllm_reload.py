@@ -24,6 +24,10 @@ against ~1 ms for the bytes), and every update faults in fresh memory for every 
    with the shape of its weight is re-packed from the received tensor already in step 3. An embedding whose
    weight an LM head shares is not re-packed (a lookup never uses its handle; the head's is rebuilt).
 
+With `vllm_cfg.cpu_gemm=torch` nothing is packed: the engine loads under `torch_cpu_gemms`, so vLLM's dispatch
+falls back to torch's GEMM on weights it keeps, and `mark_torch_gemms` tags those layers. `InPlaceLoad` then has
+no linear to restore or re-pack: every tensor is kept for `finish`, which loads it in place.
+
 Until `finish`, what the engine computes with is either untouched or kept aside: `rollback` (a broadcast that
 failed half-way) puts every layer's previous handle back. The compiled graph reads `layer.cpu_linear` at every
 call, as after vLLM's own reload. Where the path does not apply (a quantized model, a layer without recorded
@@ -32,8 +36,9 @@ metadata, weights not on the CPU) `InPlaceLoad.begin` returns None and the calle
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -50,6 +55,41 @@ class ModelLeftMixed(RuntimeError):
 
 _WEIGHTS_KEPT = "_rlq_unpacked_weight"
 """Attribute of a packed linear holding its unpacked weight parameter between updates."""
+
+
+_TORCH_GEMM = "_rlq_torch_gemm"
+"""Attribute of a layer that computes with torch's GEMM on its kept weight (`vllm_cfg.cpu_gemm=torch`)."""
+
+
+@contextlib.contextmanager
+def torch_cpu_gemms() -> Iterator[None]:
+    """While vLLM loads a model in this process, its CPU dispatch takes the torch fallback instead of oneDNN."""
+    import vllm._custom_ops as ops
+
+    if not hasattr(ops, "_supports_onednn"):
+        raise RuntimeError("this vLLM build has no oneDNN switch (_custom_ops._supports_onednn): set cpu_gemm=onednn")
+    saved = ops._supports_onednn
+    ops._supports_onednn = False
+    try:
+        yield
+    finally:
+        ops._supports_onednn = saved
+
+
+def mark_torch_gemms(model: torch.nn.Module) -> int:
+    """Tag every layer with a CPU GEMM as computing with torch on its kept weight; returns how many.
+
+    Raises RuntimeError where a layer was packed anyway (another dispatch path, e.g. zentorch or AMX kernels).
+    """
+    layers = [m for m in model.modules() if _has_handle(m)]
+    for module in layers:
+        weight = getattr(module, "weight", None)
+        packed = getattr(module.cpu_linear, "__closure__", None) is not None  # the packed paths close over a handle
+        if packed or not isinstance(weight, torch.Tensor) or weight.numel() == 0:
+            raise RuntimeError(f"{type(module).__name__} was packed although cpu_gemm=torch; set cpu_gemm=onednn")
+    for module in layers:
+        object.__setattr__(module, _TORCH_GEMM, True)
+    return len(layers)
 
 
 def packed_linears(model: torch.nn.Module) -> list[torch.nn.Module] | None:
@@ -165,7 +205,12 @@ class InPlaceLoad:
 
 
 def _has_handle(module: torch.nn.Module) -> bool:
-    return hasattr(module, "cpu_linear") and getattr(module, "quant_method", None) is not None
+    """A layer vLLM's CPU dispatch gave a packed GEMM (a torch-GEMM layer has nothing to re-pack)."""
+    return (
+        hasattr(module, "cpu_linear")
+        and getattr(module, "quant_method", None) is not None
+        and not getattr(module, _TORCH_GEMM, False)
+    )
 
 
 def _unpacked_weight(module: torch.nn.Module) -> Any:

@@ -255,6 +255,12 @@ class VllmWeightExtension:
         if receiver is not None:
             receiver.leave()
 
+    def rlq_mark_torch_gemms(self) -> int:
+        """After a load under `vllm_reload.torch_cpu_gemms`: the layers whose weights updates copy into."""
+        from workers.vllm_reload import mark_torch_gemms
+
+        return mark_torch_gemms(self.model_runner.get_model())
+
     def rlq_named_parameters(self) -> list[tuple[str, list[int], str]]:
         """(name, shape, dtype) of the engine's parameters, for checks and the docs."""
         model = self.model_runner.get_model()

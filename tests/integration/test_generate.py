@@ -34,12 +34,12 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 SEQUENCE = [5, 17, 42, 99, 7, 300, 12, 64, 128, 3, 250, 11]
 
 
-def _cfg(**worker) -> GenerationConfig:
+def _cfg(vllm: dict | None = None, **worker) -> GenerationConfig:
     return GenerationConfig.model_validate(
         {
             "max_new_tokens": 12,
             "temperature": 0.8,
-            "vllm_cfg": {"max_model_len": 256, "cpu_kvcache_space_gib": 1, "max_num_seqs": 64},
+            "vllm_cfg": {"max_model_len": 256, "cpu_kvcache_space_gib": 1, "max_num_seqs": 64, **(vllm or {})},
             "worker": {"sink": "stream", "read_block_ms": 200, "heartbeat_s": 0.5, "heartbeat_ttl_s": 5, **worker},
         }
     )
@@ -56,6 +56,20 @@ def vllm_engine(tiny_dir: Path):
     engine = VllmEngine(_cfg(), "vllm-0", str(tiny_dir))
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def torch_gemm_engine(tiny_dir: Path):
+    """vllm_cfg.cpu_gemm=torch: linear layers keep their weights and multiply with torch's GEMM."""
+    engine = VllmEngine(_cfg({"cpu_gemm": "torch"}), "vllm-0", str(tiny_dir))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(params=["onednn", "torch"])
+def either_engine(request):
+    """The tests that must hold whichever way the engine's linear layers compute."""
+    return request.getfixturevalue("vllm_engine" if request.param == "onednn" else "torch_gemm_engine")
 
 
 def _batch(i: int, n_prompts: int = 2, n: int = 3, min_version: int = 0) -> PromptBatch:
@@ -136,8 +150,9 @@ def test_batches_in_groups_out(vllm_engine, redis_url: str, run_name: str) -> No
 
 
 def test_after_a_weight_update_vllm_logprobs_equal_the_learners(
-    vllm_engine, tiny_dir: Path, redis_url: str, run_name: str
+    either_engine, tiny_dir: Path, redis_url: str, run_name: str
 ) -> None:
+    vllm_engine = either_engine
     r = connect(redis_url)
     keys = Keys(run_name)
     learner = CollectiveBroadcast(r, keys, master_addr="127.0.0.1", bucket_bytes=1 << 20, timeout_s=30, flatten=True)
@@ -169,10 +184,12 @@ def test_after_a_weight_update_vllm_logprobs_equal_the_learners(
 
 
 def test_a_broadcast_that_dies_half_way_leaves_the_engine_on_its_weights(
-    vllm_engine, tiny_dir: Path, redis_url: str, run_name: str
+    either_engine, tiny_dir: Path, redis_url: str, run_name: str
 ) -> None:
-    """The worker loads and re-packs each bucket as it arrives; a learner that dies after a few buckets (the
-    first linear layers complete) must leave the engine computing with the weights it had."""
+    """The worker loads and re-packs each bucket as it arrives (oneDNN) or keeps it for the end (torch GEMMs); a
+    learner that dies after a few buckets (the first linear layers complete) must leave the engine computing with
+    the weights it had."""
+    vllm_engine = either_engine
     import torch.distributed as dist
 
     from learner.broadcast import named_tensors, pack_bucket, plan_buckets

@@ -86,3 +86,21 @@ def test_the_tutorials_sanity_run_overrides_load_on_the_4b_config():
     assert load_run_config(config).grpo.val_at_start  # validation is on unless the command line turns it off
     with pytest.raises(pydantic.ValidationError, match="max_val_samples"):
         load_run_config(config, ["grpo.max_val_samples=0"])
+
+
+def test_torch_cpu_gemms_need_the_engine_in_process():
+    from pathlib import Path
+
+    import pydantic
+
+    from rlq.config import load_run_config
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny_arith_cpu.yaml"
+    cfg = load_run_config(config, ["policy.generation.vllm_cfg.cpu_gemm=torch"])
+    assert cfg.policy.generation.vllm_cfg.cpu_gemm == "torch"
+    with pytest.raises(pydantic.ValidationError, match="cpu_gemm=torch needs vllm_cfg.cpu_in_process=true"):
+        load_run_config(
+            config, ["policy.generation.vllm_cfg.cpu_gemm=torch", "policy.generation.vllm_cfg.cpu_in_process=false"]
+        )
+    with pytest.raises(pydantic.ValidationError, match="cpu_gemm"):
+        load_run_config(config, ["policy.generation.vllm_cfg.cpu_gemm=mkl"])
