@@ -122,6 +122,10 @@ for version in range(1, rounds + 1):
     report = learner.broadcast(model, version)
     r.rpush("bench:report", json.dumps({"seconds": report.seconds, "bytes": report.bytes}))
 learner.close()
+# As rlq/cli_learner.py does: gloo's threads outlive the group, and one that runs into interpreter finalization
+# aborts the process ("terminate called without an active exception").
+import os
+os._exit(0)
 """
 
 
