@@ -7,8 +7,9 @@ reward first reached 0.8; wall-clock minutes of the whole `rlq train` (start-up 
 policy before RL. Targets (issue 7, "reported on held-out problems"): held-out accuracy <= 0.5 before and
 >= 0.8 after, within 15 minutes.
 
-Usage: .venv/bin/python bench/learning.py [overrides for rlq train...]
-Writes bench/results/learning.json.
+Usage: .venv/bin/python bench/learning.py [--warm-start-seed N] [overrides for rlq train...]
+Writes bench/results/learning.json (learning_seed<N>.json with --warm-start-seed: the same run from a warm start
+built with another seed, as another host's float rounding would build it).
 """
 
 from __future__ import annotations
@@ -49,9 +50,11 @@ def greedy(model_dir: Path, examples: list) -> float:
     return greedy_accuracy(model, tokenizer, examples)
 
 
-def train(config: str, data_dir: Path, run_dir: Path, overrides: list[str], tag: str) -> tuple[list[dict], float]:
+def train(
+    config: str, data_dir: Path, run_dir: Path, overrides: list[str], tag: str, policy: Path = POLICY
+) -> tuple[list[dict], float]:
     """Run `rlq train`; returns its per-step metrics records (validation passes: `validation_records`) and minutes."""
-    argv = [sys.executable, "-m", "rlq", "train", "--config", config, f"policy.model_name={POLICY}",
+    argv = [sys.executable, "-m", "rlq", "train", "--config", config, f"policy.model_name={policy}",
             f"data.path={data_dir}", f"logger.log_dir={run_dir}", f"checkpointing.checkpoint_dir={run_dir / 'ckpt'}",
             f"run_name={tag}", "logger.wandb_enabled=false", *overrides]  # fmt: skip
     started = time.monotonic()
@@ -84,17 +87,34 @@ def final_policy(run_dir: Path) -> Path:
 
 
 def main() -> None:
-    from rlq.tiny_policy import build_policy
+    import argparse
 
-    overrides = sys.argv[1:]
-    build_policy(POLICY)
+    from rlq.tiny_policy import WarmStartConfig, build_policy
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--warm-start-seed", type=int, default=None,
+                    help="Build the warm start with this seed instead of the default (a stand-in for another host, "
+                    "whose float rounding stops the build elsewhere); writes learning_seed<N>.json.")  # fmt: skip
+    ap.add_argument("overrides", nargs="*", help="Overrides for rlq train, e.g. grpo.max_num_steps=300.")
+    args = ap.parse_args()
+    overrides, name, policy = args.overrides, "learning", POLICY
+    if args.warm_start_seed is not None:
+        name, policy = (
+            f"learning_seed{args.warm_start_seed}",
+            POLICY.with_name(f"tiny-policy-seed{args.warm_start_seed}"),
+        )
+        build_policy(policy, WarmStartConfig(seed=args.warm_start_seed))
+    else:
+        build_policy(POLICY)
     data_dir = WORK / "arith"
     train_problems = prepare(data_dir)
     examples = held_out(train_problems)
-    before = greedy(POLICY, examples)
+    before = greedy(policy, examples)
     run_dir = WORK / f"run-{int(time.time())}"
     launched = time.time()  # metrics records carry wall-clock times
-    records, minutes = train(str(REPO / "configs" / "tiny_arith_cpu.yaml"), data_dir, run_dir, overrides, "bench")
+    records, minutes = train(
+        str(REPO / "configs" / "tiny_arith_cpu.yaml"), data_dir, run_dir, overrides, "bench", policy
+    )
     rewards = [r["rollout/reward_mean"] for r in records]
     after = greedy(final_policy(run_dir), examples)
     windowed = [sum(rewards[i - WINDOW : i]) / WINDOW for i in range(WINDOW, len(rewards) + 1)]
@@ -120,14 +140,25 @@ def main() -> None:
     }
     targets = {"heldout_greedy_before": "<= 0.5", "heldout_greedy_after": ">= 0.8", "minutes": "<= 15"}
     met = before <= 0.5 and after >= TARGET_REWARD and minutes <= 15
-    write("learning", figures, targets, met)
+    if args.warm_start_seed is not None:
+        figures["warm_start_seed"] = args.warm_start_seed
+    write(name, figures, targets, met)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (figures from different sessions ran on different hosts)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
 
 
 def write(name: str, figures: dict, targets: dict, met: bool) -> None:
     result = {
         "bench": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {cpu_model()}, {platform.platform()}",
         "figures": figures,
         "targets": targets,
         "met": met,
