@@ -276,11 +276,15 @@ def test_a_worker_started_mid_run_takes_work_and_joins_the_weight_group(
     _wait(lambda: r.hexists(keys.policy, "join:vllm-0"), what="vllm-0's join request")
     assert learner.broadcast(_perturbed(tiny_dir, 2), version=1).members == ["vllm-0"]
     epoch = learner.epoch
+    producer = StreamProducer(r, keys.prompts)
+    # The run is under way before the second worker comes (otherwise the newcomer can take every batch while the
+    # first engine is still warming up, and stopping makes the first release the batch it holds).
+    producer.add(_batch(99, n_prompts=1, n=2))
+    _wait(lambda: any(g.worker_id == "vllm-0" for g in _groups(r, run_name)), what="vllm-0's first group")
     # Mid-run: a transformers worker arrives, asks to join, and competes for batches.
     cfg = _cfg()
     second = _worker(HFEngine(cfg, "hf-1", str(tiny_dir)), redis_url, run_name, "hf-1", cfg)
     threads.append(_serve(second))
-    producer = StreamProducer(r, keys.prompts)
     for i in range(40):
         producer.add(_batch(100 + i, n_prompts=1, n=2))
         time.sleep(0.3)
