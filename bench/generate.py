@@ -194,7 +194,8 @@ def build_scaled_model(out: Path, hidden: int, layers: int) -> Path:
 
 
 def scaled_update(cfg, cache: Path, hidden: int, layers: int, repeats: int, prefix: str) -> dict[str, float]:
-    """Weight update vs raw gloo on a wider model, where bytes rather than per-layer overheads dominate."""
+    """Tokens/s and weight update vs raw gloo on a wider model, where bytes rather than per-layer overheads
+    dominate: `update_figures` under `{prefix}scaled_`."""
     from workers.engines import VllmEngine
 
     model_dir = build_scaled_model(cache / f"scaled-{hidden}x{layers}", hidden, layers)
@@ -203,24 +204,11 @@ def scaled_update(cfg, cache: Path, hidden: int, layers: int, repeats: int, pref
         batch = prompts(16)
         tokens_per_s(engine, batch, 8)  # warm-up
         tps = max(tokens_per_s(engine, batch, 8)[0] for _ in range(2))
-        update = weight_update_seconds(engine, model_dir, repeats)
-        raw_s = raw_gloo_seconds(int(update["bytes"]) // 4, repeats)  # with the engine up, as in the update
+        print(f"{prefix}scaled model: {tps:,.0f} tokens/s")
+        # raw gloo is measured with the engine up, as in the update
+        return {f"{prefix}scaled_tokens_per_s": tps, **update_figures(engine, model_dir, repeats, f"{prefix}scaled_")}
     finally:
         engine.close()
-    print(f"{prefix}scaled model ({update['bytes'] / 1e6:.0f} MB): {tps:,.0f} tokens/s; update "
-          f"{update['update_s']:.3f}s (receive {update['receive_s']:.3f}s, reload {update['reload_s']:.3f}s; "
-          f"learner blocked {update['learner_broadcast_s']:.3f}s) vs raw gloo {raw_s:.3f}s")  # fmt: skip
-    return {
-        f"{prefix}scaled_tokens_per_s": tps,
-        f"{prefix}scaled_weight_bytes": update["bytes"],
-        f"{prefix}scaled_weight_update_s": update["update_s"],
-        f"{prefix}scaled_weight_update_reload_s": update["reload_s"],
-        f"{prefix}scaled_learner_broadcast_s": update["learner_broadcast_s"],
-        f"{prefix}scaled_raw_gloo_broadcast_s": raw_s,
-        f"{prefix}scaled_update_over_raw_gloo": update["update_s"] / raw_s,
-        f"{prefix}scaled_weight_update_in_place": update["in_place"],
-        f"{prefix}scaled_learner_broadcast_over_raw_gloo": update["learner_broadcast_s"] / raw_s,
-    }
 
 
 def update_figures(engine, model_dir: Path, repeats: int, prefix: str) -> dict[str, float]:

@@ -97,15 +97,10 @@ def main() -> None:
                     "whose float rounding stops the build elsewhere); writes learning_seed<N>.json.")  # fmt: skip
     ap.add_argument("overrides", nargs="*", help="Overrides for rlq train, e.g. grpo.max_num_steps=300.")
     args = ap.parse_args()
-    overrides, name, policy = args.overrides, "learning", POLICY
-    if args.warm_start_seed is not None:
-        name, policy = (
-            f"learning_seed{args.warm_start_seed}",
-            POLICY.with_name(f"tiny-policy-seed{args.warm_start_seed}"),
-        )
-        build_policy(policy, WarmStartConfig(seed=args.warm_start_seed))
-    else:
-        build_policy(POLICY)
+    overrides, seed = args.overrides, args.warm_start_seed
+    name = "learning" if seed is None else f"learning_seed{seed}"
+    policy = POLICY if seed is None else POLICY.with_name(f"tiny-policy-seed{seed}")
+    build_policy(policy, WarmStartConfig() if seed is None else WarmStartConfig(seed=seed))
     data_dir = WORK / "arith"
     train_problems = prepare(data_dir)
     examples = held_out(train_problems)
@@ -140,8 +135,8 @@ def main() -> None:
     }
     targets = {"heldout_greedy_before": "<= 0.5", "heldout_greedy_after": ">= 0.8", "minutes": "<= 15"}
     met = before <= 0.5 and after >= TARGET_REWARD and minutes <= 15
-    if args.warm_start_seed is not None:
-        figures["warm_start_seed"] = args.warm_start_seed
+    if seed is not None:
+        figures["warm_start_seed"] = seed
     write(name, figures, targets, met)
 
 

@@ -164,12 +164,13 @@ def generate_arith(cfg: ArithConfig) -> tuple[list[Example], list[Example]]:
     misses = 0
     while len(pool) < total:
         nums, ops = random_problem(rng, cfg)
-        if expression(nums, ops) in pool:
+        key = expression(nums, ops)
+        if key in pool:
             misses += 1
             if misses > 100 * max(total, 1):
                 raise UserError(f"arith: only {len(pool)} distinct problems exist for these knobs; lower n")
             continue
-        pool[expression(nums, ops)] = (nums, ops)
+        pool[key] = (nums, ops)
     val_positions = set(rng.sample(range(total), cfg.n_val))
     splits: dict[str, list[Example]] = {"train": [], "validation": []}
     for position, (nums, ops) in enumerate(pool.values()):
