@@ -130,15 +130,23 @@ def shard(samples: list[TrainSample], world_size: int) -> list[list[TrainSample]
     return [[s for _, s in sorted(part, key=lambda p: p[0])] for part in parts]
 
 
-def assemble(samples: list[TrainSample], world_size: int, global_batch_size: int | None) -> list[list[Minibatch]]:
-    """The step's samples as `[rank][update] -> Minibatch`, one optimizer update per `global_batch_size`."""
+def assemble(
+    samples: list[TrainSample], world_size: int, global_batch_size: int | None, *, skip_inert: bool = False
+) -> list[list[Minibatch]]:
+    """The step's samples as `[rank][update] -> Minibatch`, one optimizer update per `global_batch_size`.
+
+    skip_inert: leave out samples whose gradient is zero (advantage exactly 0: every sample of a group whose
+    rewards agree; or not trainable). Only exact when the loss has no advantage-free term (no KL penalty): the
+    normalisers still count them, so the update is the same, without their forward and backward.
+    """
     size = global_batch_size or len(samples)
     per_rank: list[list[Minibatch]] = [[] for _ in range(world_size)]
     for start in range(0, len(samples), size):
         chunk = samples[start : start + size]
         trainable = [s for s in chunk if s.trainable]
         tokens = float(sum(s.completion_len for s in trainable))
-        for rank, part in enumerate(shard(chunk, world_size)):
+        kept = [s for s in trainable if s.advantage != 0.0] if skip_inert else chunk
+        for rank, part in enumerate(shard(kept, world_size)):
             per_rank[rank].append(Minibatch(part, tokens, float(len(trainable))))
     return per_rank
 

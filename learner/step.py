@@ -261,8 +261,8 @@ class Trainer:
         Returns:
             (stats: local sums over STAT_KEYS plus "ratio_max", timings: fwd_bwd_s, optimizer_s).
         """
-        if len(minibatches) > 1:
-            self.fill_prox_logprobs(minibatches)
+        # The first update runs on the weights the step starts from: its prox logprobs are its own, detached.
+        self.fill_prox_logprobs(minibatches[1:])
         stats = dict.fromkeys(STAT_KEYS, 0.0)
         stats["ratio_max"] = 0.0
         timings = {"fwd_bwd_s": 0.0, "optimizer_s": 0.0}

@@ -222,11 +222,16 @@ class Coordinator:
             for g in result.groups
             for s in group_to_samples(g, self.cfg.grpo, self.cfg.policy.max_total_sequence_length)
         ]
-        shares = assemble(samples, world_size, self.cfg.policy.train_global_batch_size)
+        skip_inert = self.cfg.policy.skip_zero_advantage and self.cfg.loss_fn.reference_policy_kl_penalty == 0
+        shares = assemble(samples, world_size, self.cfg.policy.train_global_batch_size, skip_inert=skip_inert)
         info = {
             "groups": result.groups,
             "dropped": result.dropped,
-            "metrics": rollout_metrics(result.groups, version),
+            "metrics": {
+                **rollout_metrics(result.groups, version),
+                # samples with no gradient (their group's rewards agree): the learner skips them (skip_inert)
+                "rollout/zero_advantage_fraction": sum(s.advantage == 0.0 for s in samples) / max(len(samples), 1),
+            },
         }
         return [{"stop": False, "minibatches": s} for s in shares], info, result.wait_s
 

@@ -9,7 +9,7 @@ import torch
 
 from learner.batch import assemble
 from learner.loss import LossSettings
-from learner.step import PolicyLogprobs, Trainer, collate, reduce_stats
+from learner.step import STAT_KEYS, PolicyLogprobs, Trainer, collate, reduce_stats
 from learner.train import load_model
 from tests.integration.learner_support import random_train_samples
 
@@ -66,13 +66,31 @@ def test_each_variant_updates_the_policy(policy_dir, settings):
     assert metrics["loss/token_mult_prob_error"] > 1.0  # behaviour logprobs are made up: a visible mismatch
 
 
+def test_skipping_zero_advantage_samples_leaves_the_gradient_unchanged(policy_dir):
+    samples = random_train_samples(12)
+    for s in samples[:4]:  # one group whose rewards agreed
+        s.advantage = 0.0
+    grads = []
+    for skip in (False, True):
+        t = trainer(policy_dir, LossSettings(use_importance_sampling_correction=True))
+        (mb,) = assemble(samples, 1, None, skip_inert=skip)[0]
+        assert len(mb.samples) == (7 if skip else 12)  # sample 5 is not trainable either
+        for chunk in t._chunks(mb.samples):  # forward and backward without the optimizer step
+            t._micro_step(chunk, mb, dict.fromkeys((*STAT_KEYS, "ratio_max"), 0.0))
+        grads.append(torch.cat([p.grad.flatten() for p in t.model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+    assert grads[0].abs().max() > 0
+
+
 def test_several_updates_per_step_move_the_ratio_and_kl(policy_dir):
     t = trainer(policy_dir, LossSettings(reference_policy_kl_penalty=0.1), reference=True)
     updates = assemble(random_train_samples(8), 1, 4)[0]
     stats, timings = t.train(updates)
     metrics = reduce_stats(stats, timings, 1)
     assert metrics["perf/updates"] == 2
-    assert all(s.prox_logprobs is not None for mb in updates for s in mb.samples)
+    # The first update's prox logprobs are its own forward's (the step's starting weights); later ones need theirs.
+    assert all(s.prox_logprobs is None for s in updates[0].samples)
+    assert all(s.prox_logprobs is not None for s in updates[1].samples)
     # The second update sees the first one's change against the pre-step (proximal) logprobs and the reference.
     assert metrics["loss/ratio_max"] > 1.0
     assert metrics["loss/kl"] > 0.0

@@ -87,6 +87,18 @@ def test_assemble_splits_updates_by_global_batch_size():
     assert all(mb.num_sequences == 4 and mb.num_tokens == 8 for r in per_rank for mb in r)
 
 
+def test_assemble_skip_inert_keeps_the_normalisers_of_the_whole_update():
+    cfg = GRPOConfig()  # leave-one-out, normalised
+    samples = [s for g in ([1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0], [0.0] * 4) for s in group_to_samples(
+        make_group(g), cfg, 100)]  # fmt: skip
+    samples[5].trainable = False
+    full = assemble(samples, 1, None)[0][0]
+    lean = assemble(samples, 1, None, skip_inert=True)[0][0]
+    assert len(full.samples) == 12
+    assert lean.samples == [samples[4], samples[6], samples[7]]  # the varied group, less the untrainable one
+    assert (lean.num_tokens, lean.num_sequences) == (full.num_tokens, full.num_sequences) == (22.0, 11.0)
+
+
 def test_feeder_backpressure_and_idempotent_replay():
     published: dict[str, object] = {}
 
