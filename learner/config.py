@@ -178,8 +178,8 @@ class PolicyConfig(_Strict):
         description="Leave samples with advantage exactly 0 (all of a group whose rewards agree) out of the forward "
         "and backward. Their gradient is zero, and the loss normalisers still count them, so the update is "
         "unchanged; only with loss_fn.reference_policy_kl_penalty 0 (the KL term would give them a gradient). "
-        "Such groups are a third to a half of a step on the tiny arithmetic run. loss/entropy, loss/clip_fraction "
-        "and the ratio figures then cover the samples that trained.",
+        "On the tiny arithmetic run that is a quarter of a step's samples at the start and 70 % at the end. "
+        "loss/entropy, loss/clip_fraction, the ratio figures and perf/tokens then cover the samples that trained.",
     )
     logprob_chunk_size: int | None = Field(
         2048,
