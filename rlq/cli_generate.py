@@ -20,13 +20,11 @@ def generate_command(
 ) -> None:
     """Pull prompt batches, sample with the current policy, send rollout groups to the judges; weights live."""
     from rlq.config import load_run_config
-    from rlq.errors import UserError
+    from rlq.models import resolve_model
 
     cfg = load_run_config(config, overrides or [])
     gen = cfg.policy.generation
-    model = gen.model_name or cfg.policy.model_name
-    if not Path(model).exists():
-        raise UserError(f"model {model!r} is not a local directory (no downloads at run time)")
+    model = resolve_model(gen.model_name or cfg.policy.model_name)  # local dir or HF cache, before Redis and vLLM
     wid = worker_id or f"gen-{socket.gethostname()}-{os.getpid()}"
     try:
         from setproctitle import setproctitle

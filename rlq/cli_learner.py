@@ -25,6 +25,12 @@ def learner_command(
         from rlq.config import RunConfig
 
         cfg = RunConfig.model_validate(tree).learner_config()
+    from rlq.models import resolve_model
+
+    # every rank loads the same local directory (a hub id resolves through the HF cache), as the workers do
+    cfg.policy.model_name = resolve_model(cfg.policy.model_name)
+    if cfg.policy.tokenizer_name:
+        cfg.policy.tokenizer_name = resolve_model(cfg.policy.tokenizer_name)
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)  # rank-0 output only

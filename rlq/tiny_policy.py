@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 
 from rlq.data import DAPO_TEMPLATE, TEMPLATES, ArithConfig, Example, generate_arith
 from rlq.errors import UserError
+from rlq.models import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,7 @@ def load_policy(name_or_path: str | Path, dtype: str = "float32", device: str = 
     name = str(name_or_path)
     if (Path(name).is_absolute() or name.startswith(".")) and not Path(name).is_dir():
         raise UserError(f"policy not found: {name} (build one with 'rlq build-policy --output-dir {name}')")
+    name = resolve_model(name)  # a hub id: its snapshot in the HF cache
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, **{dtype_kw: getattr(torch, dtype)})
