@@ -240,6 +240,9 @@ class LearnerRuntime(_Strict):
     weight_sync_port: int = Field(0, ge=0, le=65535, description="TCPStore port of the weight group; 0: any free.")
     weight_bucket_mb: float = Field(64.0, gt=0, description="Largest flat bucket of one weight broadcast.")
     weight_sync_timeout_s: float = Field(60.0, gt=0, description="Watchdog bound of one broadcast.")
+    weight_share: Literal["auto", "host", "off"] = Field(
+        "auto", description="Which workers read shared weight buffers (the run config's weight_sync.share_memory)."
+    )
     read_block_ms: int = Field(1000, ge=1, description="Longest blocking read on the scored stream.")
     trim_acked: bool = Field(
         True, description="Trim the scored stream at each ack (see the run config's broker.trim_acked)."

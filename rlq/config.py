@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -71,8 +72,22 @@ class ClusterConfig(_Strict):
     judge_cpus: str | None = Field(
         None, description="`rlq train` only: CPU ids the judge workers are pinned to. null: no pinning."
     )
+    learner_gpus: str | None = Field(
+        "auto",
+        description="`rlq train` and `rlq doctor`: GPU ids (as this machine numbers its visible GPUs, taskset syntax) "
+        "of the learner ranks, one per rank (CUDA_VISIBLE_DEVICES of the learner). auto: the first "
+        "learner_procs_per_node GPUs. null: leave CUDA_VISIBLE_DEVICES as it is.",
+    )
+    generation_gpus: str | None = Field(
+        "auto",
+        description="`rlq train` and `rlq doctor`: GPU ids of each generation worker, one list per worker separated "
+        "by '|' (e.g. \"4|5|6|7\"); a list holds vllm_cfg.tensor_parallel_size GPUs. auto: the GPUs the learner "
+        "leaves free, one worker each; when there are fewer free GPUs than workers, workers share GPUs with the "
+        "learner (colocated: vllm_cfg.colocated_gpu_memory_utilization, weights through shared memory). "
+        "null: leave CUDA_VISIBLE_DEVICES as it is.",
+    )
 
-    @field_validator("learner_cpus", "generation_cpus", "judge_cpus", mode="before")
+    @field_validator("learner_cpus", "generation_cpus", "judge_cpus", "learner_gpus", "generation_gpus", mode="before")
     @classmethod
     def _cpu_id_as_text(cls, value: object) -> object:
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # `learner_cpus=1`
@@ -92,6 +107,17 @@ class ClusterConfig(_Strict):
                 )
             for item in lists:
                 parse_cpu_list(item, "cluster.generation_cpus")
+        if self.learner_gpus not in (None, "auto"):
+            parse_cpu_list(self.learner_gpus, "cluster.learner_gpus", "GPU")
+        if self.generation_gpus not in (None, "auto"):
+            lists = self.generation_gpus.split("|")
+            if len(lists) not in (1, self.generation_workers):
+                raise ValueError(
+                    f"cluster.generation_gpus has {len(lists)} '|'-separated lists for "
+                    f"{self.generation_workers} generation workers: give one list, or one per worker"
+                )
+            for item in lists:
+                parse_cpu_list(item, "cluster.generation_gpus", "GPU")
         return self
 
     def generation_cpu_lists(self) -> list[str]:
@@ -103,8 +129,8 @@ MAX_CPU_ID = 65536
 """CPU ids in a cpu list stay below this (Linux's own limit is lower): a typo cannot make a list of millions."""
 
 
-def parse_cpu_list(text: str, name: str) -> list[int]:
-    """ "0,2-3" -> [0, 2, 3]. Only the syntax is checked here: the config is read on every node."""
+def parse_cpu_list(text: str, name: str, what: str = "CPU") -> list[int]:
+    """ "0,2-3" -> [0, 2, 3] (CPU or GPU ids). Only the syntax is checked here: the config is read on every node."""
     ids: set[int] = set()
     try:
         for part in text.replace(" ", "").split(","):
@@ -114,7 +140,7 @@ def parse_cpu_list(text: str, name: str) -> list[int]:
                 raise ValueError(part)
             ids.update(range(first, last + 1))
     except ValueError:
-        raise ValueError(f'{name}={text!r} is not a CPU list like "0", "0,2" or "4-7"') from None
+        raise ValueError(f'{name}={text!r} is not a {what} list like "0", "0,2" or "4-7"') from None
     return sorted(ids)
 
 
@@ -140,6 +166,18 @@ def _ranges(ids: list[int]) -> str:
             if i + 1 < len(ids):
                 start = ids[i + 1]
     return ",".join(out)
+
+
+class WeightSyncConfig(_Strict):
+    """How new weights reach the generation workers (docs/weight_sync.md)."""
+
+    share_memory: Literal["auto", "host", "off"] = Field(
+        "auto",
+        description="Workers that share the learner's device read the weights from buffers the learner shares "
+        "(CUDA IPC on a GPU, /dev/shm on CPU) instead of joining the NCCL/gloo group. auto: only workers on the "
+        "learner's own GPU (colocated: two ranks on one GPU cannot form an NCCL group). host: also CPU workers "
+        "on the learner's host. off: every worker joins the group.",
+    )
 
 
 class WandbConfig(_Strict):
@@ -174,10 +212,19 @@ class RunConfig(_Strict):
     data: DataConfig
     env: EnvConfig = Field(default_factory=EnvConfig)
     logger: LoggerConfig = Field(default_factory=LoggerConfig)
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         check_run_name(self.run_name)
+        step = self.grpo.num_prompts_per_step * self.grpo.num_generations_per_prompt
+        batch = self.policy.train_global_batch_size
+        if batch is not None and step % batch:
+            raise ValueError(
+                f"policy.train_global_batch_size={batch} does not divide the step's {step} samples "
+                f"(grpo.num_prompts_per_step x grpo.num_generations_per_prompt); set it to a divisor, or to null "
+                f"for one update per step"
+            )
         return self
 
     @property
@@ -195,7 +242,7 @@ class RunConfig(_Strict):
         policy = PolicyConfig(**self.policy.model_dump(exclude={"generation"}))
         runtime_fields = {
             "run": self.run_name, "broker_url": self.broker_url(), "run_dir": self.run_dir,
-            "trim_acked": self.broker.trim_acked,
+            "trim_acked": self.broker.trim_acked, "weight_share": self.weight_sync.share_memory,
         }  # fmt: skip
         return LearnerConfig(
             grpo=self.grpo, loss_fn=self.loss_fn, policy=policy, checkpointing=self.checkpointing, data=self.data,

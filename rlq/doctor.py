@@ -1,8 +1,9 @@
 """`rlq doctor`: the tutorial's single-node sanity tests, against the config a user is about to train with.
 
-Checks, in order, each with a one-line verdict: Redis answers; a real judge worker scores known answers
-correctly (right, wrong, missing); the model directory loads; and a one-step run of the whole loop in a
-scratch run directory, where vLLM generates, the learner takes a step and the new weights reach the worker.
+Checks, in order, each with a one-line verdict: the GPU placement of every role; Redis answers; a real judge
+worker scores known answers correctly (right, wrong, missing); the model directory loads; and a one-step run of
+the whole loop in a scratch run directory, where vLLM generates, the learner takes a step and the new weights reach
+the worker.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def run_doctor(cfg: RunConfig, report: Callable[[CheckResult], None]) -> bool:
             url = server.url
         try:
             checks: list[tuple[str, Callable[[], str]]] = [
+                ("gpus", lambda: _check_gpus(cfg)),
                 ("redis", lambda: _check_redis(url)),
                 ("judge", lambda: _check_judge(cfg, url, scratch_dir)),
                 ("model", lambda: _check_model(cfg)),
@@ -74,6 +76,16 @@ def _timed(name: str, check: Callable[[], str]) -> CheckResult:
         text = str(exc).strip().splitlines()
         detail, ok = (text[-1] if text else type(exc).__name__), False
     return CheckResult(name, ok, detail, time.monotonic() - started)
+
+
+def _check_gpus(cfg: RunConfig) -> str:
+    from rlq.placement import plan_gpus, visible_gpu_count
+
+    visible = visible_gpu_count()
+    placement = plan_gpus(cfg, visible)
+    if placement is None:
+        return f"{visible} GPUs visible; cluster.*_gpus null: every role inherits CUDA_VISIBLE_DEVICES"
+    return f"{visible} GPUs visible; {placement.describe()}"
 
 
 def _check_redis(url: str) -> str:
@@ -136,12 +148,17 @@ def _await_scored(url: str, run: str, expected: int, worker: subprocess.Popen, l
 def _check_model(cfg: RunConfig) -> str:
     from transformers import AutoConfig, AutoTokenizer
 
+    from rlq.models import resolve_model
+
     name = cfg.policy.model_name
-    config = AutoConfig.from_pretrained(name)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.policy.tokenizer_name or name)
+    path = resolve_model(name)  # as the learner and the workers will: its one-line error is the verdict
+    config = AutoConfig.from_pretrained(path)
+    tokenizer_path = resolve_model(cfg.policy.tokenizer_name) if cfg.policy.tokenizer_name else path
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     if tokenizer.chat_template is None:
         raise RuntimeError(f"the tokenizer of {name} has no chat template")
-    return f"{name}: {config.model_type}, {config.num_hidden_layers} layers, vocab {len(tokenizer)}"
+    where = name if path == name else f"{name} ({path})"
+    return f"{where}: {config.model_type}, {config.num_hidden_layers} layers, vocab {len(tokenizer)}"
 
 
 def _check_loop(cfg: RunConfig, url: str, scratch: Path) -> str:

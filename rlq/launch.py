@@ -13,6 +13,7 @@ from pathlib import Path
 from broker.server import RedisServer
 from rlq.config import BROKER_URL_ENV, RunConfig, local_cpu_list, save_resolved
 from rlq.errors import UserError
+from rlq.placement import Placement, cuda_visible, plan_gpus, visible_gpu_count
 from rlq.supervisor import RoleFailed, RoleSpec, Supervisor
 from rlq.tracking import MetricsFollower, WandbSettings
 
@@ -26,8 +27,15 @@ PROGRESS_KEYS = (
 )
 
 
-def role_specs(cfg: RunConfig, config_path: Path) -> list[RoleSpec]:
-    """The processes of a one-machine run, in start order (judges first: nothing waits on an empty queue)."""
+READY_TIMEOUT_S = 900.0
+"""Longest wait for a worker that shares a GPU to load its engine before the next process on that GPU starts."""
+
+
+def role_specs(cfg: RunConfig, config_path: Path, placement: Placement | None = None) -> list[RoleSpec]:
+    """The processes of a one-machine run, in start order (judges first: nothing waits on an empty queue).
+
+    With a placement, each role sees only its GPUs; a worker that shares its GPU takes the colocated memory
+    share and must be ready (engine loaded) before anything else starts on that GPU (`RoleSpec.wait_ready`)."""
     python = sys.executable
     base = ["--config", str(config_path)]
     cluster = cfg.cluster
@@ -46,13 +54,23 @@ def role_specs(cfg: RunConfig, config_path: Path) -> list[RoleSpec]:
         # the same CPUs instead of picking its own, which may be the learner's.
         cpus = generation_cpus[index % len(generation_cpus)] if generation_cpus else None
         engine_env = {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus))} if cpus else {}
+        extra: list[str] = []
+        shared = placement is not None and bool(placement.generation[index]) and placement.shared(index)
+        if placement is not None and placement.generation[index]:
+            engine_env["CUDA_VISIBLE_DEVICES"] = cuda_visible(placement.generation[index])
+        if shared:
+            share = cfg.policy.generation.vllm_cfg.colocated_gpu_memory_utilization
+            extra.append(f"policy.generation.vllm_cfg.gpu_memory_utilization={share}")
+        worker_id = f"{cfg.run_name}-gen-{index}"
         specs.append(
-            RoleSpec(f"generate-{index}", [python, "-m", "rlq", "worker", "generate", *base,
-                                           "--worker-id", f"{cfg.run_name}-gen-{index}"], env=engine_env, cpus=cpus)
+            RoleSpec(f"generate-{index}", [python, "-m", "rlq", "worker", "generate", *base, "--worker-id", worker_id,
+                                           *extra], env=engine_env, cpus=cpus, wait_ready=worker_id if shared else None)
         )  # fmt: skip
     learner = [python, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={cluster.learner_procs_per_node}", "-m", "rlq", "learner", *base]  # fmt: skip
     learner_env = {}
+    if placement is not None and placement.learner:
+        learner_env["CUDA_VISIBLE_DEVICES"] = cuda_visible(placement.learner)
     if learner_cpus:
         # Threads per rank from the pinned set: more would fight over the same cores (OpenMP spins while waiting).
         learner_env["OMP_NUM_THREADS"] = str(max(1, len(learner_cpus) // cluster.learner_procs_per_node))
@@ -66,11 +84,16 @@ def train(cfg: RunConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     save_resolved(cfg, config_path)
-    specs = role_specs(cfg, config_path)  # a bad CPU list fails here, before anything has started
+    placement = plan_gpus(cfg, visible_gpu_count())  # a GPU that is not there fails here, before anything starts
+    specs = role_specs(cfg, config_path, placement)  # a bad CPU list fails here too
     if cfg.grpo.validates:  # a missing file is one line (FileNotFoundError) before anything has started
         from learner.data_source import validation_file
 
         validation_file(cfg.data)
+    from rlq.models import resolve_model
+
+    for name in {cfg.policy.model_name, cfg.policy.generation.model_name or cfg.policy.model_name}:
+        resolve_model(name)  # a model that is not there is one line here, not a failed role later
     server = None
     env: dict[str, str] = {"RLQ_RUN": cfg.run_name, "PYTHONUNBUFFERED": "1"}
     if cfg.broker.url is None:
@@ -87,9 +110,13 @@ def train(cfg: RunConfig) -> Path:
         config=cfg.model_dump(mode="json"),
     )  # fmt: skip
     started = time.monotonic()
+    if placement is not None:
+        log.info("placement: %s", placement.describe())
     try:
         for spec in specs:
             supervisor.start(spec)
+            if spec.wait_ready:
+                _wait_ready(supervisor, spec, env.get(BROKER_URL_ENV) or cfg.broker_url(), cfg.run_name)
         supervisor.wait(on_tick=lambda: _report(follower, cfg.grpo.max_num_steps, started))
         log.info("run finished in %.1f min: %s", (time.monotonic() - started) / 60, run_dir)
     except RoleFailed as exc:
@@ -100,6 +127,24 @@ def train(cfg: RunConfig) -> Path:
         if server is not None:
             server.stop()
     return run_dir
+
+
+def _wait_ready(supervisor: Supervisor, spec: RoleSpec, broker_url: str, run: str) -> None:
+    """Block until worker `spec.wait_ready` reports its engine loaded (heartbeat past "starting")."""
+    from broker.connection import connect
+    from broker.keys import Keys
+    from broker.registry import Registry
+
+    registry = Registry(connect(broker_url, client_name="rlq-train"), Keys(run))
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        supervisor.check()  # a worker that dies while loading fails the run now, not after the timeout
+        states = {s.heartbeat.worker_id: s.heartbeat.status for s in registry.workers("generate") if s.alive}
+        if states.get(spec.wait_ready, "starting") != "starting":
+            log.info("%s is ready (it shares a GPU: the next process on it starts now)", spec.name)
+            return
+        time.sleep(1.0)
+    raise RoleFailed(f"{spec.name} did not load its engine within {READY_TIMEOUT_S:.0f}s")
 
 
 def _report(follower: MetricsFollower, max_steps: int, started: float) -> None:

@@ -34,6 +34,7 @@ class RoleSpec:
     required: bool = True  # when a required role exits (even cleanly), the run is over
     finishes_run: bool = False  # a clean exit of this role ends the run successfully (the learner)
     cpus: list[int] | None = None  # pin the process (and what it starts) to these CPU ids
+    wait_ready: str | None = None  # worker id whose heartbeat must leave "starting" before the next role starts
 
 
 @dataclass
@@ -75,18 +76,23 @@ class Supervisor:
 
     def wait(self, on_tick: Callable[[], None] | None = None) -> None:
         """Block until the run ends. Raises RoleFailed when a role fails."""
-        while True:
-            for role in self.roles:
-                code = role.process.poll()
-                if code is None:
-                    continue
-                if code == 0 and role.spec.finishes_run:
-                    return
-                if code != 0 or role.spec.required:
-                    raise RoleFailed(f"{role.spec.name} {_exit_text(code)}: {last_error_line(role.log_path)}")
+        while not self.check():
             if on_tick is not None:
                 on_tick()
             time.sleep(POLL_S)
+
+    def check(self) -> bool:
+        """True when the run has ended well (a `finishes_run` role exited cleanly); raises RoleFailed when a
+        role failed; False while everything runs."""
+        for role in self.roles:
+            code = role.process.poll()
+            if code is None:
+                continue
+            if code == 0 and role.spec.finishes_run:
+                return True
+            if code != 0 or role.spec.required:
+                raise RoleFailed(f"{role.spec.name} {_exit_text(code)}: {last_error_line(role.log_path)}")
+        return False
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM every live role (reverse start order), then SIGKILL whatever is left after `grace_s`."""

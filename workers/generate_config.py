@@ -23,14 +23,28 @@ class VllmConfig(_Strict):
         "float32", description="Engine dtype; float32 on CPU (bf16 has crashed the CPU engine with SIGILL)."
     )
     max_model_len: int = Field(2048, ge=16, description="Prompt + completion tokens the engine accepts.")
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU only: share of memory vLLM takes.")
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0, le=1, description="GPU only: share of the GPU's memory vLLM takes when the worker has the GPU alone."
+    )
+    colocated_gpu_memory_utilization: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="GPU only: the share it takes when `rlq train` places it on a GPU it shares with learner ranks "
+        "or other workers (cluster.generation_gpus); the learner uses what the workers leave. A fixed split: "
+        "both sides keep their memory for the whole run, so the learner can train while vLLM samples "
+        "(docs/gpu.md says why not vLLM's sleep mode).",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs of one engine (tensor parallel).")
     cpu_kvcache_space_gib: int = Field(
         1,
         ge=1,
         le=1024,
         description="CPU only: KV cache size (VLLM_CPU_KVCACHE_SPACE). Unset, the CPU engine claims ~92 % of RAM.",
     )
-    enforce_eager: bool = Field(False, description="Skip torch.compile (faster start, slower decoding).")
+    enforce_eager: bool = Field(
+        False, description="Skip torch.compile and CUDA graphs (faster start, slower decoding); default compiled."
+    )
     cpu_in_process: bool = Field(
         True,
         description="CPU only: run vLLM's engine core and model worker inside the generation worker's process "

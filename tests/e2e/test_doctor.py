@@ -26,7 +26,7 @@ def test_doctor_passes_every_check(tmp_path, tiny_model_dir):
     result = _doctor(tmp_path, f"policy.model_name={tiny_model_dir}")
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
-    assert [line.split()[1] for line in lines] == ["redis", "judge", "model", "loop"]
+    assert [line.split()[1] for line in lines] == ["gpus", "redis", "judge", "model", "loop"]
     assert all(line.startswith("ok") for line in lines)
     assert "reached 1 worker(s)" in lines[-1]
 
@@ -36,4 +36,4 @@ def test_doctor_names_a_missing_model(tmp_path):
     assert result.returncode == 1
     verdicts = [line for line in result.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
     assert verdicts[-1].startswith("FAIL model"), verdicts
-    assert len(verdicts) == 3, "the doctor stops at the first failure"
+    assert len(verdicts) == 4, "the doctor stops at the first failure"
