@@ -73,7 +73,10 @@ class Keys:
 POLICY_ANNOUNCEMENT = "announcement"
 """Policy-hash field: the encoded latest WeightAnnouncement."""
 POLICY_JOIN_PREFIX = "join:"
-"""Policy-hash fields `join:<worker_id>` = request time: a worker asks to enter the weight group."""
+"""Policy-hash fields `join:<worker_id>` = an encoded JoinRequest: a worker asks to receive the weights."""
+POLICY_SHARED_SEQ = "shared_seq"
+"""Policy-hash field: sequence number of the learner's shared weight buffers; odd while it rewrites them, so a
+worker that loaded from them checks it after loading and loads again if it changed (a seqlock)."""
 POLICY_SYNCED_PREFIX = "synced:"
 """Policy-hash fields `synced:<worker_id>` = the policy version that worker loaded last."""
 WEIGHT_STORE_PREFIX = "rlq-weights/epoch"

@@ -21,8 +21,9 @@ from typing import Literal
 import msgspec
 import numpy as np
 
-SCHEMA_VERSION = 2
-"""2: `purpose` on PromptBatch and RolloutGroup (in-run validation)."""
+SCHEMA_VERSION = 3
+"""2: `purpose` on PromptBatch and RolloutGroup (in-run validation). 3: shared weight buffers in the
+WeightAnnouncement (`shared`, `shared_members`) and the JoinRequest."""
 """Bumped whenever a field changes meaning; a consumer rejects messages of any other version."""
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -214,6 +215,44 @@ class BucketSpec(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
     tensors: list[TensorSpec]
 
 
+class SharedBucket(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
+    """Where a worker on the learner's device opens one bucket the learner shares (weightsync/shared.py).
+
+    CPU: `path` is a file in /dev/shm the worker maps. CUDA: the fields of torch's CUDA IPC export of the
+    bucket's storage (`UntypedStorage._share_cuda_`), spelled out so that no pickle crosses Redis.
+    """
+
+    path: str = ""
+    handle: bytes = b""
+    size_bytes: int = 0
+    offset_bytes: int = 0
+    ref_counter_handle: bytes = b""
+    ref_counter_offset: int = 0
+    event_handle: bytes = b""
+    event_sync_required: bool = False
+
+
+class SharedWeights(msgspec.Struct, forbid_unknown_fields=True):
+    """The learner's shared copy of the weights: one SharedBucket per BucketSpec of the announcement."""
+
+    node: str  # host of the learner: only workers on it may open the buckets
+    device: str  # "cpu", or the GPU's UUID: a GPU worker opens them only on the same GPU
+    seq: int  # even: the buckets hold this announcement's version while the policy hash's shared_seq equals it
+    buckets: list[SharedBucket]
+
+
+class JoinRequest(_Base, tag="join_request"):
+    """Generation worker -> learner, in the policy hash (`join:<worker_id>`): ask to receive the weights.
+
+    `node` and `device` say where the worker's engine runs, so the learner can hand a worker on its own device
+    the shared buffers instead of a place in the NCCL/gloo group (two ranks on one GPU cannot form one)."""
+
+    worker_id: str
+    node: str = msgspec.field(default_factory=default_node)
+    device: str = "cpu"  # "cpu" or the GPU's UUID
+    sent_at: float = msgspec.field(default_factory=now)
+
+
 class WeightAnnouncement(_Base, tag="weight_announcement"):
     """Learner -> generation workers, in the policy hash: what the next broadcast carries and how to join."""
 
@@ -227,6 +266,8 @@ class WeightAnnouncement(_Base, tag="weight_announcement"):
     buckets: list[BucketSpec]
     checkpoint_path: str = ""  # latest safetensors directory a joining worker loads first
     timeout_s: float = 60.0  # the watchdog bound every member applies to the broadcast
+    shared: SharedWeights | None = None  # the same weights in buffers workers on the learner's device open
+    shared_members: list[str] = msgspec.field(default_factory=list)  # workers that load from `shared`
     created_at: float = msgspec.field(default_factory=now)
 
 
@@ -257,7 +298,7 @@ class DeadLetter(_Base, tag="dead_letter"):
     failed_at: float = msgspec.field(default_factory=now)
 
 
-Message = PromptBatch | RolloutGroup | ScoredGroup | WeightAnnouncement | WorkerHeartbeat | DeadLetter
+Message = PromptBatch | RolloutGroup | ScoredGroup | WeightAnnouncement | WorkerHeartbeat | DeadLetter | JoinRequest
 
 _encoder = msgspec.msgpack.Encoder()
 _any_decoder = msgspec.msgpack.Decoder(Message)

@@ -40,13 +40,15 @@ import torch.distributed as dist
 from broker.keys import (
     POLICY_ANNOUNCEMENT,
     POLICY_JOIN_PREFIX,
+    POLICY_SHARED_SEQ,
     WEIGHT_JOINED_KEY,
     WEIGHT_STORE_PREFIX,
     Keys,
 )
-from broker.schemas import BucketSpec, MessageError, TensorSpec, WeightAnnouncement, decode, encode
+from broker.schemas import BucketSpec, JoinRequest, MessageError, TensorSpec, WeightAnnouncement, decode, encode
 from weightsync.flat import bucket_view, flatten_into_buckets, wait_in_order
 from weightsync.groups import new_group
+from weightsync.shared import SharedBuffers, device_id, node_name
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +166,11 @@ class WeightBroadcast(ABC):
         pass
 
     def _announce(self, ann: WeightAnnouncement) -> None:
-        self.r.hset(self.keys.policy, POLICY_ANNOUNCEMENT, encode(ann))  # type: ignore[arg-type]
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.keys.policy, POLICY_ANNOUNCEMENT, encode(ann))  # type: ignore[arg-type]
+        if ann.shared is not None:  # the seqlock goes even with the announcement of what the buffers hold
+            pipe.hset(self.keys.policy, POLICY_SHARED_SEQ, ann.shared.seq)
+        pipe.execute()
 
 
 class CollectiveBroadcast(WeightBroadcast):
@@ -181,8 +187,13 @@ class CollectiveBroadcast(WeightBroadcast):
         timeout_s: float = DEFAULT_TIMEOUT_S,
         backend: str | None = None,
         flatten: bool = False,
+        share: str = "off",
     ) -> None:
         super().__init__(r, keys)
+        # Which requesters read shared buffers instead of joining the group (the run's weight_sync.share_memory).
+        self.share = share
+        self.shared: SharedBuffers | None = None
+        self.shared_members: list[str] = []
         self.bucket_bytes = bucket_bytes
         self.timeout_s = timeout_s
         self.backend = backend
@@ -217,10 +228,14 @@ class CollectiveBroadcast(WeightBroadcast):
         backend = self.backend or ("nccl" if device.type == "cuda" else "gloo")
         report = BroadcastReport(version=version, epoch=self.epoch, members=[], bytes=total_bytes(buckets))
         t0 = time.perf_counter()
+        shared_written = False
         for attempt in range(1, MAX_ATTEMPTS + 1):
             report.attempts = attempt
-            reform = self._update_membership()
-            report.epoch, report.members = self.epoch, list(self.members)
+            reform = self._update_membership(device)
+            report.epoch, report.members = self.epoch, list(self.members) + list(self.shared_members)
+            if self.shared_members and not shared_written:
+                self._write_shared(by_name, buckets, device)
+                shared_written = True
             self._announce(self._announcement(version, backend, buckets))
             if not self.members:
                 break
@@ -239,13 +254,24 @@ class CollectiveBroadcast(WeightBroadcast):
         else:
             raise WeightSyncError(f"weight broadcast v{version} failed {MAX_ATTEMPTS} times; evicted {report.evicted}")
         report.seconds = time.perf_counter() - t0
-        log.info("weights v%d -> %d workers in %.3fs (epoch %d, %d buckets, %.1f MB)", version, len(self.members),
-                 report.seconds, self.epoch, len(buckets), report.bytes / 1e6)  # fmt: skip
+        log.info("weights v%d -> %d workers + %d through shared buffers in %.3fs (epoch %d, %d buckets, %.1f MB)",
+                 version, len(self.members), len(self.shared_members), report.seconds, self.epoch, len(buckets),
+                 report.bytes / 1e6)  # fmt: skip
         return report
 
     def close(self) -> None:
         self.pg = None
         self.r.hdel(self.keys.policy, POLICY_ANNOUNCEMENT)
+        if self.shared is not None:
+            self.shared.close()
+
+    def _write_shared(self, by_name: dict[str, torch.Tensor], buckets: list[BucketSpec], device: torch.device) -> None:
+        """Rewrite the shared buffers under the seqlock: odd while writing, even (in the announcement) after."""
+        if self.shared is None:
+            self.shared = SharedBuffers(device, f"{self.keys.run}-{os.getpid()}")
+        self.r.hset(self.keys.policy, POLICY_SHARED_SEQ, self.shared.seq + 1)
+        self.shared.write(by_name, buckets)
+        self.shared.seq += 2
 
     def _buckets(self, tensors: NamedTensors) -> list[BucketSpec]:
         """The bucket plan, kept while names, shapes and dtypes stay the same (a plan costs Python per tensor)."""
@@ -285,22 +311,42 @@ class CollectiveBroadcast(WeightBroadcast):
         ann = read_announcement(self.r, self.keys)
         return ann.epoch + 1 if ann is not None else 0
 
-    def _update_membership(self) -> bool:
-        """Admit live join requests, drop dead members; True when the group must be formed again."""
+    def _update_membership(self, device: torch.device | None = None) -> bool:
+        """Admit live join requests, drop dead members; True when the group must be formed again.
+
+        A requester on this process's own device (weight_sync.share_memory) reads the shared buffers instead:
+        it never enters the group, so admitting or losing one re-forms nothing."""
         fields: Any = self.r.hgetall(self.keys.policy)
-        requests = sorted(
-            k.decode()[len(POLICY_JOIN_PREFIX) :] for k in fields if k.decode().startswith(POLICY_JOIN_PREFIX)
-        )
-        alive = self._alive(set(self.members) | set(requests))
-        wanted = [m for m in self.members if m in alive] + [w for w in requests if w in alive and w not in self.members]
-        if requests:
-            self.r.hdel(self.keys.policy, *[POLICY_JOIN_PREFIX + w for w in requests])
+        joins = {k.decode()[len(POLICY_JOIN_PREFIX) :]: v for k, v in fields.items()
+                 if k.decode().startswith(POLICY_JOIN_PREFIX)}  # fmt: skip
+        requests = sorted(joins)
+        sharing = {w for w in requests if device is not None and self._shares_device(joins[w], device)}
+        alive = self._alive(set(self.members) | set(self.shared_members) | set(requests))
+        self.shared_members = sorted((set(self.shared_members) | sharing) & alive)
+        requests = [w for w in requests if w not in sharing]
+        members = [m for m in self.members if m not in sharing]
+        wanted = [m for m in members if m in alive] + [w for w in requests if w in alive and w not in members]
+        if joins:
+            self.r.hdel(self.keys.policy, *[POLICY_JOIN_PREFIX + w for w in joins])
         if wanted == self.members and (self.pg is not None or not wanted):
             return False
         self.epoch += 1  # any change of membership, or a group lost to a failure, is a new epoch
         self.members = wanted
         self.pg = None
         return True
+
+    def _shares_device(self, raw: Any, device: torch.device) -> bool:
+        """Whether a join request comes from a worker on this process's device and may read shared buffers."""
+        if self.share == "off":
+            return False
+        try:
+            request = decode(raw, JoinRequest)
+        except MessageError:
+            return False  # an older worker's request (a timestamp): it joins the group
+        assert isinstance(request, JoinRequest)
+        if request.node != node_name() or request.device != device_id(device):
+            return False
+        return request.device != "cpu" or self.share == "host"
 
     def _alive(self, worker_ids: set[str]) -> set[str]:
         ids = sorted(worker_ids)
@@ -314,6 +360,8 @@ class CollectiveBroadcast(WeightBroadcast):
             version=version, epoch=self.epoch, backend=backend, master_addr=self.master_addr,
             master_port=self.master_port, world_size=len(self.members) + 1, members=list(self.members),
             buckets=buckets, checkpoint_path=latest_checkpoint_dir(self.r, self.keys), timeout_s=self.timeout_s,
+            shared=self.shared.describe() if self.shared is not None and self.shared_members else None,
+            shared_members=list(self.shared_members),
         )  # fmt: skip
 
     def _epoch_store(self) -> dist.PrefixStore:
@@ -438,4 +486,5 @@ def make_broadcast(cfg: Any, r: redis.Redis) -> WeightBroadcast:
         timeout_s=float(getattr(rt, "weight_sync_timeout_s", DEFAULT_TIMEOUT_S)),
         backend=backend,
         flatten=True,  # the learner's parameters become views of the buckets at the first broadcast
+        share=getattr(rt, "weight_share", "auto"),
     )

@@ -257,6 +257,8 @@ class FastHFEngine(HFEngine):
 
         if ann.backend == "filesystem":
             return self.load_file(ann.checkpoint_path)
+        if self.worker_id in ann.shared_members:
+            return self.load_shared(ann)  # copies into the parameters in place: the captured graph stays valid
         if self._receiver is None:
             self._receiver = WeightReceiver(self.worker_id, self.device)
         t0 = time.perf_counter()

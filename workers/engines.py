@@ -71,6 +71,10 @@ class Engine(ABC):
     def load_file(self, path: str) -> SyncStats:
         """Load a safetensors file or a Hugging Face directory in place."""
 
+    def device_id(self) -> str:
+        """Where the weights live: "cpu" or the GPU's UUID (the learner shares buffers with workers on its own)."""
+        return "cpu"
+
     def close(self) -> None:  # noqa: B027  (optional hook)
         pass
 
@@ -97,6 +101,7 @@ class VllmEngine(Engine):
                 enforce_eager=vc.enforce_eager,
                 enable_prefix_caching=vc.enable_prefix_caching,
                 max_num_seqs=vc.max_num_seqs,
+                tensor_parallel_size=vc.tensor_parallel_size,
                 seed=vc.seed,
                 skip_tokenizer_init=not self.detokenize,
                 logprobs_mode="processed_logprobs",
@@ -138,6 +143,10 @@ class VllmEngine(Engine):
     def update_weights(self, ann: WeightAnnouncement) -> SyncStats:
         if ann.backend == "filesystem":
             return self.load_file(ann.checkpoint_path)
+        if self.worker_id in ann.shared_members:  # on the learner's device: read its buffers in place
+            (stats,) = self.llm.collective_rpc("rlq_load_shared", args=(encode(ann),))
+            self.llm.reset_prefix_cache()
+            return SyncStats(load_s=stats["load_s"], extra={"open_s": stats["open_s"]})
         # The RPC's own deadline sits above the group's, so the receiver reports the failure itself.
         timeout = ann.timeout_s * 2 + 30
         try:
@@ -163,6 +172,10 @@ class VllmEngine(Engine):
 
     def leave_group(self) -> None:
         self.llm.collective_rpc("rlq_leave_group")
+
+    def device_id(self) -> str:
+        (uuid,) = self.llm.collective_rpc("rlq_device_id")  # the engine's worker holds the device, not this process
+        return str(uuid)
 
     def close(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)
@@ -251,6 +264,7 @@ class HFEngine(Engine):
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.eos_ids |= set(cfg.stop_token_ids or [])
         self._receiver: Any = None
+        self._shared: Any = None
 
     def generate(self, prompts: list[list[int]], n: int, seeds: list[int]) -> list[list[Completion]]:
         torch = self.torch
@@ -287,6 +301,8 @@ class HFEngine(Engine):
 
         if ann.backend == "filesystem":
             return self.load_file(ann.checkpoint_path)
+        if self.worker_id in ann.shared_members:
+            return self.load_shared(ann)
         if self._receiver is None:
             self._receiver = WeightReceiver(self.worker_id, self.device, reuse_buffers=self.device.type == "cpu")
         t0 = time.perf_counter()
@@ -294,6 +310,27 @@ class HFEngine(Engine):
         t1 = time.perf_counter()
         self._copy_in(tensors)
         return SyncStats(receive_s=t1 - t0, load_s=time.perf_counter() - t1)
+
+    def load_shared(self, ann: WeightAnnouncement) -> SyncStats:
+        """Copy the learner's shared buffers into the parameters (a worker on the learner's device)."""
+        import time
+
+        from workers.weights import SharedView
+
+        t0 = time.perf_counter()
+        if self._shared is None:
+            self._shared = SharedView()
+        tensors = self._shared.tensors(ann)
+        t1 = time.perf_counter()
+        self._copy_in(tensors)
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+        return SyncStats(load_s=time.perf_counter() - t1, extra={"open_s": t1 - t0})
+
+    def device_id(self) -> str:
+        from weightsync.shared import device_id
+
+        return device_id(self.device)
 
     def load_file(self, path: str) -> SyncStats:
         import time

@@ -26,10 +26,11 @@ from typing import Any
 import redis
 
 from broker.connection import connect
-from broker.keys import POLICY_ANNOUNCEMENT, POLICY_JOIN_PREFIX, POLICY_SYNCED_PREFIX, Keys
+from broker.keys import POLICY_ANNOUNCEMENT, POLICY_JOIN_PREFIX, POLICY_SHARED_SEQ, POLICY_SYNCED_PREFIX, Keys
 from broker.registry import Registry
 from broker.schemas import (
     Array,
+    JoinRequest,
     MessageError,
     PromptBatch,
     RolloutGroup,
@@ -37,6 +38,7 @@ from broker.schemas import (
     WeightAnnouncement,
     WorkerHeartbeat,
     decode,
+    encode,
 )
 from broker.streams import ROLE_KEEP_ACKED, Delivery, StreamConsumer, publish_once
 from workers.engines import Completion, Engine, make_engine, request_seed
@@ -46,6 +48,9 @@ log = logging.getLogger(__name__)
 
 CONSUMER_GROUP = "generate"
 THROUGHPUT_EMA = 0.3
+SHARED_LOAD_TRIES = 50
+"""Loads of shared buffers the learner rewrote meanwhile before giving up (it rewrites them once a step, and a
+load takes milliseconds: more than one retry in a row means something else is wrong)."""
 
 
 def rollout_stream(run: str) -> str:
@@ -163,6 +168,7 @@ class GenerationWorker:
         self._beater.start()
         self._owns_engine = engine is None  # an engine passed in (tests, bench) outlives the worker
         self.engine = engine or self._start_engine(model_name)
+        self.device = self.engine.device_id()  # told to the learner when asking to join
         self.sink = sink or CelerySink(broker_url, run)
         self.consumer = StreamConsumer(
             self.r, self.keys.prompts, CONSUMER_GROUP, worker_id, expected=PromptBatch, dead_stream=self.keys.dead,
@@ -247,7 +253,7 @@ class GenerationWorker:
                 return False
             self.status = "syncing"
             if not self.sync():
-                time.sleep(0.1)
+                time.sleep(0.01)  # one HGET: polling often keeps the refit-to-sampling gap short
         return True
 
     # --- weights --------------------------------------------------------------------------------------------
@@ -262,7 +268,7 @@ class GenerationWorker:
             return False
         if ann.backend == "filesystem":
             return ann.version > self.version and self._update(ann)
-        if self.worker_id in ann.members:
+        if self.worker_id in ann.members or self.worker_id in ann.shared_members:
             return self._update(ann)
         self._ask_to_join(ann.epoch)
         return False
@@ -274,7 +280,11 @@ class GenerationWorker:
         self.status = "syncing"
         t0 = time.perf_counter()
         try:
-            stats = self.engine.update_weights(ann)
+            if self.worker_id in ann.shared_members:
+                stats, ann = self._load_shared(ann)
+                self._handled = (ann.epoch, ann.version)
+            else:
+                stats = self.engine.update_weights(ann)
         except EngineStateLost:
             raise  # its weights are neither version: stop rather than label rollouts with the wrong one
         except Exception as exc:  # WeightSyncError, or the engine's RPC failing: keep the old weights
@@ -288,15 +298,44 @@ class GenerationWorker:
         self.version = ann.version
         self.r.hset(self.keys.policy, POLICY_SYNCED_PREFIX + self.worker_id, str(ann.version))
         self._beat()
-        log.info("weights v%d loaded (receive %.3fs, load %.3fs, epoch %d)", ann.version, stats.receive_s,
-                 stats.load_s, ann.epoch)  # fmt: skip
+        log.info("weights v%d loaded (receive %.3fs, load %.3fs, epoch %d, %.3fs after the announcement)",
+                 ann.version, stats.receive_s, stats.load_s, ann.epoch, time.time() - ann.created_at)  # fmt: skip
         return True
+
+    def _load_shared(self, ann: WeightAnnouncement) -> tuple[Any, WeightAnnouncement]:
+        """Load from the learner's shared buffers under its seqlock: a load that overlapped a rewrite (the sequence
+        moved) is done again from the newer announcement. Returns the stats and the announcement loaded."""
+        from workers.weights import EngineStateLost
+
+        loaded = False
+        for attempt in range(SHARED_LOAD_TRIES):
+            assert ann.shared is not None
+            if self._shared_seq() == ann.shared.seq:
+                stats = self.engine.update_weights(ann)
+                loaded = True
+                if self._shared_seq() == ann.shared.seq:
+                    return stats, ann
+            time.sleep(min(0.001 * 2**attempt, 0.2))  # the learner is writing: its copy takes milliseconds
+            newer = self._announcement()
+            if newer is not None and newer.shared is not None and self.worker_id in newer.shared_members:
+                ann = newer
+        if loaded:  # the live weights may mix two versions: sampling from them would mislabel every rollout
+            raise EngineStateLost(f"shared weights kept changing during {SHARED_LOAD_TRIES} loads")
+        raise RuntimeError(f"the learner's shared weights did not settle within {SHARED_LOAD_TRIES} tries")
+
+    def _shared_seq(self) -> int:
+        raw: Any = self.r.hget(self.keys.policy, POLICY_SHARED_SEQ)
+        try:
+            return int(raw) if raw is not None else -1
+        except ValueError:
+            return -1
 
     def _ask_to_join(self, epoch: int) -> None:
         if self._join_asked == epoch:
             return
         self._join_asked = epoch
-        self.r.hset(self.keys.policy, POLICY_JOIN_PREFIX + self.worker_id, repr(time.time()))
+        request = JoinRequest(worker_id=self.worker_id, device=getattr(self, "device", "cpu"))
+        self.r.hset(self.keys.policy, POLICY_JOIN_PREFIX + self.worker_id, encode(request))
         log.info("asked to join the weight group (latest epoch seen: %d)", epoch)
 
     def _announcement(self) -> WeightAnnouncement | None:
