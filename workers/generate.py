@@ -234,8 +234,8 @@ class GenerationWorker:
         tokens = sum(len(c.token_ids) for comps in completions for c in comps)
         self._observe(tokens / max(generate_s, 1e-9))
         self.status = "idle"
-        log.info("batch %s: %d groups, %d tokens in %.2fs at v%d", batch.batch_id, len(groups), tokens,
-                 generate_s, version)  # fmt: skip
+        log.info("batch %s (%s): %d groups, %d tokens in %.2fs at v%d", batch.batch_id, batch.purpose, len(groups),
+                 tokens, generate_s, version)  # fmt: skip
         return 1
 
     def _check(self, batch: PromptBatch) -> str:

@@ -77,3 +77,21 @@ def test_bad_override_is_one_line_and_starts_nothing(tmp_path, tiny_model_dir):
         "(use ++grpo.max_num_stepz=... to add a key)"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_the_worker_reads_the_weights_from_shared_memory_when_the_run_asks(tmp_path, tiny_model_dir):
+    """weight_sync.share_memory=host: the CPU worker on the learner's host maps the learner's /dev/shm buffers (on a
+    GPU the same path carries CUDA IPC handles for a colocated worker); no gloo group is formed."""
+    result = _train(tmp_path, tiny_model_dir, "grpo.max_num_steps=3", "grpo.val_at_start=false",
+                    "weight_sync.share_memory=host")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "loss/total" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["sync/members"] == 1 and r["sync/failed"] == 0 for r in records)
+    learner_log = (run_dir / "logs" / "learner.log").read_text()
+    assert "-> 0 workers + 1 through shared buffers" in learner_log and "joined weight group" not in learner_log
+    worker_log = (run_dir / "logs" / "generate-0.log").read_text()
+    assert "weights v3 loaded" in worker_log and "joined weight group" not in worker_log
+    assert not list(Path("/dev/shm").glob("rlq-weights-*")), "the learner removes its buffers when it stops"
