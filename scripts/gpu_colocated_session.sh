@@ -50,6 +50,9 @@ stage() {  # stage NAME CMD...: one step, its output prefixed and kept in $OUT/s
   return "$rc"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$OUT/session.log"
+if [ "${GPU_TESTS:-0}" = 1 ]; then
+  stage gpu-tests "$python" -m pytest tests/gpu -q -p no:cacheprovider
+fi
 stage prepare "$python" -m bench.gpu_colocated prepare --hub-cache "$HF_HOME/hub" --scratch "$HF_HOME" \
   --data data/dapo-local.jsonl "${prepare[@]}" || exit 1
 stage data "$python" -m rlq prepare-data --source dapo --input data/dapo-local.jsonl --output-dir data/dapo17k-local \

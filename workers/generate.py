@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -387,14 +389,25 @@ class GenerationWorker:
 
 
 def _accelerator() -> str:
+    """ "cuda:<name>" or "cpu", without creating a CUDA context in this process: a vLLM engine started after it sizes
+    its memory from what is free (device_count and NVML read no context)."""
     try:
         import torch
 
-        if torch.cuda.is_available():
-            return f"cuda:{torch.cuda.get_device_name()}"
+        if torch.cuda.device_count() == 0:
+            return "cpu"
+        import pynvml
+
+        pynvml.nvmlInit()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+        handle = (pynvml.nvmlDeviceGetHandleByUUID(visible) if visible.startswith(("GPU-", "MIG-"))
+                  else pynvml.nvmlDeviceGetHandleByIndex(int(visible)))  # fmt: skip
+        name = pynvml.nvmlDeviceGetName(handle)
+        return f"cuda:{name.decode() if isinstance(name, bytes) else name}"
     except ImportError:
-        pass
-    return "cpu"
+        return "cpu" if "torch" not in sys.modules else "cuda"
+    except Exception:  # NVML missing or the id unknown: the kind is still right
+        return "cuda"
 
 
 def run(
