@@ -112,6 +112,10 @@ def train(cfg: RunConfig) -> Path:
     started = time.monotonic()
     if placement is not None:
         log.info("placement: %s", placement.describe())
+        colocated = any(placement.colocated(i) for i in range(len(placement.generation)))
+        if colocated and cfg.grpo.max_staleness > 0:
+            log.info("generation shares the learner's GPU: asynchrony only interleaves their kernels there "
+                     "(one H200: max_staleness 1 ran 0.95x the steps/min of 0, docs/gpu.md)")  # fmt: skip
     try:
         for spec in specs:
             supervisor.start(spec)
