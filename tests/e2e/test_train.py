@@ -62,11 +62,19 @@ def test_three_steps_advance_versions_score_groups_and_sync_weights(tmp_path, ti
 
 
 def test_a_failing_role_is_named_in_one_line(tmp_path, tiny_model_dir):
-    result = _train(tmp_path, tiny_model_dir, "grpo.max_num_steps=2", "++policy.generation.model_name=/nonexistent")
+    not_a_model = tmp_path / "not-a-model"  # a directory, so it passes the launcher's check; the worker fails on it
+    not_a_model.mkdir()
+    result = _train(tmp_path, tiny_model_dir, "grpo.max_num_steps=2", f"++policy.generation.model_name={not_a_model}")
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("rlq: generate-0 "), last
-    assert "/nonexistent" in last
+
+
+def test_a_missing_model_is_one_line_before_anything_starts(tmp_path, tiny_model_dir):
+    result = _train(tmp_path, tiny_model_dir, "grpo.max_num_steps=2", "++policy.generation.model_name=/nonexistent")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "rlq: model directory /nonexistent does not exist"
+    assert not (tmp_path / "run" / "logs").exists(), "no role was started"
 
 
 def test_bad_override_is_one_line_and_starts_nothing(tmp_path, tiny_model_dir):
