@@ -11,8 +11,9 @@ import torch
 
 from learner.batch import assemble
 from learner.checkpoint import load_checkpoint, save_checkpoint
+from learner.distributed import DistInfo
 from learner.optim import StochasticAdamW
-from learner.train import DistInfo, build_trainer, load_model
+from learner.train import build_trainer, load_model
 from rlq.config import load_run_config
 from tests.integration.learner_support import random_train_samples
 
