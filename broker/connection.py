@@ -11,6 +11,8 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, BusyLoadingError, ConnectionError, ResponseError, TimeoutError
 from redis.retry import Retry
 
+from broker.errors import RlqError
+
 log = logging.getLogger(__name__)
 
 RETRY_ATTEMPTS = 14
@@ -27,7 +29,7 @@ HEALTH_CHECK_INTERVAL_S = 15
 PASSWORD_ENV = "RLQ_REDIS_PASSWORD"
 
 
-class BrokerUnreachable(ConnectionError):
+class BrokerUnreachable(RlqError, ConnectionError):
     """Redis cannot be reached or refuses us; the message is the one line the user sees."""
 
 

@@ -21,6 +21,8 @@ from typing import Literal
 import msgspec
 import numpy as np
 
+from broker.errors import RlqError
+
 SCHEMA_VERSION = 3
 """2: `purpose` on PromptBatch and RolloutGroup (in-run validation). 3: shared weight buffers in the
 WeightAnnouncement (`shared`, `shared_members`) and the JoinRequest."""
@@ -47,7 +49,7 @@ VERDICTS: tuple[str, ...] = ("correct", "incorrect", "no_answer", "timeout", "er
 Purpose = Literal["train", "val"]
 
 
-class MessageError(ValueError):
+class MessageError(RlqError, ValueError):
     """A payload that is not a valid rlq message: the one error every consumer catches and dead-letters."""
 
 

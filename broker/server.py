@@ -17,12 +17,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker.errors import RlqError
+
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 10.0
 
 
-class RedisServerError(RuntimeError):
+class RedisServerError(RlqError, RuntimeError):
     """The server binary is missing or the server did not come up."""
 
 
@@ -75,7 +77,12 @@ class RedisServer:
         return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self) -> RedisServer:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # `rlq broker-server --dir` the user named: one line, not a traceback
+            raise RedisServerError(
+                f"cannot create {self.directory} ({exc.strerror or exc}): pass a writable --dir"
+            ) from None
         self.port = self.port or free_port(self.host)
         args = [
             find_redis_server(),

@@ -37,6 +37,7 @@ import redis
 import torch
 import torch.distributed as dist
 
+from broker.errors import WeightSyncError
 from broker.keys import (
     POLICY_ANNOUNCEMENT,
     POLICY_JOIN_PREFIX,
@@ -62,10 +63,6 @@ to its TTL), wait this long at most for a heartbeat to lapse before re-forming. 
 the whole rendezvous timeout for the dead member (tests/faults measured 60 s instead of ~10)."""
 
 NamedTensors = list[tuple[str, torch.Tensor]]
-
-
-class WeightSyncError(RuntimeError):
-    """A broadcast that could not complete within its deadline, with who was evicted."""
 
 
 @dataclass

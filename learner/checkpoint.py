@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from broker.errors import UserError
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -38,13 +40,16 @@ def step_dir(checkpoint_dir: Path, step: int) -> Path:
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest complete checkpoint, or None."""
+    """The newest complete checkpoint, or None. Raises UserError when `latest` names an incomplete one."""
     pointer = checkpoint_dir / LATEST
     if not pointer.exists():
         return None
     path = checkpoint_dir / pointer.read_text().strip()
     if not (path / "learner_state.json").exists():
-        raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
+        raise UserError(
+            f"{pointer} names {path}, which is not a complete checkpoint: point it at a complete step_<N> "
+            "directory, or set checkpointing.checkpoint_dir to a new directory to start afresh"
+        )
     return path
 
 

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from broker.errors import UserError
 from broker.schemas import Array, Prompt
 from learner.config import DataConfig, LearnerConfig
 
@@ -24,20 +25,38 @@ VALIDATION_FILE = "validation.jsonl"
 
 
 def read_rows(path: Path) -> list[dict]:
-    """Every row of a prepared JSONL file. Raises ValueError naming the line of a malformed row."""
+    """Every row of a prepared JSONL file.
+
+    Raises:
+        UserError: (one line) the file is missing or unreadable, or a row is malformed (naming its line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prepared data not found: {path} (rlq prepare-data writes it)")
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
-            if "messages" not in row and "prompt" not in row:
-                raise ValueError(f"{path}:{number}: row has neither 'messages' nor 'prompt'")
-            rows.append(row)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{path}:{number}: not JSON ({exc.msg})") from None
+                if not isinstance(row, dict) or ("messages" not in row and "prompt" not in row):
+                    raise UserError(f"{path}:{number}: row has neither 'messages' nor 'prompt'")
+                rows.append(row)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {_reason(exc)}") from None
     return rows
+
+
+def _reason(exc: BaseException) -> str:
+    """An OS or decoding error in a few words ("Permission denied"), without the path it repeats."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def row_messages(row: dict) -> list[dict]:
@@ -61,9 +80,7 @@ def prompt_from_row(row: dict, index: int, tokenizer) -> Prompt:
 
 def prompt_source(cfg: LearnerConfig, tokenizer) -> tuple[Callable[[int], Prompt], int]:
     """(index -> Prompt, number of rows); prompts are tokenised on first use and cached."""
-    path = Path(cfg.data.path)
-    if path.is_dir():  # a prepare-data output directory: its training split
-        path = path / TRAIN_FILE
+    path = training_file(cfg.data)
     rows = read_rows(path)
     cache: dict[int, Prompt] = {}
 
@@ -76,22 +93,36 @@ def prompt_source(cfg: LearnerConfig, tokenizer) -> tuple[Callable[[int], Prompt
     return prompt_at, len(rows)
 
 
+def training_file(data: DataConfig) -> Path:
+    """The training split: `data.path`, or train.jsonl in it when it is a prepared directory.
+
+    Raises:
+        UserError: (one line) there is no such file.
+    """
+    path = Path(data.path)
+    if path.is_dir():  # a prepare-data output directory: its training split
+        path = path / TRAIN_FILE
+    if not path.is_file():
+        raise UserError(f"no training data at {path}: point data.path at what rlq prepare-data wrote")
+    return path
+
+
 def validation_file(data: DataConfig) -> Path:
     """Where the validation split is: `data.validation_path`, else validation.jsonl in the prepared directory.
 
     Raises:
-        FileNotFoundError: (one line, for the user: the CLI shows it as such) there is no such file.
+        UserError: (one line, for the user: the CLI shows it as such) there is no such file.
     """
     path = data.validation_path
     if path is None:
         if not Path(data.path).is_dir():
-            raise FileNotFoundError(
+            raise UserError(
                 f"grpo.val_period/val_at_start need validation data: data.path {data.path} is a file, so set "
                 "data.validation_path (rlq prepare-data writes validation.jsonl next to train.jsonl)"
             )
         path = Path(data.path) / VALIDATION_FILE
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no validation file at {path}: set data.validation_path, or grpo.val_period=0")
+        raise UserError(f"no validation file at {path}: set data.validation_path, or grpo.val_period=0")
     return Path(path)
 
 
@@ -99,8 +130,7 @@ def validation_prompts(cfg: LearnerConfig, tokenizer) -> list[Prompt]:
     """The first `grpo.max_val_samples` prompts of the validation split, tokenised (a pass always uses the same).
 
     Raises:
-        FileNotFoundError: no validation file.
-        ValueError: no example in it fits.
+        UserError: no validation file, an unreadable or malformed one, or no example in it fits.
     """
     path = validation_file(cfg.data)
     rows = read_rows(path)[: cfg.grpo.max_val_samples]
@@ -112,6 +142,9 @@ def validation_prompts(cfg: LearnerConfig, tokenizer) -> list[Prompt]:
         log.warning("%d validation prompts have >= %d tokens (policy.max_total_sequence_length): left out",
                     len(prompts) - len(fitting), limit)  # fmt: skip
     if not fitting:
-        raise ValueError(f"the validation file {path} has no example shorter than {limit} tokens")
+        raise UserError(
+            f"the validation file {path} has no example shorter than {limit} tokens: "
+            "raise policy.max_total_sequence_length or use shorter prompts"
+        )
     log.info("%d validation prompts from %s", len(fitting), path)
     return fitting

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from broker.errors import UserError
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -29,9 +31,15 @@ class JsonlLogger:
     """Appends `{"step": N, "time": unix_s, **metrics}` per step; one flushed line per record."""
 
     def __init__(self, run_dir: Path) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / METRICS_FILE
-        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the logger
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the logger
+        except OSError as exc:  # the run directory the user's config names: one line before training starts
+            raise UserError(
+                f"cannot write {self.path} ({exc.strerror or exc}): set logger.log_dir (learner.run_dir in a "
+                "learner-only config) to a writable place"
+            ) from None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, "time": time.time(), **{k: _finite(v) for k, v in sorted(metrics.items())}}

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from broker.errors import RlqError
 from rlq.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,9 @@ def generate_arith(cfg: ArithConfig) -> tuple[list[Example], list[Example]]:
 REQUIRED_COLUMNS = ("data_source", "prompt", "reward_model")
 
 
-class SkipRow(ValueError):
+# Internal control flow, not an error the user sees: collect_dapo catches every SkipRow and counts the row as
+# skipped. Under the root all the same, so that one escaping by mistake still reads as one line.
+class SkipRow(RlqError, ValueError):
     """A source row that cannot become an example; `reason` is the manifest's counter key."""
 
     def __init__(self, reason: str) -> None:
@@ -384,9 +387,17 @@ def _write_atomic(path: Path, text: str) -> None:
 def write_prepared(
     out_dir: Path, train: list[Example], val: list[Example], *, source: dict[str, Any], tally: Tally | None = None
 ) -> dict[str, Any]:
-    """Write train.jsonl, validation.jsonl and manifest.json (each atomically); returns the manifest."""
+    """Write train.jsonl, validation.jsonl and manifest.json (each atomically); returns the manifest.
+
+    Raises UserError (one line) when `out_dir` cannot be created or written.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"cannot create output directory {out_dir} ({exc.strerror or exc}): choose another --output-dir"
+        ) from None
     texts = {TRAIN_FILE: "".join(map(example_line, train)), VALIDATION_FILE: "".join(map(example_line, val))}
     digest = hashlib.sha256()
     for name, text in texts.items():
@@ -399,9 +410,12 @@ def write_prepared(
         "content_hash": digest.hexdigest(),
         "files": {name: hashlib.sha256(text.encode()).hexdigest() for name, text in texts.items()},
     }
-    for name, text in texts.items():
-        _write_atomic(out_dir / name, text)
-    _write_atomic(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    try:
+        for name, text in texts.items():
+            _write_atomic(out_dir / name, text)
+        _write_atomic(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write in {out_dir} ({exc.strerror or exc}): choose another --output-dir") from None
     log.info("prepared %d train / %d validation examples in %s", len(train), len(val), out_dir)
     return manifest
 
@@ -418,14 +432,18 @@ def load_prepared(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise UserError(f"prepared data not found: {path}")
     examples = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                examples.append(Example.model_validate_json(line))
-            except ValueError as exc:
-                raise UserError(f"{path}:{number}: not a prepared example ({str(exc).splitlines()[0]})") from None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    examples.append(Example.model_validate_json(line))
+                except ValueError as exc:
+                    raise UserError(f"{path}:{number}: not a prepared example ({str(exc).splitlines()[0]})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise UserError(f"cannot read {path}: {reason}") from None
     return examples
 
 

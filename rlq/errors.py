@@ -1,6 +1,9 @@
 """Turns the errors a user can cause into one line on stderr and exit code 2, instead of a traceback.
 
-Anything else is a bug and keeps its traceback. RLQ_DEBUG=1 shows the traceback for user errors too.
+What counts as such: any `broker.errors.RlqError` (the root every error rlq raises on purpose derives from), a
+pydantic `ValidationError` (a config that does not validate), and redis-py's connection errors. Anything else is a
+bug and keeps its traceback: a builtin FileNotFoundError or PermissionError too, so code that reads a file the
+user named checks it and raises `UserError` itself. RLQ_DEBUG=1 shows the traceback for user errors too.
 """
 
 from __future__ import annotations
@@ -10,25 +13,22 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from broker.connection import BrokerUnreachable
-from broker.schemas import MessageError
-from rlq.overrides import ConfigError
+from broker.errors import RlqError, UserError
+
+__all__ = ["USAGE_EXIT_CODE", "RlqError", "UserError", "one_line", "run_cli", "user_error_types"]
 
 USAGE_EXIT_CODE = 2
-
-
-class UserError(RuntimeError):
-    """Raised anywhere in rlq for a problem the user must fix (bad file, bad argument, missing model)."""
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     import pydantic
     from redis.exceptions import AuthenticationError, ConnectionError, NoPermissionError, TimeoutError
 
-    return (
-        UserError, ConfigError, BrokerUnreachable, MessageError, pydantic.ValidationError,
-        ConnectionError, TimeoutError, AuthenticationError, NoPermissionError, FileNotFoundError, PermissionError,
-    )  # fmt: skip
+    # redis-py's own errors, raised by a command outside broker.connection.connect (which turns a failed first ping
+    # into BrokerUnreachable): the broker the user pointed at is unreachable or refuses the credentials. They are
+    # not RlqErrors (redis-py defines them) but are the user's to fix all the same.
+    redis_errors = (ConnectionError, TimeoutError, AuthenticationError, NoPermissionError)
+    return (RlqError, pydantic.ValidationError, *redis_errors)
 
 
 def one_line(exc: BaseException) -> str:

@@ -81,14 +81,20 @@ def role_specs(cfg: RunConfig, config_path: Path, placement: Placement | None = 
 def train(cfg: RunConfig) -> Path:
     """Run the whole job on this machine; returns the run directory. Raises UserError naming a failed role."""
     run_dir = cfg.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
-    save_resolved(cfg, config_path)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, config_path)
+    except OSError as exc:
+        raise UserError(
+            f"cannot write the run directory {run_dir} ({exc.strerror or exc}): set logger.log_dir to a writable place"
+        ) from None
     placement = plan_gpus(cfg, visible_gpu_count())  # a GPU that is not there fails here, before anything starts
     specs = role_specs(cfg, config_path, placement)  # a bad CPU list fails here too
-    if cfg.grpo.validates:  # a missing file is one line (FileNotFoundError) before anything has started
-        from learner.data_source import validation_file
+    from learner.data_source import training_file, validation_file
 
+    training_file(cfg.data)  # a missing file is one line (UserError) before anything has started
+    if cfg.grpo.validates:
         validation_file(cfg.data)
     from rlq.models import resolve_model
 

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker.errors import RlqError
+
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 20.0
@@ -44,7 +46,7 @@ class RoleProcess:
     log_path: Path
 
 
-class RoleFailed(RuntimeError):
+class RoleFailed(RlqError, RuntimeError):
     """One role failed; the message names it and says why in one line."""
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -120,14 +121,27 @@ def cached(out_dir: Path, digest: str) -> bool:
 
 
 def _check_replaceable(out_dir: Path) -> None:
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / BUILD_FILE).exists():
-        raise UserError(f"{out_dir} exists and is not an rlq build; choose another --output-dir")
+    """UserError (one line) unless a build can go to `out_dir`: checked before the minutes of a warm start."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} exists and is not a directory; choose another --output-dir")
+    try:
+        if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / BUILD_FILE).exists():
+            raise UserError(f"{out_dir} exists and is not an rlq build; choose another --output-dir")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write {out_dir} ({exc.strerror or exc}); choose another --output-dir") from None
+    if not os.access(out_dir.parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write in {out_dir.parent} (permission denied); choose another --output-dir")
 
 
 def _staging_dir(out_dir: Path) -> Path:
     _check_replaceable(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as exc:
+        raise UserError(
+            f"cannot write in {out_dir.parent} ({exc.strerror or exc}); choose another --output-dir"
+        ) from None
 
 
 def _publish(staging: Path, out_dir: Path, digest: str, *, force: bool = False) -> None:

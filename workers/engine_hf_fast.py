@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from broker.errors import WeightSyncError
 from broker.schemas import WeightAnnouncement
 from weightsync.flat import flatten_into_buckets
 from workers.engines import Completion, HFEngine, SyncStats
@@ -253,7 +254,7 @@ class FastHFEngine(HFEngine):
 
     def update_weights(self, ann: WeightAnnouncement) -> SyncStats:
         """Receive into the parameters' own storage (laid out as the announced buckets once, before any graph)."""
-        from workers.weights import WeightReceiver, WeightSyncError
+        from workers.weights import WeightReceiver
 
         if ann.backend == "filesystem":
             return self.load_file(ann.checkpoint_path)

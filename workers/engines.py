@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker.errors import EngineStateLost, WeightSyncError
 from broker.schemas import WeightAnnouncement, encode
 from workers.generate_config import GenerationConfig
 
@@ -65,7 +66,7 @@ class Engine(ABC):
 
     @abstractmethod
     def update_weights(self, ann: WeightAnnouncement) -> SyncStats:
-        """Receive the broadcast `ann` announces and load it. Raises workers.weights.WeightSyncError."""
+        """Receive the broadcast `ann` announces and load it. Raises broker.errors.WeightSyncError."""
 
     @abstractmethod
     def load_file(self, path: str) -> SyncStats:
@@ -155,7 +156,6 @@ class VllmEngine(Engine):
             )
         except Exception as exc:
             from workers.vllm_reload import MODEL_LEFT_MIXED
-            from workers.weights import EngineStateLost, WeightSyncError
 
             line = str(exc).splitlines()[0][:300]
             if MODEL_LEFT_MIXED in str(exc):  # keeping "the old weights" would sample from a mix of two versions

@@ -28,6 +28,7 @@ from typing import Any
 import redis
 
 from broker.connection import connect
+from broker.errors import EngineStateLost
 from broker.keys import POLICY_ANNOUNCEMENT, POLICY_JOIN_PREFIX, POLICY_SHARED_SEQ, POLICY_SYNCED_PREFIX, Keys
 from broker.registry import Registry
 from broker.schemas import (
@@ -276,8 +277,6 @@ class GenerationWorker:
         return False
 
     def _update(self, ann: WeightAnnouncement) -> bool:
-        from workers.weights import EngineStateLost  # torch: loaded with the engine already
-
         self._handled = (ann.epoch, ann.version)
         self.status = "syncing"
         t0 = time.perf_counter()
@@ -307,8 +306,6 @@ class GenerationWorker:
     def _load_shared(self, ann: WeightAnnouncement) -> tuple[Any, WeightAnnouncement]:
         """Load from the learner's shared buffers under its seqlock: a load that overlapped a rewrite (the sequence
         moved) is done again from the newer announcement. Returns the stats and the announcement loaded."""
-        from workers.weights import EngineStateLost
-
         loaded = False
         for attempt in range(SHARED_LOAD_TRIES):
             assert ann.shared is not None

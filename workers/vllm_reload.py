@@ -43,13 +43,15 @@ from typing import Any
 
 import torch
 
+from broker.errors import RlqError
+
 log = logging.getLogger(__name__)
 
 MODEL_LEFT_MIXED = "weight load failed after the live weights began to change"
 """Marker of `ModelLeftMixed` in an error message (it may cross a process boundary as text)."""
 
 
-class ModelLeftMixed(RuntimeError):
+class ModelLeftMixed(RlqError, RuntimeError):
     """The in-place load failed after it began writing the weights the engine computes with: old and new mixed."""
 
 

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from broker.errors import EngineStateLost as EngineStateLost  # re-exported: defined once, in broker.errors
+from broker.errors import WeightSyncError
 from broker.keys import WEIGHT_JOINED_KEY, WEIGHT_STORE_PREFIX
 from broker.schemas import BucketSpec, WeightAnnouncement, decode
 from weightsync.flat import bucket_view, wait_in_order
@@ -31,14 +33,6 @@ from weightsync.groups import new_group
 log = logging.getLogger(__name__)
 
 NamedTensors = list[tuple[str, torch.Tensor]]
-
-
-class WeightSyncError(RuntimeError):
-    """A weight update that did not complete: the worker keeps its weights and re-joins at the next epoch."""
-
-
-class EngineStateLost(RuntimeError):
-    """A weight update failed after it began changing the live weights: the worker cannot go on sampling."""
 
 
 def unpack_bucket(flat: torch.Tensor, spec: BucketSpec) -> NamedTensors:

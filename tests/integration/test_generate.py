@@ -227,8 +227,8 @@ def test_a_load_that_fails_after_the_live_weights_changed_stops_the_worker(
 ) -> None:
     """Past the point where `rollback` can restore (the in-place load of embeddings and norms), a failure must not
     be reported as "kept the old weights": the worker would sample from a mix of two versions."""
+    from broker.errors import EngineStateLost
     from workers.vllm_reload import InPlaceLoad
-    from workers.weights import EngineStateLost
 
     real_finish = InPlaceLoad.finish
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from broker.connection import connect
+from broker.errors import WeightSyncError
 from broker.keys import POLICY_JOIN_PREFIX, Keys
 from learner.broadcast import CollectiveBroadcast, read_announcement
-from workers.weights import WeightReceiver, WeightSyncError
+from workers.weights import WeightReceiver
 
 TIMEOUT_S = 5.0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from broker.errors import UserError
 from broker.schemas import Array, Prompt, PromptBatch, RolloutGroup, Sample, ScoredGroup, decode, encode
 from learner.config import GRPOConfig
 from learner.validation import Validator, pass_metrics, validation_batch_id, version_of_batch
@@ -123,7 +124,7 @@ def test_validation_prompts_come_from_the_prepared_split_and_leave_out_prompts_w
     assert [p.prompt_id for p in validation_prompts(cfg, CharTokenizer())] == ["q0", "q2"]  # q1: too long
 
     (tmp_path / "validation.jsonl").unlink()
-    with pytest.raises(FileNotFoundError, match="no validation file at"):
+    with pytest.raises(UserError, match="no validation file at"):
         validation_prompts(cfg, CharTokenizer())
 
 
@@ -138,6 +139,6 @@ def test_rlq_train_refuses_a_run_without_its_validation_file_before_starting_any
     (data / "train.jsonl").write_text("{}\n")
     config = Path(__file__).resolve().parents[2] / "configs" / "tiny_arith_cpu.yaml"
     cfg = load_run_config(config, [f"data.path={data}", f"logger.log_dir={tmp_path / 'run'}", "grpo.val_period=5"])
-    with pytest.raises(FileNotFoundError, match="no validation file at .*validation.jsonl"):
+    with pytest.raises(UserError, match="no validation file at .*validation.jsonl"):
         train(cfg)
     assert not (tmp_path / "run" / "redis").exists() and not (tmp_path / "run" / "logs").exists()

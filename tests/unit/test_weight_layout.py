@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from broker.errors import WeightSyncError
 from broker.schemas import BucketSpec, TensorSpec, WeightAnnouncement, decode, encode
 from learner.broadcast import pack_bucket, plan_buckets, total_bytes
-from workers.weights import WeightSyncError, unpack_bucket
+from workers.weights import unpack_bucket
 
 
 def _params() -> list[tuple[str, torch.Tensor]]:
