@@ -140,8 +140,8 @@ def weight_update_seconds(engine, model_dir: Path, repeats: int) -> dict[str, fl
 
     from broker.connection import connect
     from broker.keys import POLICY_JOIN_PREFIX, Keys
+    from broker.policy import PolicyHash
     from broker.server import RedisServer
-    from learner.broadcast import read_announcement
 
     rounds = repeats + 1
     with tempfile.TemporaryDirectory() as tmp, RedisServer(directory=Path(tmp)) as server:
@@ -159,7 +159,7 @@ def weight_update_seconds(engine, model_dir: Path, repeats: int) -> dict[str, fl
                 r.rpush("bench:go", 1)
                 ann = None
                 while ann is None or ann.version != version:
-                    ann = read_announcement(r, keys)
+                    ann = PolicyHash(r, keys).announcement()
                 stats = engine.update_weights(ann)
                 elapsed = time.perf_counter() - t0
                 report = json.loads(r.blpop(["bench:report"], timeout=120)[1])

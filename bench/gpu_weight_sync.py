@@ -149,7 +149,7 @@ def worker_main(args) -> None:
     import redis
 
     from broker.keys import POLICY_JOIN_PREFIX, Keys
-    from learner.broadcast import read_announcement
+    from broker.policy import PolicyHash
     from workers.engine_hf_fast import FastHFEngine
     from workers.generate_config import GenerationConfig
 
@@ -166,7 +166,7 @@ def worker_main(args) -> None:
     deadline = time.monotonic() + 600
     first, last = next(model.parameters()), list(model.parameters())[-1]
     while time.monotonic() < deadline:
-        ann = read_announcement(r, keys)
+        ann = PolicyHash(r, keys).announcement()
         if ann is None or ann.version <= seen or WORKER not in ann.members:
             time.sleep(0.0002)
             continue

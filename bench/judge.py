@@ -46,11 +46,12 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
 from broker.connection import connect  # noqa: E402
+from broker.judge_queue import submit_group, submit_groups  # noqa: E402
 from broker.keys import Keys  # noqa: E402
 from broker.schemas import Array, Prompt, RolloutGroup, Sample  # noqa: E402
 from broker.server import RedisServer  # noqa: E402
 from workers.isolation import warm_up  # noqa: E402
-from workers.judge import BROKER_URL_ENV, CONFIG_ENV, RUN_ENV, make_app, submit_group, submit_groups  # noqa: E402
+from workers.judge import BROKER_URL_ENV, CONFIG_ENV, RUN_ENV, make_app  # noqa: E402
 from workers.judge_config import JudgeConfig  # noqa: E402
 from workers.verify import check, extract_answer, parse_gold  # noqa: E402
 

@@ -70,6 +70,12 @@ class Keys:
 
 # The weight-sync contract beyond the announcement itself (docs/weight_sync.md): fields of the policy hash and
 # keys of the weight group's rendezvous store, shared by learner/broadcast.py and workers/weights.py.
+POLICY_VERSION = "version"
+"""Policy-hash field: the learner's latest policy version."""
+POLICY_UPDATED_AT = "learner_updated_at"
+"""Policy-hash field: when the learner last published a version (unix seconds)."""
+POLICY_CHECKPOINT = "checkpoint_path"
+"""Policy-hash field: the learner's latest checkpoint directory (a joining worker starts from it)."""
 POLICY_ANNOUNCEMENT = "announcement"
 """Policy-hash field: the encoded latest WeightAnnouncement."""
 POLICY_JOIN_PREFIX = "join:"

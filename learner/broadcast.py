@@ -38,15 +38,9 @@ import torch
 import torch.distributed as dist
 
 from broker.errors import WeightSyncError
-from broker.keys import (
-    POLICY_ANNOUNCEMENT,
-    POLICY_JOIN_PREFIX,
-    POLICY_SHARED_SEQ,
-    WEIGHT_JOINED_KEY,
-    WEIGHT_STORE_PREFIX,
-    Keys,
-)
-from broker.schemas import BucketSpec, JoinRequest, MessageError, TensorSpec, WeightAnnouncement, decode, encode
+from broker.keys import WEIGHT_JOINED_KEY, WEIGHT_STORE_PREFIX, Keys
+from broker.policy import PolicyHash, checkpoint_model_dir
+from broker.schemas import BucketSpec, JoinRequest, MessageError, TensorSpec, WeightAnnouncement, decode
 from weightsync.flat import bucket_view, flatten_into_buckets, wait_in_order
 from weightsync.groups import new_group
 from weightsync.shared import SharedBuffers, device_id, node_name
@@ -127,32 +121,13 @@ def total_bytes(buckets: list[BucketSpec]) -> int:
     return sum(b.numel * torch.empty(0, dtype=getattr(torch, b.dtype)).element_size() for b in buckets)
 
 
-def read_announcement(r: redis.Redis, keys: Keys) -> WeightAnnouncement | None:
-    raw: Any = r.hget(keys.policy, POLICY_ANNOUNCEMENT)
-    if raw is None:
-        return None
-    try:
-        return decode(raw, WeightAnnouncement)  # type: ignore[return-value]
-    except MessageError as exc:
-        log.error("policy hash holds a bad announcement (%s); ignoring it", exc)
-        return None
-
-
-def latest_checkpoint_dir(r: redis.Redis, keys: Keys) -> str:
-    """The Hugging Face directory of the learner's latest checkpoint (`<step>/policy`), or ''."""
-    raw: Any = r.hget(keys.policy, "checkpoint_path")
-    if not raw:
-        return ""
-    path = Path(raw.decode() if isinstance(raw, bytes) else raw)
-    return str(path / "policy") if (path / "policy").is_dir() else str(path)
-
-
 class WeightBroadcast(ABC):
     """Moves the learner's weights to the generation workers and announces them in the policy hash."""
 
     def __init__(self, r: redis.Redis, keys: Keys) -> None:
         self.r = r
         self.keys = keys
+        self.policy = PolicyHash(r, keys)
 
     @abstractmethod
     def broadcast(
@@ -163,11 +138,7 @@ class WeightBroadcast(ABC):
         pass
 
     def _announce(self, ann: WeightAnnouncement) -> None:
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(self.keys.policy, POLICY_ANNOUNCEMENT, encode(ann))  # type: ignore[arg-type]
-        if ann.shared is not None:  # the seqlock goes even with the announcement of what the buffers hold
-            pipe.hset(self.keys.policy, POLICY_SHARED_SEQ, ann.shared.seq)
-        pipe.execute()
+        self.policy.announce(ann)  # with shared buffers, the seqlock goes even in the same transaction
 
 
 class CollectiveBroadcast(WeightBroadcast):
@@ -258,7 +229,7 @@ class CollectiveBroadcast(WeightBroadcast):
 
     def close(self) -> None:
         self.pg = None
-        self.r.hdel(self.keys.policy, POLICY_ANNOUNCEMENT)
+        self.policy.withdraw()
         if self.shared is not None:
             self.shared.close()
 
@@ -266,7 +237,7 @@ class CollectiveBroadcast(WeightBroadcast):
         """Rewrite the shared buffers under the seqlock: odd while writing, even (in the announcement) after."""
         if self.shared is None:
             self.shared = SharedBuffers(device, f"{self.keys.run}-{os.getpid()}")
-        self.r.hset(self.keys.policy, POLICY_SHARED_SEQ, self.shared.seq + 1)
+        self.policy.begin_shared_write(self.shared.seq + 1)
         self.shared.write(by_name, buckets)
         self.shared.seq += 2
 
@@ -305,7 +276,7 @@ class CollectiveBroadcast(WeightBroadcast):
 
     def _last_epoch(self) -> int:
         """Continue after the epoch of any earlier announcement, so a restarted learner never reuses one."""
-        ann = read_announcement(self.r, self.keys)
+        ann = self.policy.announcement()
         return ann.epoch + 1 if ann is not None else 0
 
     def _update_membership(self, device: torch.device | None = None) -> bool:
@@ -313,9 +284,7 @@ class CollectiveBroadcast(WeightBroadcast):
 
         A requester on this process's own device (weight_sync.share_memory) reads the shared buffers instead:
         it never enters the group, so admitting or losing one re-forms nothing."""
-        fields: Any = self.r.hgetall(self.keys.policy)
-        joins = {k.decode()[len(POLICY_JOIN_PREFIX) :]: v for k, v in fields.items()
-                 if k.decode().startswith(POLICY_JOIN_PREFIX)}  # fmt: skip
+        joins = self.policy.take_join_requests()
         requests = sorted(joins)
         sharing = {w for w in requests if device is not None and self._shares_device(joins[w], device)}
         alive = self._alive(set(self.members) | set(self.shared_members) | set(requests))
@@ -323,8 +292,6 @@ class CollectiveBroadcast(WeightBroadcast):
         requests = [w for w in requests if w not in sharing]
         members = [m for m in self.members if m not in sharing]
         wanted = [m for m in members if m in alive] + [w for w in requests if w in alive and w not in members]
-        if joins:
-            self.r.hdel(self.keys.policy, *[POLICY_JOIN_PREFIX + w for w in joins])
         if wanted == self.members and (self.pg is not None or not wanted):
             return False
         self.epoch += 1  # any change of membership, or a group lost to a failure, is a new epoch
@@ -356,10 +323,15 @@ class CollectiveBroadcast(WeightBroadcast):
         return WeightAnnouncement(
             version=version, epoch=self.epoch, backend=backend, master_addr=self.master_addr,
             master_port=self.master_port, world_size=len(self.members) + 1, members=list(self.members),
-            buckets=buckets, checkpoint_path=latest_checkpoint_dir(self.r, self.keys), timeout_s=self.timeout_s,
+            buckets=buckets, checkpoint_path=self._checkpoint_dir(), timeout_s=self.timeout_s,
             shared=self.shared.describe() if self.shared is not None and self.shared_members else None,
             shared_members=list(self.shared_members),
         )  # fmt: skip
+
+    def _checkpoint_dir(self) -> str:
+        """The model directory of the learner's latest checkpoint, which a joining worker loads first, or ''."""
+        path = self.policy.checkpoint()
+        return checkpoint_model_dir(path) if path else ""
 
     def _epoch_store(self) -> dist.PrefixStore:
         return dist.PrefixStore(f"{WEIGHT_STORE_PREFIX}{self.epoch}/", self.store)

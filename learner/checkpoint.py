@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from broker.errors import UserError
+from broker.policy import CHECKPOINT_POLICY_DIR, CHECKPOINT_STATE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     if not pointer.exists():
         return None
     path = checkpoint_dir / pointer.read_text().strip()
-    if not (path / "learner_state.json").exists():
+    if not (path / CHECKPOINT_STATE_FILE).exists():
         raise UserError(
             f"{pointer} names {path}, which is not a complete checkpoint: point it at a complete step_<N> "
             "directory, or set checkpointing.checkpoint_dir to a new directory to start afresh"
@@ -69,13 +70,13 @@ def save_checkpoint(
     tmp = checkpoint_dir / f".step_{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "policy", safe_serialization=True)
+    model.save_pretrained(tmp / CHECKPOINT_POLICY_DIR, safe_serialization=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(tmp / "policy")
+        tokenizer.save_pretrained(tmp / CHECKPOINT_POLICY_DIR)
     _save_optimizer(optimizer_state, tmp)
     save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
     full_state = {**state, "step": step, "rng": _host_rng_state()}
-    (tmp / "learner_state.json").write_text(json.dumps(full_state))
+    (tmp / CHECKPOINT_STATE_FILE).write_text(json.dumps(full_state))
     (tmp / "pending_groups.msgpack").write_bytes(pending_groups)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -91,7 +92,7 @@ def load_checkpoint(path: Path) -> tuple[dict, bytes, dict]:
         (learner state dict, pending groups bytes, optimizer state dict as `Optimizer.state_dict()` gives it).
     """
     torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
-    state = json.loads((path / "learner_state.json").read_text())
+    state = json.loads((path / CHECKPOINT_STATE_FILE).read_text())
     _set_host_rng_state(state["rng"])
     return state, (path / "pending_groups.msgpack").read_bytes(), _load_optimizer(path)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from broker.keys import Keys
+from broker.policy import PolicyHash
 from broker.schemas import ScoredGroup
 from learner.batch import Collector, Feeder, assemble, group_to_samples, rollout_metrics
 from learner.checkpoint import Ledger, save_checkpoint
@@ -43,6 +44,7 @@ class Coordinator:
         self.cfg = cfg
         self.keys = Keys(cfg.learner.run)
         self.redis = connect(cfg.learner.broker_url, client_name="rlq-learner")
+        self.policy = PolicyHash(self.redis, self.keys)
         prompt_at, n = prompt_source(cfg, tokenizer)
         feeder = Feeder(
             lambda key, msg: publish_once(self.redis, self.keys.prompts, key, msg),
@@ -145,7 +147,7 @@ class Coordinator:
         if plan[0] and model is not None:
             metrics.update(self.sync_weights(version, model))
         sync_s = time.perf_counter() - t0
-        self.redis.hset(self.keys.policy, mapping={"version": version, "learner_updated_at": time.time()})
+        self.policy.set_version(version, at=time.time())
         trained = [g.group_id for g in info["groups"]]
         self.ledger.append(version, trained, info["dropped"])
         t1 = time.perf_counter()
@@ -247,7 +249,7 @@ class Coordinator:
         )
         acked = self.consumer.ack(self.collector.take_acks())
         self.last_saved = version
-        self.redis.hset(self.keys.policy, "checkpoint_path", str(path.resolve()))
+        self.policy.set_checkpoint(path)
         log.info("checkpoint %s written; %d scored entries acknowledged", path, acked)
 
     def close(self) -> None:

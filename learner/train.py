@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from broker.policy import CHECKPOINT_POLICY_DIR
 from learner.checkpoint import latest_checkpoint, load_checkpoint
 from learner.config import LearnerConfig, PolicyConfig
 from learner.coordinator import Coordinator
@@ -120,7 +121,7 @@ def run(cfg: LearnerConfig) -> int:
         if state is not None:
             coordinator.restore(state, pending)
         coordinator.recover(version)
-        coordinator.redis.hset(coordinator.keys.policy, "version", version)
+        coordinator.policy.set_version(version)
         coordinator.start_validation(version)
     if resume is not None and cfg.learner.weight_sync != "none":
         full = trainer.full_model()  # a collective under FSDP2
@@ -142,7 +143,7 @@ def build_trainer(cfg: LearnerConfig, info: DistInfo, resume: Path | None) -> tu
     """The policy (from the checkpoint when resuming), its optimizer, the reference if any; and the tokenizer."""
     from transformers import AutoTokenizer
 
-    model_path = resume / "policy" if resume else cfg.policy.model_name
+    model_path = resume / CHECKPOINT_POLICY_DIR if resume else cfg.policy.model_name
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.policy.tokenizer_name or model_path))
     master = cfg.policy.master_weights  # the trained weights' dtype; the forward's is policy.precision
     model = load_model(model_path, master, info.device)

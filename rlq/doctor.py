@@ -96,7 +96,7 @@ def _check_redis(url: str) -> str:
 
 
 def _check_judge(cfg: RunConfig, url: str, scratch: Path) -> str:
-    from workers.judge import make_app, submit_group
+    from broker.judge_queue import base_app, submit_group
 
     run = f"doctor-judge-{os.getpid()}"
     env = {**os.environ, BROKER_URL_ENV: url, "RLQ_RUN": run}
@@ -105,7 +105,7 @@ def _check_judge(cfg: RunConfig, url: str, scratch: Path) -> str:
     with open(log_path, "wb") as sink:
         worker = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT)
     try:
-        app = make_app(url, run, cfg.env.math)
+        app = base_app(url, run)
         for index, (response, truth, _) in enumerate(JUDGE_CASES):
             submit_group(app, run, _known_group(f"case{index}", response, truth))
         verdicts = _await_scored(url, run, len(JUDGE_CASES), worker, log_path)

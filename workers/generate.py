@@ -14,7 +14,6 @@ batch still waiting for weights is released to the other workers instead.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -29,19 +28,17 @@ import redis
 
 from broker.connection import connect
 from broker.errors import EngineStateLost
-from broker.keys import POLICY_ANNOUNCEMENT, POLICY_JOIN_PREFIX, POLICY_SHARED_SEQ, POLICY_SYNCED_PREFIX, Keys
+from broker.keys import Keys
+from broker.policy import PolicyHash, checkpoint_model_dir, checkpoint_version
 from broker.registry import Registry
 from broker.schemas import (
     Array,
     JoinRequest,
-    MessageError,
     PromptBatch,
     RolloutGroup,
     Sample,
     WeightAnnouncement,
     WorkerHeartbeat,
-    decode,
-    encode,
 )
 from broker.streams import ROLE_KEEP_ACKED, Delivery, StreamConsumer, publish_once
 from workers.engines import Completion, Engine, make_engine, request_seed
@@ -69,17 +66,18 @@ class RolloutSink(ABC):
 
 
 class CelerySink(RolloutSink):
-    """The judges' Celery queue of the run (workers/judge.py)."""
+    """The judges' Celery queue of the run, by task name (broker/judge_queue.py): the judge role is not imported."""
 
     def __init__(self, broker_url: str, run: str) -> None:
-        from workers.judge import make_app, submit_groups
+        from broker.judge_queue import base_app
 
-        self.app = make_app(broker_url, run)
+        self.app = base_app(broker_url, run)
         self.run = run
-        self._submit = submit_groups
 
     def submit(self, groups: list[RolloutGroup]) -> None:
-        self._submit(self.app, self.run, groups)
+        from broker.judge_queue import submit_groups
+
+        submit_groups(self.app, self.run, groups)
 
 
 class StreamSink(RolloutSink):
@@ -94,23 +92,13 @@ class StreamSink(RolloutSink):
             publish_once(self.r, self.stream, g.group_id, g)
 
 
-def checkpoint_version(policy_dir: str) -> int:
-    """The policy version of a learner checkpoint (`<step>/policy` next to `learner_state.json`), else 0."""
-    state = Path(policy_dir).parent / "learner_state.json"
-    try:
-        return int(json.loads(state.read_text())["version"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-
-
-def starting_weights(r: redis.Redis, keys: Keys, fallback: str) -> tuple[str, int]:
+def starting_weights(policy: PolicyHash, fallback: str) -> tuple[str, int]:
     """(model directory, version) a new worker starts from: the learner's latest checkpoint, else `fallback`."""
-    raw: Any = r.hget(keys.policy, "checkpoint_path")
-    if raw:
-        path = Path(raw.decode() if isinstance(raw, bytes) else raw)
-        policy = path / "policy" if (path / "policy").is_dir() else path
-        if (policy / "config.json").exists():
-            return str(policy), checkpoint_version(str(policy))
+    checkpoint = policy.checkpoint()
+    if checkpoint:
+        model_dir = checkpoint_model_dir(checkpoint)
+        if (Path(model_dir) / "config.json").exists():
+            return model_dir, checkpoint_version(model_dir)
     return fallback, 0
 
 
@@ -158,6 +146,7 @@ class GenerationWorker:
         self.worker_id = worker_id
         self.keys = Keys(run)
         self.r = connect(broker_url, client_name=f"rlq-generate-{worker_id}")
+        self.policy = PolicyHash(self.r, self.keys)
         self.registry = Registry(self.r, self.keys)
         self.status = "starting"
         self.version = 0
@@ -186,7 +175,7 @@ class GenerationWorker:
         one we picked can vanish while we load it (seen in tests/faults with a checkpoint every step): then pick
         again."""
         for attempt in range(tries):
-            path, self.version = starting_weights(self.r, self.keys, model_name)
+            path, self.version = starting_weights(self.policy, model_name)
             log.info("%s starts from %s (policy version %d)", self.worker_id, path, self.version)
             try:
                 return make_engine(self.cfg, self.worker_id, path)
@@ -263,7 +252,7 @@ class GenerationWorker:
 
     def sync(self) -> bool:
         """Act on the latest announcement: take part in its broadcast, or ask to join. True if weights changed."""
-        ann = self._announcement()
+        ann = self.policy.announcement()
         if ann is None:
             self._ask_to_join(-1)
             return False
@@ -297,7 +286,7 @@ class GenerationWorker:
         finally:
             self.status = "idle"
         self.version = ann.version
-        self.r.hset(self.keys.policy, POLICY_SYNCED_PREFIX + self.worker_id, str(ann.version))
+        self.policy.mark_synced(self.worker_id, ann.version)
         self._beat()
         log.info("weights v%d loaded (receive %.3fs, load %.3fs, epoch %d, %.3fs after the announcement)",
                  ann.version, stats.receive_s, stats.load_s, ann.epoch, time.time() - ann.created_at)  # fmt: skip
@@ -309,44 +298,26 @@ class GenerationWorker:
         loaded = False
         for attempt in range(SHARED_LOAD_TRIES):
             assert ann.shared is not None
-            if self._shared_seq() == ann.shared.seq:
+            if self.policy.shared_seq() == ann.shared.seq:
                 stats = self.engine.update_weights(ann)
                 loaded = True
-                if self._shared_seq() == ann.shared.seq:
+                if self.policy.shared_seq() == ann.shared.seq:
                     return stats, ann
             time.sleep(min(0.001 * 2**attempt, 0.2))  # the learner is writing: its copy takes milliseconds
-            newer = self._announcement()
+            newer = self.policy.announcement()
             if newer is not None and newer.shared is not None and self.worker_id in newer.shared_members:
                 ann = newer
         if loaded:  # the live weights may mix two versions: sampling from them would mislabel every rollout
             raise EngineStateLost(f"shared weights kept changing during {SHARED_LOAD_TRIES} loads")
         raise RuntimeError(f"the learner's shared weights did not settle within {SHARED_LOAD_TRIES} tries")
 
-    def _shared_seq(self) -> int:
-        raw: Any = self.r.hget(self.keys.policy, POLICY_SHARED_SEQ)
-        try:
-            return int(raw) if raw is not None else -1
-        except ValueError:
-            return -1
-
     def _ask_to_join(self, epoch: int) -> None:
         if self._join_asked == epoch:
             return
         self._join_asked = epoch
         request = JoinRequest(worker_id=self.worker_id, device=getattr(self, "device", "cpu"))
-        self.r.hset(self.keys.policy, POLICY_JOIN_PREFIX + self.worker_id, encode(request))
+        self.policy.ask_to_join(request)
         log.info("asked to join the weight group (latest epoch seen: %d)", epoch)
-
-    def _announcement(self) -> WeightAnnouncement | None:
-        raw: Any = self.r.hget(self.keys.policy, POLICY_ANNOUNCEMENT)
-        if raw is None:
-            return None
-        try:
-            ann = decode(raw, WeightAnnouncement)
-        except MessageError as exc:
-            log.error("ignoring a bad weight announcement: %s", exc)
-            return None
-        return ann if isinstance(ann, WeightAnnouncement) else None
 
     # --- liveness -------------------------------------------------------------------------------------------
 
@@ -378,7 +349,7 @@ class GenerationWorker:
         self._beat_stop.set()
         try:
             self.registry.remove(self.worker_id)
-            self.r.hdel(self.keys.policy, POLICY_JOIN_PREFIX + self.worker_id)
+            self.policy.forget(self.worker_id)
         except redis.RedisError as exc:
             log.warning("could not deregister: %s", exc)
         if self._owns_engine:

@@ -26,7 +26,6 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from typing import Any, cast
@@ -34,12 +33,12 @@ from typing import Any, cast
 import msgspec
 import redis
 from celery import Celery, Task, signals
-from celery.result import AsyncResult
 
-from broker.connection import PASSWORD_ENV, connect
+from broker.connection import connect
+from broker.judge_queue import TASK_NAME, base_app, send_payloads
 from broker.keys import Keys
 from broker.registry import Registry
-from broker.schemas import Array, MessageError, RolloutGroup, ScoredGroup, Verdict, WorkerHeartbeat, decode, encode
+from broker.schemas import Array, MessageError, RolloutGroup, ScoredGroup, Verdict, WorkerHeartbeat, decode
 from broker.streams import done_key, publish_once, send_dead_letter
 from workers.isolation import VerifierChild
 from workers.judge_config import TIME_LIMIT_MARGIN_S, JudgeConfig, LLMJudgeConfig
@@ -47,7 +46,6 @@ from workers.verify import extract_answer, reward_of
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = "rlq.judge.score_group"
 BROKER_URL_ENV = "RLQ_BROKER_URL"
 RUN_ENV = "RLQ_RUN"
 CONFIG_ENV = "RLQ_JUDGE_CONFIG"
@@ -56,8 +54,6 @@ DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 HEARTBEAT_EVERY_S = 5.0
 MAX_REASON_CHARS = 500
 LLM_JUDGE_THREADS = 8
-GROUPS_PER_TASK = 8
-"""Default groups per task for `submit_groups` (a generation worker's PromptBatch is typically 8 prompts)."""
 
 
 class JudgeTask(Task):
@@ -72,25 +68,13 @@ class JudgeTask(Task):
 def make_app(broker_url: str, run: str = "default", cfg: JudgeConfig | None = None) -> Celery:
     """A Celery app for run `run` on `broker_url` with the judge task registered (lazy: connects on first use)."""
     cfg = cfg or JudgeConfig()
-    keys = Keys(run)
-    app = Celery("rlq-judge", broker=broker_url, set_as_current=False)
+    app = base_app(broker_url, run, name="rlq-judge")  # the queue's contract: names, msgpack only, credentials
     app.conf.update(
-        task_serializer="msgpack",
-        result_serializer="msgpack",
-        event_serializer="msgpack",
-        accept_content=["msgpack"],  # never pickle: anything else is refused before it is deserialised
-        result_accept_content=["msgpack"],
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,  # a busy process holds no queued tasks another judge could run
         task_time_limit=cfg.task_time_limit_s,
-        task_default_queue=keys.judge_queue,
-        task_ignore_result=True,  # results go to the scored stream, not a result backend
         worker_disable_rate_limits=True,  # none are used; skips a per-task check in the consumer
-        broker_connection_retry_on_startup=True,
-        # Publishing a judge task rides out a broker restart (~30 s) instead of failing the generation worker.
-        task_publish_retry=True,
-        task_publish_retry_policy={"max_retries": 30, "interval_start": 0, "interval_step": 0.5, "interval_max": 1.0},
         broker_transport_options={
             # kombu's default is 1 h; a task held by a dead worker comes back after this (+ the sweep interval).
             "visibility_timeout": cfg.visibility_timeout_s,
@@ -98,8 +82,6 @@ def make_app(broker_url: str, run: str = "default", cfg: JudgeConfig | None = No
             "unacked_restore_throttle": 1,  # make the interval the only knob: scan on every sweep
         },
     )
-    if os.environ.get(PASSWORD_ENV) and "@" not in broker_url:
-        app.conf.broker_password = os.environ[PASSWORD_ENV]
     app.task(
         base=JudgeTask,
         bind=True,
@@ -123,34 +105,6 @@ def app_from_env() -> Celery:
     raw = os.environ.get(CONFIG_ENV)
     cfg = JudgeConfig.model_validate_json(raw) if raw else JudgeConfig()
     return make_app(os.environ.get(BROKER_URL_ENV, DEFAULT_BROKER_URL), os.environ.get(RUN_ENV, "default"), cfg)
-
-
-def submit_group(app: Celery, run: str, group: RolloutGroup) -> AsyncResult:
-    """Queue one RolloutGroup for the judges of `run` (task id = group id, so `celery inspect` finds it)."""
-    return app.send_task(TASK_NAME, args=(encode(group),), queue=Keys(run).judge_queue, task_id=group.group_id)
-
-
-def submit_groups(
-    app: Celery, run: str, groups: Iterable[RolloutGroup], groups_per_task: int = GROUPS_PER_TASK
-) -> list[AsyncResult]:
-    """Queue groups `groups_per_task` to a task (one argument each), over one producer connection.
-
-    Several groups per task spread Celery's fixed cost per task (~2 ms of the worker's main process) over
-    them; each group is still verified in one child round trip with its own deadlines and published on its
-    own. The task id is the first group's id, with "+N" for the N more it carries.
-    """
-    if groups_per_task < 1:
-        raise ValueError(f"groups_per_task must be >= 1, got {groups_per_task}")
-    items = list(groups)
-    chunks = [items[i : i + groups_per_task] for i in range(0, len(items), groups_per_task)]
-    with app.producer_or_acquire() as producer:
-        return [_send(app, Keys(run).judge_queue, [encode(g) for g in chunk], chunk[0].group_id, producer)
-                for chunk in chunks]  # fmt: skip
-
-
-def _send(app: Celery, queue: str, payloads: list[bytes], first_id: str, producer: Any = None) -> AsyncResult:
-    task_id = first_id if len(payloads) == 1 else f"{first_id}+{len(payloads) - 1}"
-    return app.send_task(TASK_NAME, args=tuple(payloads), queue=queue, task_id=task_id, producer=producer)
 
 
 # Per pool process state: a Redis client and a verifier child, created on first use.
@@ -190,7 +144,7 @@ def score_task(task: JudgeTask, *payloads: bytes) -> dict[str, Any]:
     for index, payload in enumerate(payloads):
         if index and time.monotonic() - started > budget:
             rest = list(payloads[index:])
-            _send(task.app, Keys(task.run_name).judge_queue, rest, f"{task.request.id or 'requeued'}#{index}")
+            send_payloads(task.app, Keys(task.run_name).judge_queue, rest, f"{task.request.id or 'requeued'}#{index}")
             summary["requeued"] = len(rest)
             log.info("requeued %d groups that would not fit before the task's hard time limit", len(rest))
             break

@@ -79,7 +79,7 @@ def send_pickled_task(loop: LoopRun, marker: str) -> None:
     """A Celery message serialised with pickle whose unpickling would create `marker`: it must be refused."""
     from celery import Celery
 
-    from workers.judge import TASK_NAME
+    from broker.judge_queue import TASK_NAME
 
     app = Celery(broker=f"redis://:{PASSWORD}@127.0.0.1:{loop.server.port}/0")
     try:
@@ -103,7 +103,7 @@ X800 = "Answer: \\frac{x^{800}-1}{x-1}-(" + "+".join(["1", "x"] + [f"x^{{{k}}}" 
 def inject_group(loop: LoopRun, name: str, texts: list[str], policy_version: int) -> str:
     """A rollout group sent to the judges as a misbehaving generation worker would: its own group id (never
     published by the feeder), answers of our choosing, and the policy version we say."""
-    from workers.judge import make_app, submit_groups
+    from broker.judge_queue import base_app, submit_groups
 
     def sample(text: str) -> Sample:
         return Sample(Array.from_numpy([1, 2], "int32"), Array.from_numpy([-0.5, -0.25], "float32"), "stop", text)
@@ -113,7 +113,7 @@ def inject_group(loop: LoopRun, name: str, texts: list[str], policy_version: int
         group_id=f"{name}@injected", batch_id="injected", prompt=prompt, policy_version=policy_version,
         samples=[sample(t) for t in texts], worker_id="injector",
     )  # fmt: skip
-    app = make_app(f"redis://:{PASSWORD}@127.0.0.1:{loop.server.port}/0", loop.run_name)
+    app = base_app(f"redis://:{PASSWORD}@127.0.0.1:{loop.server.port}/0", loop.run_name)
     try:
         submit_groups(app, loop.run_name, [group])
     finally:

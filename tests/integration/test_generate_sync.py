@@ -15,7 +15,8 @@ import torch
 from broker.connection import connect
 from broker.errors import WeightSyncError
 from broker.keys import POLICY_JOIN_PREFIX, Keys
-from learner.broadcast import CollectiveBroadcast, read_announcement
+from broker.policy import PolicyHash
+from learner.broadcast import CollectiveBroadcast
 from workers.weights import WeightReceiver
 
 TIMEOUT_S = 5.0
@@ -37,7 +38,7 @@ def _worker(r, keys: Keys, worker_id: str, version: int, out: dict) -> None:
     deadline = time.monotonic() + 30
     handled = None
     while time.monotonic() < deadline:
-        ann = read_announcement(r, keys)
+        ann = PolicyHash(r, keys).announcement()
         if ann is not None and worker_id in ann.members and (ann.epoch, ann.version) != handled:
             handled = (ann.epoch, ann.version)
             try:
@@ -71,7 +72,7 @@ def test_workers_receive_every_parameter_in_buckets(sync) -> None:
     for t in threads:
         t.join(30)
     assert report.members == ["w1", "w2"] and not report.evicted
-    ann = read_announcement(r, keys)
+    ann = PolicyHash(r, keys).announcement()
     assert ann is not None and ann.version == 1 and ann.world_size == 3 and len(ann.buckets) > 1
     for w in ("w1", "w2"):
         assert out[w].keys() == dict(model.named_parameters()).keys()
@@ -103,7 +104,7 @@ def test_a_flattening_sender_sends_its_parameters_in_place(redis_url: str, run_n
         bc.broadcast(model, version=version)
         worker.join(30)
         params = dict(model.named_parameters())
-        ann = read_announcement(r, keys)
+        ann = PolicyHash(r, keys).announcement()
         assert all(bucket_view(params, BucketSpec(**{f: getattr(b, f) for f in b.__struct_fields__})) is not None
                    for b in ann.buckets)  # fmt: skip
         assert all(torch.equal(out["w1"][n], p.detach()) for n, p in params.items())
@@ -126,7 +127,7 @@ def test_a_member_that_never_comes_is_evicted_and_the_rest_are_served(sync) -> N
     worker.join(60)
     assert report.evicted == ["ghost"] and report.members == ["w1"] and report.attempts == 2
     assert torch.equal(out["w1"]["0.weight"], model[0].weight.detach())
-    assert "ghost" not in read_announcement(r, keys).members
+    assert "ghost" not in PolicyHash(r, keys).announcement().members
 
 
 def test_a_stalled_learner_ends_the_update_with_an_error_within_its_timeout(sync) -> None:

@@ -24,10 +24,11 @@ import psutil
 import pytest
 import redis
 
+from broker.judge_queue import TASK_NAME, submit_group, submit_groups
 from broker.keys import Keys
 from broker.schemas import Array, DeadLetter, Prompt, RolloutGroup, Sample, ScoredGroup, decode, encode
 from broker.streams import PAYLOAD_FIELD
-from workers.judge import BROKER_URL_ENV, CONFIG_ENV, RUN_ENV, TASK_NAME, make_app, submit_group, submit_groups
+from workers.judge import BROKER_URL_ENV, CONFIG_ENV, RUN_ENV, make_app
 from workers.judge_config import JudgeConfig, LLMJudgeConfig
 
 REPO = Path(__file__).resolve().parents[2]

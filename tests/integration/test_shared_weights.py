@@ -17,7 +17,8 @@ import torch
 
 from broker.connection import connect
 from broker.keys import POLICY_SHARED_SEQ, POLICY_SYNCED_PREFIX, Keys
-from learner.broadcast import CollectiveBroadcast, read_announcement
+from broker.policy import PolicyHash
+from learner.broadcast import CollectiveBroadcast
 from workers.engines import HFEngine
 from workers.generate import GenerationWorker, StreamSink, rollout_stream
 from workers.generate_config import GenerationConfig
@@ -80,7 +81,7 @@ def test_a_worker_on_the_learners_host_reads_the_shared_buffers(hf_worker, tiny_
         for version, seed in ((1, 1), (2, 2)):
             model = _perturbed(tiny_model_dir, seed)
             report = learner.broadcast(model, version=version)
-            ann = read_announcement(r, keys)
+            ann = PolicyHash(r, keys).announcement()
             assert ann is not None and ann.shared is not None
             # No group was formed: the worker is a shared member only, and the learner waited for nobody.
             assert ann.shared_members == ["hf-0"] and ann.members == [] and ann.world_size == 1
@@ -135,7 +136,7 @@ def test_auto_keeps_cpu_workers_in_the_group(hf_worker, tiny_model_dir, redis_ur
     try:
         report = learner.broadcast(model, version=1)
         syncer.join(60)
-        ann = read_announcement(r, keys)
+        ann = PolicyHash(r, keys).announcement()
     finally:
         learner.close()
     assert ann is not None and ann.shared is None and ann.members == ["hf-0"] and report.members == ["hf-0"]
