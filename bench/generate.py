@@ -1,7 +1,7 @@
 """Generation-worker benchmark, one run: vLLM CPU vs transformers tokens/s, and weight-update time vs raw gloo.
 
 - tokens/s: the same tiny Qwen3 (rlq/tiny_policy.py), the same prompts, n samples each, through
-  `workers.engines.VllmEngine` (warm, the project's GenerationConfig defaults: compiled, engine inside this
+  `workers.generate.engines.VllmEngine` (warm, the project's GenerationConfig defaults: compiled, engine inside this
   process, text decoded once per completion) and `HFEngine` (`generate()`), both float32 on CPU, in this process
   with the same torch thread count (the engine's: the usable CPUs less one, 1 on a 2-core machine). Each
   backend's best of --rounds interleaved rounds. (Until 2026-11-27 generate() ran with torch's default 2 threads
@@ -9,7 +9,7 @@
   waits, against ~10k with one thread; the 4.8x recorded then compared vLLM with that collapsed baseline.)
 - weight update: `learner.broadcast.CollectiveBroadcast(flatten=True)` in a learner process of its own ->
   `VllmEngine.update_weights` (join once, then steady state: bucketed gloo broadcast into the engine + the
-  in-place load of workers/vllm_reload.py + prefix-cache reset), from the learner's first step until the worker
+  in-place load of workers/generate/vllm_reload.py + prefix-cache reset), from the learner's first step until the worker
   has loaded, against a raw gloo broadcast of the same bytes as one flat tensor between two processes. Medians
   of repeats. Since 2026-11-27 the worker loads and re-packs each bucket as it arrives: `*_receive_s` includes
   that overlapped work and `*_reload_s` is only what follows the last bucket (before: receive, then load). The
@@ -196,7 +196,7 @@ def build_scaled_model(out: Path, hidden: int, layers: int) -> Path:
 def scaled_update(cfg, cache: Path, hidden: int, layers: int, repeats: int, prefix: str) -> dict[str, float]:
     """Tokens/s and weight update vs raw gloo on a wider model, where bytes rather than per-layer overheads
     dominate: `update_figures` under `{prefix}scaled_`."""
-    from workers.engines import VllmEngine
+    from workers.generate.engines import VllmEngine
 
     model_dir = build_scaled_model(cache / f"scaled-{hidden}x{layers}", hidden, layers)
     engine = VllmEngine(cfg, "bench-scaled", str(model_dir))
@@ -227,7 +227,7 @@ def update_figures(engine, model_dir: Path, repeats: int, prefix: str) -> dict[s
         f"{prefix}weight_bytes": update["bytes"],
         f"{prefix}update_over_raw_gloo": update["update_s"] / raw_s,
         f"{prefix}learner_broadcast_over_raw_gloo": update["learner_broadcast_s"] / raw_s,
-        f"{prefix}weight_update_in_place": update["in_place"],  # 1: workers/vllm_reload.py's path, 0: vLLM's
+        f"{prefix}weight_update_in_place": update["in_place"],  # 1: workers/generate/vllm_reload.py's path, 0: vLLM's
     }
 
 
@@ -245,8 +245,8 @@ def main() -> None:
 
     import torch
 
-    from workers.engines import HFEngine, VllmEngine
-    from workers.generate_config import GenerationConfig
+    from workers.generate.config import GenerationConfig
+    from workers.generate.engines import HFEngine, VllmEngine
 
     model_dir = build_model(args.cache)
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": 1.0,

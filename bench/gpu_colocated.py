@@ -91,7 +91,7 @@ def alone(args: argparse.Namespace) -> None:
     from learner.data_source import prompt_from_row, read_rows
     from rlq.config import load_run_config
     from rlq.models import resolve_model
-    from workers.engines import VllmEngine, request_seed
+    from workers.generate.engines import VllmEngine, request_seed
 
     cfg = load_run_config(args.config, args.overrides)
     gen = cfg.policy.generation.model_copy(deep=True)

@@ -7,8 +7,8 @@ every row produces the same count in every engine. Also times the project's form
 against a full forward over the sampled sequences.
 
 Last, the same random model saved to a temporary directory (no tokenizer: no detokenization) runs through
-`workers.engines.VllmEngine`, the class the generation worker uses, on the same prompts with one seed per prompt
-as the worker derives them. vLLM comes last because it claims a share of the GPU when it starts: the HF model
+`workers.generate.engines.VllmEngine`, the class the generation worker uses, on the same prompts with one seed
+per prompt as the worker derives them. vLLM comes last because it claims a share of the GPU when it starts: the HF model
 stays (8 GB, needed for the logprob check), the fast engine's static cache and graphs are freed first. Its tokens
 per second count the tokens it actually produced (its SamplingParams do not set ignore_eos; the saved model has
 no EOS id, so rows should not stop early: `vllm_rows_short` says). Its behaviour logprobs of the sampled tokens
@@ -46,9 +46,9 @@ import torch
 
 from bench import gpu_common
 from bench.gpu_common import out_dir, qwen3_config, random_model, write_result
-from workers.engine_hf_fast import FastHFEngine, process_logits
-from workers.engines import HFEngine, VllmEngine, request_seed
-from workers.generate_config import GenerationConfig
+from workers.generate.config import GenerationConfig
+from workers.generate.engine_hf_fast import FastHFEngine, process_logits
+from workers.generate.engines import HFEngine, VllmEngine, request_seed
 
 log = logging.getLogger("bench.gpu_generate")
 TARGET_SPEEDUP = 3.0
@@ -214,7 +214,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     shape = TINY if args.tiny else {}
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_check else "cpu")
-    # float32 on CPU: vLLM's CPU build has crashed in bf16 (workers/generate_config.py, `precision`).
+    # float32 on CPU: vLLM's CPU build has crashed in bf16 (workers/generate/config.py, `precision`).
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     precision = "bfloat16" if dtype == torch.bfloat16 else "float32"
     model: Any = random_model(qwen3_config(**shape), dtype, device).eval()

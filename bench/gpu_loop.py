@@ -27,14 +27,14 @@ def main() -> None:
     parser.add_argument("--model", default=str(REPO / "artifacts" / "tiny-policy"))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--work", default="/tmp/rlq-gpu-loop")
-    parser.add_argument("--worker-device", default="cuda:1")
+    parser.add_argument("--worker-gpu", default="1", help="cluster.generation_gpus of the worker (the learner: 0).")
     parser.add_argument("--timeout", type=int, default=420)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("overrides", nargs="*", help="Extra rlq train overrides.")
     args = parser.parse_args()
     work = Path(args.work)
     data_dir, run_dir = work / "arith", work / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RLQ_HF_DEVICE": args.worker_device}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if not data_dir.exists():
         subprocess.run([sys.executable, "-m", "rlq", "prepare-data", "--source", "arith", "-o", str(data_dir),
                         "--n-train", "400", "--n-val", "20"], check=True, env=env, cwd=REPO)  # fmt: skip
@@ -42,7 +42,8 @@ def main() -> None:
             f"policy.model_name={args.model}", f"data.path={data_dir}", f"logger.log_dir={run_dir}",
             f"checkpointing.checkpoint_dir={run_dir / 'ckpt'}", "logger.wandb_enabled=false",
             f"grpo.max_num_steps={args.steps}", "policy.generation.backend=hf", "grpo.val_at_start=false",
-            "grpo.val_period=0", *args.overrides]  # fmt: skip
+            "grpo.val_period=0", "cluster.learner_gpus=0", f"cluster.generation_gpus={args.worker_gpu}",
+            *args.overrides]  # fmt: skip
     t0 = time.monotonic()
     result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
     wall = time.monotonic() - t0

@@ -1,7 +1,7 @@
 """Weight sync of a Qwen3-4B-shaped bf16 model, learner process on GPU0 -> generation worker process on GPU1.
 
 Project path: `learner.broadcast.CollectiveBroadcast` (announcement in Redis, NCCL weight group) -> the worker
-polls the policy hash, `FastHFEngine.update_weights` (`workers.weights.WeightReceiver`) receives; end to end =
+polls the policy hash, `FastHFEngine.update_weights` (`workers.generate.weights.WeightReceiver`) receives; end to end =
 from the learner calling `broadcast()` to the worker's model holding the new weights (same-host monotonic
 clock). Two sender layouts: parameters in their own tensors (each bucket packed into a scratch buffer, then
 sent) and parameters laid out as the buckets (`weightsync.flat`, sent as they are); the worker always receives
@@ -150,8 +150,8 @@ def worker_main(args) -> None:
 
     from broker.keys import POLICY_JOIN_PREFIX, Keys
     from broker.policy import PolicyHash
-    from workers.engine_hf_fast import FastHFEngine
-    from workers.generate_config import GenerationConfig
+    from workers.generate.config import GenerationConfig
+    from workers.generate.engine_hf_fast import FastHFEngine
 
     device = _device(args, 1 if args.backend == "nccl" else 0)
     r = redis.Redis.from_url(args.redis)

@@ -9,7 +9,7 @@ logprobs per sample so the messages have realistic size). Measured, interleaved,
     does), no isolation, no queue;
   * inprocess_2: the same in 2 processes (a fork pool over the 2 cores): the fair baseline for 2 workers;
   * fork_per_answer (reference, one core): NeMo Gym's isolation, a fresh fork per answer;
-  * celery: `celery -A workers.judge worker --concurrency 2`, every answer in a pre-forked child with a
+  * celery: `celery -A workers.judge.celery_app worker --concurrency 2`, every answer in a pre-forked child with a
     hard deadline, groups queued with `submit_groups` while the consumer is paused, then released; the clock
     stops at the last ScoredGroup in the scored stream.
 The machine is shared with other work, so wall-clock rates swing between repeats; the CPU seconds the judge
@@ -50,10 +50,10 @@ from broker.judge_queue import submit_group, submit_groups  # noqa: E402
 from broker.keys import Keys  # noqa: E402
 from broker.schemas import Array, Prompt, RolloutGroup, Sample  # noqa: E402
 from broker.server import RedisServer  # noqa: E402
-from workers.isolation import warm_up  # noqa: E402
-from workers.judge import BROKER_URL_ENV, CONFIG_ENV, RUN_ENV, make_app  # noqa: E402
-from workers.judge_config import JudgeConfig  # noqa: E402
-from workers.verify import check, extract_answer, parse_gold  # noqa: E402
+from workers.judge.app import BROKER_URL_ENV, CONFIG_ENV, RUN_ENV, make_app  # noqa: E402
+from workers.judge.config import JudgeConfig  # noqa: E402
+from workers.judge.isolation import warm_up  # noqa: E402
+from workers.judge.verify import check, extract_answer, parse_gold  # noqa: E402
 
 RESULT = Path(__file__).parent / "results" / "judge.json"
 TARGET_RATIO = 0.80
@@ -184,7 +184,7 @@ class CeleryJudge:
             "-m",
             "celery",
             "-A",
-            "workers.judge",
+            "workers.judge.celery_app",
             "worker",
             "-Q",
             self.keys.judge_queue,

@@ -32,8 +32,8 @@ class WeightSyncError(RlqError, RuntimeError):
     """A weight update that did not complete.
 
     On the learner (`learner.broadcast`): a broadcast that could not complete within its deadline, with who was
-    evicted; the learner may go on and workers keep older weights. On a generation worker (`workers.weights`): the
-    worker keeps its weights and re-joins at the next epoch.
+    evicted; the learner may go on and workers keep older weights. On a generation worker
+    (`workers.generate.weights`): the worker keeps its weights and re-joins at the next epoch.
     """
 
 

@@ -69,7 +69,7 @@ class Keys:
 
 
 # The weight-sync contract beyond the announcement itself (docs/weight_sync.md): fields of the policy hash and
-# keys of the weight group's rendezvous store, shared by learner/broadcast.py and workers/weights.py.
+# keys of the weight group's rendezvous store, shared by learner/broadcast.py and workers/generate/weights.py.
 POLICY_VERSION = "version"
 """Policy-hash field: the learner's latest policy version."""
 POLICY_UPDATED_AT = "learner_updated_at"

@@ -32,7 +32,7 @@ def generate_command(
         setproctitle(f"rlq worker generate {wid} ({cfg.run_name})")
     except ImportError:
         pass
-    from workers.generate import run
+    from workers.generate.worker import run
 
     run(
         gen, run=cfg.run_name, broker_url=cfg.broker_url(), worker_id=wid, model_name=model, max_batches=max_batches,

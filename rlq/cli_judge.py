@@ -1,7 +1,7 @@
-"""`rlq worker judge`: validate the config, then exec a plain `celery worker` for `workers.judge`.
+"""`rlq worker judge`: validate the config, then exec a plain `celery worker` for `workers.judge.celery_app`.
 
 Exec, not a wrapper process: the supervisor's signals reach Celery directly, and the process is an ordinary
-Celery worker that `celery -A workers.judge inspect ...` and Flower see.
+Celery worker that `celery -A workers.judge.celery_app inspect ...` and Flower see.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def judge_command(
     """Run a judge worker (Celery + math-verify) for the run; broker from broker.url or RLQ_BROKER_URL."""
     from broker.connection import connect
     from broker.keys import Keys, check_run_name
-    from workers.judge import BROKER_URL_ENV, CONFIG_ENV, RUN_ENV
-    from workers.judge_config import JudgeConfig
+    from workers.judge.app import BROKER_URL_ENV, CONFIG_ENV, RUN_ENV
+    from workers.judge.config import JudgeConfig
 
     if config is not None:
         from rlq.config import load_run_config
@@ -55,7 +55,7 @@ def judge_command(
 
 def celery_argv(queue: str, concurrency: int, loglevel: str, events: bool, run: str) -> list[str]:
     """The plain Celery command line (mingle and gossip off: they only slow start-up and chatter on Redis)."""
-    argv = [sys.executable, "-m", "celery", "-A", "workers.judge", "worker", "-Q", queue,
+    argv = [sys.executable, "-m", "celery", "-A", "workers.judge.celery_app", "worker", "-Q", queue,
             "--concurrency", str(concurrency), "--loglevel", loglevel, "-n", f"judge-{run}-{os.getpid()}@%h",
             "--without-mingle", "--without-gossip"]  # fmt: skip
     return [*argv, "-E"] if events else argv

@@ -26,8 +26,8 @@ from learner.config import (
     PolicyConfig,
 )
 from rlq.overrides import apply_overrides, load_yaml
-from workers.generate_config import GenerationConfig
-from workers.judge_config import JudgeConfig
+from workers.generate.config import GenerationConfig
+from workers.judge.config import JudgeConfig
 
 BROKER_URL_ENV = "RLQ_BROKER_URL"
 

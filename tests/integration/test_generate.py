@@ -25,9 +25,9 @@ from broker.registry import Registry
 from broker.schemas import Array, Prompt, PromptBatch, RolloutGroup, decode
 from broker.streams import PAYLOAD_FIELD, StreamProducer
 from learner.broadcast import CollectiveBroadcast
-from workers.engines import HFEngine, VllmEngine
-from workers.generate import GenerationWorker, StreamSink, rollout_stream
-from workers.generate_config import GenerationConfig
+from workers.generate.config import GenerationConfig
+from workers.generate.engines import HFEngine, VllmEngine
+from workers.generate.worker import GenerationWorker, StreamSink, rollout_stream
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -228,7 +228,7 @@ def test_a_load_that_fails_after_the_live_weights_changed_stops_the_worker(
     """Past the point where `rollback` can restore (the in-place load of embeddings and norms), a failure must not
     be reported as "kept the old weights": the worker would sample from a mix of two versions."""
     from broker.errors import EngineStateLost
-    from workers.vllm_reload import InPlaceLoad
+    from workers.generate.vllm_reload import InPlaceLoad
 
     real_finish = InPlaceLoad.finish
 
@@ -346,14 +346,15 @@ def test_a_killed_workers_batch_is_processed_by_another(
 def test_groups_reach_the_real_judges_and_come_back_scored(
     vllm_engine, redis_url: str, run_name: str, tmp_path: Path
 ) -> None:
-    """The production hand-off: CelerySink -> a real `celery -A workers.judge worker` -> the scored stream."""
+    """The production hand-off: CelerySink -> a real `celery -A workers.judge.celery_app worker` -> the scored
+    stream."""
     from broker.schemas import ScoredGroup
-    from workers.judge import BROKER_URL_ENV, RUN_ENV
+    from workers.judge.app import BROKER_URL_ENV, RUN_ENV
 
     r = connect(redis_url)
     keys = Keys(run_name)
     env = {**os.environ, BROKER_URL_ENV: redis_url, RUN_ENV: run_name, "PYTHONPATH": "."}
-    argv = [sys.executable, "-m", "celery", "-A", "workers.judge", "worker", "-Q", keys.judge_queue,
+    argv = [sys.executable, "-m", "celery", "-A", "workers.judge.celery_app", "worker", "-Q", keys.judge_queue,
             "--concurrency", "1", "--without-mingle", "--without-gossip", "-n", f"judge-{run_name}@%h"]  # fmt: skip
     with open(tmp_path / "judge.log", "wb") as log:
         judge = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

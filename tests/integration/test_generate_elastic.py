@@ -1,6 +1,6 @@
 """Worker lifecycle without vLLM (transformers backend): re-joining after a failed update, SIGTERM mid-batch.
 
-The behaviour under test is the role's (workers/generate.py), which is the same for both backends; using the
+The behaviour under test is the role's (workers/generate/worker.py), which is the same for both backends; using the
 transformers backend keeps the vLLM engine count on this machine at one (test_generate.py holds it).
 """
 
@@ -24,9 +24,9 @@ from broker.registry import Registry
 from broker.schemas import Array, Prompt, PromptBatch, RolloutGroup, decode
 from broker.streams import PAYLOAD_FIELD, StreamProducer
 from learner.broadcast import CollectiveBroadcast
-from workers.engines import HFEngine
-from workers.generate import GenerationWorker, StreamSink, rollout_stream
-from workers.generate_config import GenerationConfig
+from workers.generate.config import GenerationConfig
+from workers.generate.engines import HFEngine
+from workers.generate.worker import GenerationWorker, StreamSink, rollout_stream
 
 pytestmark = pytest.mark.slow
 

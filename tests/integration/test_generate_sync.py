@@ -17,7 +17,7 @@ from broker.errors import WeightSyncError
 from broker.keys import POLICY_JOIN_PREFIX, Keys
 from broker.policy import PolicyHash
 from learner.broadcast import CollectiveBroadcast
-from workers.weights import WeightReceiver
+from workers.generate.weights import WeightReceiver
 
 TIMEOUT_S = 5.0
 

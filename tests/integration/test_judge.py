@@ -28,8 +28,8 @@ from broker.judge_queue import TASK_NAME, submit_group, submit_groups
 from broker.keys import Keys
 from broker.schemas import Array, DeadLetter, Prompt, RolloutGroup, Sample, ScoredGroup, decode, encode
 from broker.streams import PAYLOAD_FIELD
-from workers.judge import BROKER_URL_ENV, CONFIG_ENV, RUN_ENV, make_app
-from workers.judge_config import JudgeConfig, LLMJudgeConfig
+from workers.judge.app import BROKER_URL_ENV, CONFIG_ENV, RUN_ENV, make_app
+from workers.judge.config import JudgeConfig, LLMJudgeConfig
 
 REPO = Path(__file__).resolve().parents[2]
 BUDGET = JudgeConfig(
@@ -54,7 +54,7 @@ def make_group(ground_truth: str, texts: list[str], group_id: str | None = None)
 
 
 class Judge:
-    """One `celery -A workers.judge worker` subprocess and the client side of its run."""
+    """One `celery -A workers.judge.celery_app worker` subprocess and the client side of its run."""
 
     def __init__(self, url: str, run: str, cfg: JudgeConfig, log_path: Path, concurrency: int = 2) -> None:
         self.run, self.keys, self.log_path = run, Keys(run), log_path
@@ -62,7 +62,7 @@ class Judge:
         self.app = make_app(url, run, cfg)
         self.r = redis.Redis.from_url(url)
         env = {**os.environ, BROKER_URL_ENV: url, RUN_ENV: run, CONFIG_ENV: cfg.model_dump_json()}
-        argv = [sys.executable, "-m", "celery", "-A", "workers.judge", "worker", "-Q", self.keys.judge_queue,
+        argv = [sys.executable, "-m", "celery", "-A", "workers.judge.celery_app", "worker", "-Q", self.keys.judge_queue,
                 "--concurrency", str(concurrency), "-n", f"{self.name}@%h", "--without-mingle", "--without-gossip",
                 "--loglevel", "INFO"]  # fmt: skip
         self.log = log_path.open("ab")

@@ -19,9 +19,9 @@ from broker.connection import connect
 from broker.keys import POLICY_SHARED_SEQ, POLICY_SYNCED_PREFIX, Keys
 from broker.policy import PolicyHash
 from learner.broadcast import CollectiveBroadcast
-from workers.engines import HFEngine
-from workers.generate import GenerationWorker, StreamSink, rollout_stream
-from workers.generate_config import GenerationConfig
+from workers.generate.config import GenerationConfig
+from workers.generate.engines import HFEngine
+from workers.generate.worker import GenerationWorker, StreamSink, rollout_stream
 
 
 def _cfg() -> GenerationConfig:
@@ -147,7 +147,7 @@ def test_auto_keeps_cpu_workers_in_the_group(hf_worker, tiny_model_dir, redis_ur
 @pytest.mark.slow
 def test_the_vllm_engine_loads_shared_buffers_in_place(tiny_model_dir, redis_url, run_name):
     """The vLLM CPU engine's extension opens the buffers and loads them in place; logprobs follow the learner."""
-    from workers.engines import VllmEngine
+    from workers.generate.engines import VllmEngine
 
     engine = VllmEngine(_cfg(), "vllm-0", str(tiny_model_dir))
     worker = _worker(engine, redis_url, run_name)

@@ -11,8 +11,8 @@ import torch
 
 from broker.schemas import BucketSpec, TensorSpec
 from weightsync.flat import bucket_view, flatten_into_buckets
-from workers.engine_hf_fast import FastHFEngine, batch_bucket, process_logits
-from workers.generate_config import GenerationConfig
+from workers.generate.config import GenerationConfig
+from workers.generate.engine_hf_fast import FastHFEngine, batch_bucket, process_logits
 
 
 def _tiny_model():

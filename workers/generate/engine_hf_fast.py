@@ -1,6 +1,6 @@
 """A fast transformers generation backend: static KV cache, one CUDA graph per decode step, in-GPU sampling.
 
-`HFEngine` (workers/engines.py) calls `model.generate(output_scores=True)`: a growing cache, a few thousand
+`HFEngine` (workers/generate/engines.py) calls `model.generate(output_scores=True)`: a growing cache, a few thousand
 kernel launches per token from Python, and every step's [rows, vocab] scores kept until the end to recover the
 sampled tokens' logprobs. `FastHFEngine` keeps the same model and the same `Engine` contract but:
 
@@ -26,8 +26,8 @@ import torch
 from broker.errors import WeightSyncError
 from broker.schemas import WeightAnnouncement
 from weightsync.flat import flatten_into_buckets
-from workers.engines import Completion, HFEngine, SyncStats
-from workers.generate_config import GenerationConfig
+from workers.generate.config import GenerationConfig
+from workers.generate.engines import Completion, HFEngine, SyncStats
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class FastHFEngine(HFEngine):
 
     def update_weights(self, ann: WeightAnnouncement) -> SyncStats:
         """Receive into the parameters' own storage (laid out as the announced buckets once, before any graph)."""
-        from workers.weights import WeightReceiver
+        from workers.generate.weights import WeightReceiver
 
         if ann.backend == "filesystem":
             return self.load_file(ann.checkpoint_path)

@@ -35,7 +35,7 @@ from multiprocessing.connection import Connection
 import msgspec
 
 from broker.schemas import VERDICTS, Verdict
-from workers.verify import check, parse_gold, quiet_math_verify
+from workers.judge.verify import check, parse_gold, quiet_math_verify
 
 log = logging.getLogger(__name__)
 

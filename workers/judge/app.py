@@ -2,7 +2,7 @@
 
 Run it as a plain Celery worker (`rlq worker judge` execs exactly this), so `celery inspect` and Flower work:
 
-    RLQ_BROKER_URL=redis://host:6379/0 RLQ_RUN=myrun celery -A workers.judge worker -Q rlq.myrun.judge
+    RLQ_BROKER_URL=redis://host:6379/0 RLQ_RUN=myrun celery -A workers.judge.celery_app worker -Q rlq.myrun.judge
 
 Delivery: msgpack only (a pickled message is refused before it is decoded); late acks, so a task is acknowledged
 only after its ScoredGroup is in the scored stream; a pool process killed mid-task is retried at once
@@ -12,7 +12,7 @@ written with `publish_once` keyed by group id, so a redelivered task never produ
 that cannot be scored (undecodable, hard time limit, crashes on every run) goes to the dead-letter stream with
 the reason and its original bytes.
 
-Scoring: every answer runs in the pool process's pre-forked verifier child (`workers.isolation`) under a hard
+Scoring: every answer runs in the pool process's pre-forked verifier child (`workers.judge.isolation`) under a hard
 deadline; the optional LLM judge is asked only about answers the library scored "incorrect".
 """
 
@@ -40,9 +40,9 @@ from broker.keys import Keys
 from broker.registry import Registry
 from broker.schemas import Array, MessageError, RolloutGroup, ScoredGroup, Verdict, WorkerHeartbeat, decode
 from broker.streams import done_key, publish_once, send_dead_letter
-from workers.isolation import VerifierChild
-from workers.judge_config import TIME_LIMIT_MARGIN_S, JudgeConfig, LLMJudgeConfig
-from workers.verify import extract_answer, reward_of
+from workers.judge.config import TIME_LIMIT_MARGIN_S, JudgeConfig, LLMJudgeConfig
+from workers.judge.isolation import VerifierChild
+from workers.judge.verify import extract_answer, reward_of
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def make_app(broker_url: str, run: str = "default", cfg: JudgeConfig | None = No
 
 
 def app_from_env() -> Celery:
-    """The app `celery -A workers.judge` loads: broker, run and JudgeConfig from the environment."""
+    """The app `celery -A workers.judge.celery_app` loads: broker, run and JudgeConfig from the environment."""
     raw = os.environ.get(CONFIG_ENV)
     cfg = JudgeConfig.model_validate_json(raw) if raw else JudgeConfig()
     return make_app(os.environ.get(BROKER_URL_ENV, DEFAULT_BROKER_URL), os.environ.get(RUN_ENV, "default"), cfg)
@@ -252,7 +252,7 @@ def _group_id(payload: Any) -> str | None:
 def _warm_before_forking_the_pool(**_: Any) -> None:
     """Import and exercise math-verify once in the worker's main process: every pool process (and each verifier
     child it forks) inherits the warm caches, and no task pays the second or two of the first import."""
-    from workers.isolation import warm_up
+    from workers.judge.isolation import warm_up
 
     warm_up()
 
@@ -333,6 +333,3 @@ def _ask(cfg: LLMJudgeConfig, question: str, first: str, second: str, deadline: 
     if NOT_EQUAL in text:
         return False
     return True if EQUAL in text else None
-
-
-app = app_from_env()

@@ -41,8 +41,9 @@ from broker.schemas import (
     WorkerHeartbeat,
 )
 from broker.streams import ROLE_KEEP_ACKED, Delivery, StreamConsumer, publish_once
-from workers.engines import Completion, Engine, make_engine, request_seed
-from workers.generate_config import GenerationConfig
+from workers.generate.config import GenerationConfig
+from workers.generate.engines import Completion, Engine, request_seed
+from workers.generate.factory import make_engine
 
 log = logging.getLogger(__name__)
 
