@@ -69,7 +69,7 @@ def _checksum(model: torch.nn.Module) -> float:
 
 def raw_baseline(args, rank: int, device: torch.device, model: torch.nn.Module, r) -> dict:
     """Same bytes through torch.distributed.broadcast: one flat tensor, then the bucket sizes the project uses."""
-    from learner.broadcast import named_tensors, plan_buckets
+    from learner.weight_transport import named_tensors, plan_buckets
 
     dist.init_process_group(
         args.backend, init_method=f"tcp://127.0.0.1:{args.raw_port}", rank=rank, world_size=2,
@@ -112,7 +112,8 @@ def learner_main(args) -> None:
     import redis
 
     from broker.keys import POLICY_JOIN_PREFIX, Keys
-    from learner.broadcast import CollectiveBroadcast, named_tensors, plan_buckets
+    from learner.broadcast import CollectiveBroadcast
+    from learner.weight_transport import named_tensors, plan_buckets
     from weightsync.flat import flatten_into_buckets
 
     device = _device(args, 0)

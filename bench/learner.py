@@ -136,7 +136,7 @@ class _NoRedis:
 def measure(args, vocab: int) -> dict:
     """Interleaved rounds of project and baseline on one model shape; the best round of each."""
     from broker.keys import Keys
-    from learner.broadcast import FilesystemBroadcast
+    from learner.weight_transport import FilesystemBroadcast
 
     groups = make_groups(args, vocab)
     cfg = GRPOConfig(num_prompts_per_step=args.prompts, num_generations_per_prompt=args.generations)

@@ -10,7 +10,8 @@ Two transports behind one base, `WeightBroadcast.broadcast(model, version)`:
   no pack copy, no fresh memory to fault in. The `WeightAnnouncement` (version, epoch, bucket layout,
   rendezvous) is written to the policy hash before the first byte moves, so every member knows what to expect
   and a hang is visible.
-- `FilesystemBroadcast`: one safetensors file per version in a shared directory, announced the same way.
+- `FilesystemBroadcast` (learner/weight_transport.py, with the base class and the bucket plan): one safetensors
+  file per version in a shared directory, announced the same way.
 
 Membership (docs/weight_sync.md): a worker asks to join by writing `join:<worker_id>` into the policy hash. At
 its next broadcast the learner admits live requesters and forms the group again under `epoch + 1`. A member
@@ -26,9 +27,7 @@ import logging
 import os
 import socket
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -39,8 +38,18 @@ import torch.distributed as dist
 
 from broker.errors import WeightSyncError
 from broker.keys import WEIGHT_JOINED_KEY, WEIGHT_STORE_PREFIX, Keys
-from broker.policy import PolicyHash, checkpoint_model_dir
-from broker.schemas import BucketSpec, JoinRequest, MessageError, TensorSpec, WeightAnnouncement, decode
+from broker.policy import checkpoint_model_dir
+from broker.schemas import BucketSpec, JoinRequest, MessageError, WeightAnnouncement, decode
+from learner.weight_transport import (
+    BroadcastReport,
+    FilesystemBroadcast,
+    NamedTensors,
+    WeightBroadcast,
+    named_tensors,
+    pack_bucket,
+    plan_buckets,
+    total_bytes,
+)
 from weightsync.flat import bucket_view, flatten_into_buckets, wait_in_order
 from weightsync.groups import new_group
 from weightsync.shared import SharedBuffers, device_id, node_name
@@ -55,90 +64,6 @@ DEAD_PEER_WAIT_S = 15.0
 """After a failure nobody can be blamed for yet (a member died after joining: its heartbeat key outlives it by up
 to its TTL), wait this long at most for a heartbeat to lapse before re-forming. Without it the next try waits
 the whole rendezvous timeout for the dead member (tests/faults measured 60 s instead of ~10)."""
-
-NamedTensors = list[tuple[str, torch.Tensor]]
-
-
-@dataclass
-class BroadcastReport:
-    """What one `broadcast` did; the learner logs these as `sync/*` metrics."""
-
-    version: int
-    epoch: int
-    members: list[str]
-    seconds: float = 0.0
-    bytes: int = 0
-    attempts: int = 1
-    evicted: list[str] = field(default_factory=list)
-
-    def metrics(self) -> dict[str, float]:
-        return {
-            "sync/seconds": self.seconds,
-            "sync/bytes": float(self.bytes),
-            "sync/members": float(len(self.members)),
-            "sync/attempts": float(self.attempts),
-            "sync/evicted": float(len(self.evicted)),
-        }
-
-
-def named_tensors(source: torch.nn.Module | Iterable[tuple[str, torch.Tensor]]) -> NamedTensors:
-    """(Hugging Face name, detached tensor) pairs; tied parameters appear once, under their first name."""
-    items = source.named_parameters() if isinstance(source, torch.nn.Module) else source
-    return [(name, t.detach()) for name, t in items]
-
-
-def plan_buckets(tensors: NamedTensors, bucket_bytes: int) -> list[BucketSpec]:
-    """Pack tensors, in order, into flat buckets of one dtype and at most `bucket_bytes` each.
-
-    A tensor larger than `bucket_bytes` gets a bucket of its own; a dtype change starts a new bucket.
-    """
-    if bucket_bytes < 1:
-        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
-    buckets: list[BucketSpec] = []
-    for name, t in tensors:
-        dtype = str(t.dtype).removeprefix("torch.")
-        nbytes = t.numel() * t.element_size()
-        last = buckets[-1] if buckets else None
-        if last is None or last.dtype != dtype or (last.numel * t.element_size() + nbytes > bucket_bytes):
-            last = BucketSpec(dtype=dtype, numel=0, tensors=[])
-            buckets.append(last)
-        last.tensors.append(TensorSpec(name=name, shape=list(t.shape), offset=last.numel, numel=t.numel()))
-        last.numel += t.numel()
-    return buckets
-
-
-def pack_bucket(
-    by_name: dict[str, torch.Tensor], spec: BucketSpec, device: torch.device, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """One flat tensor [spec.numel] holding the bucket's parameters at their offsets (in `out` if given)."""
-    flat = out if out is not None else torch.empty(spec.numel, dtype=getattr(torch, spec.dtype), device=device)
-    for ts in spec.tensors:
-        flat[ts.offset : ts.offset + ts.numel].copy_(by_name[ts.name].reshape(-1))
-    return flat
-
-
-def total_bytes(buckets: list[BucketSpec]) -> int:
-    return sum(b.numel * torch.empty(0, dtype=getattr(torch, b.dtype)).element_size() for b in buckets)
-
-
-class WeightBroadcast(ABC):
-    """Moves the learner's weights to the generation workers and announces them in the policy hash."""
-
-    def __init__(self, r: redis.Redis, keys: Keys) -> None:
-        self.r = r
-        self.keys = keys
-        self.policy = PolicyHash(r, keys)
-
-    @abstractmethod
-    def broadcast(
-        self, source: torch.nn.Module | Iterable[tuple[str, torch.Tensor]], version: int
-    ) -> BroadcastReport: ...
-
-    def close(self) -> None:  # noqa: B027  (optional hook)
-        pass
-
-    def _announce(self, ann: WeightAnnouncement) -> None:
-        self.policy.announce(ann)  # with shared buffers, the seqlock goes even in the same transaction
 
 
 class CollectiveBroadcast(WeightBroadcast):
@@ -406,40 +331,11 @@ def _left(deadline: float, timeout_s: float) -> float:
     return remaining
 
 
-class FilesystemBroadcast(WeightBroadcast):
-    """One safetensors file per version in a directory every worker can read; keeps the newest `keep` files."""
-
-    def __init__(self, r: redis.Redis, keys: Keys, directory: Path, *, keep: int = 2) -> None:
-        super().__init__(r, keys)
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.keep = keep
-
-    def broadcast(self, source: torch.nn.Module | Iterable[tuple[str, torch.Tensor]], version: int) -> BroadcastReport:
-        from safetensors.torch import save_file
-
-        t0 = time.perf_counter()
-        tensors = named_tensors(source)
-        path = self.directory / f"v{version:08d}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file({n: t.to("cpu").contiguous() for n, t in tensors}, str(tmp))
-        os.replace(tmp, path)  # a reader never sees a half-written file
-        buckets = plan_buckets(tensors, 1 << 62)
-        ann = WeightAnnouncement(
-            version=version, epoch=0, backend="filesystem", master_addr="", master_port=0, world_size=1,
-            members=[], buckets=buckets, checkpoint_path=str(path.resolve()),
-        )  # fmt: skip
-        self._announce(ann)
-        for old in sorted(self.directory.glob("v*.safetensors"))[: -self.keep]:
-            old.unlink(missing_ok=True)
-        return BroadcastReport(version, 0, [], time.perf_counter() - t0, total_bytes(buckets))
-
-
 def make_broadcast(cfg: Any, r: redis.Redis) -> WeightBroadcast:
     """The transport a LearnerConfig asks for (`learner.weight_sync`: auto | collective | filesystem).
 
-    Optional `learner.*` fields (or environment) tune it: weight_sync_addr (RLQ_WEIGHT_SYNC_ADDR),
-    weight_sync_port (RLQ_WEIGHT_SYNC_PORT, 0 = any free port), weight_bucket_mb, weight_sync_timeout_s.
+    `learner.*` fields tune it: weight_sync_addr, weight_sync_port (0 = any free port), weight_bucket_mb,
+    weight_sync_timeout_s, weight_share (the run config's weight_sync section sets them).
     """
     rt = cfg.learner
     keys = Keys(rt.run)
@@ -449,11 +345,11 @@ def make_broadcast(cfg: Any, r: redis.Redis) -> WeightBroadcast:
     return CollectiveBroadcast(
         r,
         keys,
-        master_addr=getattr(rt, "weight_sync_addr", None) or os.environ.get("RLQ_WEIGHT_SYNC_ADDR"),
-        master_port=int(getattr(rt, "weight_sync_port", None) or os.environ.get("RLQ_WEIGHT_SYNC_PORT", "0")),
-        bucket_bytes=int(getattr(rt, "weight_bucket_mb", DEFAULT_BUCKET_BYTES / 2**20) * 2**20),
-        timeout_s=float(getattr(rt, "weight_sync_timeout_s", DEFAULT_TIMEOUT_S)),
+        master_addr=rt.weight_sync_addr,
+        master_port=rt.weight_sync_port,
+        bucket_bytes=int(rt.weight_bucket_mb * 2**20),
+        timeout_s=rt.weight_sync_timeout_s,
         backend=backend,
         flatten=True,  # the learner's parameters become views of the buckets at the first broadcast
-        share=getattr(rt, "weight_share", "auto"),
+        share=rt.weight_share,
     )

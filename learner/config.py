@@ -9,14 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from broker.typed import StrictModel
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class RewardShapingConfig(_Strict):
+class RewardShapingConfig(StrictModel):
     """DAPO soft overlong punishment (NeMo RL `grpo.reward_shaping`)."""
 
     enabled: bool = False
@@ -25,7 +23,7 @@ class RewardShapingConfig(_Strict):
     max_response_length: int = Field(1024, ge=1, description="Completion length at which the full penalty applies.")
 
 
-class GRPOConfig(_Strict):
+class GRPOConfig(StrictModel):
     """What one step consumes and how advantages are formed (NeMo RL `grpo.*`)."""
 
     num_prompts_per_step: int = Field(32, ge=1, description="Groups (prompts) trained on per step.")
@@ -62,7 +60,7 @@ class GRPOConfig(_Strict):
         return bool(self.val_period or self.val_at_start)
 
 
-class LossConfig(_Strict):
+class LossConfig(StrictModel):
     """The policy loss (NeMo RL `loss_fn.*`); see learner/loss.py for each variant."""
 
     reference_policy_kl_penalty: float = Field(0.0, ge=0, description="Weight of k3 KL to the initial policy.")
@@ -101,19 +99,19 @@ class LossConfig(_Strict):
         return "token" if self.token_level_loss else "sequence"
 
 
-class OptimizerKwargs(_Strict):
+class OptimizerKwargs(StrictModel):
     lr: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
 
 
-class OptimizerConfig(_Strict):
+class OptimizerConfig(StrictModel):
     name: Literal["adamw"] = "adamw"
     kwargs: OptimizerKwargs = Field(default_factory=OptimizerKwargs)
 
 
-class DTensorConfig(_Strict):
+class DTensorConfig(StrictModel):
     """NeMo RL `policy.dtensor_cfg`: FSDP2 instead of DDP."""
 
     enabled: bool = Field(False, description="Shard parameters, gradients and optimizer state over the ranks.")
@@ -125,7 +123,7 @@ class DTensorConfig(_Strict):
     )
 
 
-class SequencePackingConfig(_Strict):
+class SequencePackingConfig(StrictModel):
     """NeMo RL `policy.sequence_packing`: samples back to back in micro-batches of a token budget, no padding.
 
     Packs are formed by first-fit decreasing (learner/packing.py); attention stays within each sample through
@@ -146,7 +144,7 @@ class SequencePackingConfig(_Strict):
     )
 
 
-class PolicyConfig(_Strict):
+class PolicyConfig(StrictModel):
     """The trained model (NeMo RL `policy.*`)."""
 
     model_name: str = Field(..., description="HF model id or local directory.")
@@ -204,7 +202,7 @@ class PolicyConfig(_Strict):
         return self
 
 
-class CheckpointConfig(_Strict):
+class CheckpointConfig(StrictModel):
     """NeMo RL `checkpointing.*`."""
 
     enabled: bool = True
@@ -213,7 +211,7 @@ class CheckpointConfig(_Strict):
     keep_last: int = Field(3, ge=1, description="Older checkpoints are deleted.")
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     path: Path = Field(..., description="Prepared examples (rlq/data.py `load_prepared`).")
     shuffle: bool = True
     validation_path: Path | None = Field(
@@ -223,12 +221,9 @@ class DataConfig(_Strict):
     )
 
 
-class LearnerRuntime(_Strict):
-    """How the learner role talks to the rest of the run."""
+class LearnerTuning(StrictModel):
+    """The learner role's own settings: `learner:` in a run config (the rest of LearnerRuntime comes from the run)."""
 
-    run: str = Field("rlq", description="Run name: the Redis key namespace.")
-    broker_url: str = "redis://127.0.0.1:6379/0"
-    run_dir: Path = Field(Path("runs/rlq"), description="metrics.jsonl and ledger.jsonl go here.")
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
     weight_sync_period: int = Field(1, ge=1, description="Broadcast weights every this many steps.")
     weight_sync: Literal["auto", "collective", "filesystem", "none"] = Field(
@@ -240,20 +235,28 @@ class LearnerRuntime(_Strict):
     weight_sync_port: int = Field(0, ge=0, le=65535, description="TCPStore port of the weight group; 0: any free.")
     weight_bucket_mb: float = Field(64.0, gt=0, description="Largest flat bucket of one weight broadcast.")
     weight_sync_timeout_s: float = Field(60.0, gt=0, description="Watchdog bound of one broadcast.")
-    weight_share: Literal["auto", "host", "off"] = Field(
-        "auto", description="Which workers read shared weight buffers (the run config's weight_sync.share_memory)."
-    )
     read_block_ms: int = Field(1000, ge=1, description="Longest blocking read on the scored stream.")
-    trim_acked: bool = Field(
-        True, description="Trim the scored stream at each ack (see the run config's broker.trim_acked)."
-    )
     data_timeout_s: float = Field(1800.0, gt=0, description="Give up when no scored group arrives for this long.")
     check_replicas_every: int = Field(
         0, ge=0, description="Every this many steps compare a parameter checksum across ranks (0: never)."
     )
 
 
-class LearnerConfig(_Strict):
+class LearnerRuntime(LearnerTuning):
+    """How the learner role talks to the rest of the run: its tuning plus what the run config says elsewhere."""
+
+    run: str = Field("rlq", description="Run name: the Redis key namespace.")
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    run_dir: Path = Field(Path("runs/rlq"), description="metrics.jsonl and ledger.jsonl go here.")
+    weight_share: Literal["auto", "host", "off"] = Field(
+        "auto", description="Which workers read shared weight buffers (the run config's weight_sync.share_memory)."
+    )
+    trim_acked: bool = Field(
+        True, description="Trim the scored stream at each ack (see the run config's broker.trim_acked)."
+    )
+
+
+class LearnerConfig(StrictModel):
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     loss_fn: LossConfig = Field(default_factory=LossConfig)
     policy: PolicyConfig

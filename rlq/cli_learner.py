@@ -16,15 +16,16 @@ def learner_command(
 ) -> None:
     """Train: read scored groups, update the policy, broadcast weights, checkpoint (one process per rank)."""
     from learner.config import LearnerConfig
-    from rlq.overrides import apply_overrides, load_yaml
+    from rlq.config import RunConfig, load_typed
+    from rlq.overrides import load_yaml
 
-    tree = apply_overrides(load_yaml(config), overrides or [])
-    if "learner" in tree:
-        cfg = LearnerConfig.model_validate(tree)
+    # A learner-only file (its `learner:` section holds run and broker_url) or a run config: both through the one
+    # loader, so an override that `rlq train` accepts is accepted here too.
+    learner_only = bool({"run", "broker_url", "run_dir"} & set(load_yaml(config).get("learner") or {}))
+    if learner_only:
+        cfg = load_typed(config, overrides or [], LearnerConfig)
     else:
-        from rlq.config import RunConfig
-
-        cfg = RunConfig.model_validate(tree).learner_config()
+        cfg = load_typed(config, overrides or [], RunConfig).learner_config()
     from rlq.models import resolve_model
 
     # every rank loads the same local directory (a hub id resolves through the HF cache), as the workers do

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from broker.keys import check_run_name
+from broker.typed import StrictModel
 from learner.config import (
     CheckpointConfig,
     DataConfig,
     GRPOConfig,
     LearnerConfig,
     LearnerRuntime,
+    LearnerTuning,
     LossConfig,
     PolicyConfig,
 )
@@ -30,13 +32,10 @@ from workers.generate.config import GenerationConfig
 from workers.judge.config import JudgeConfig
 
 BROKER_URL_ENV = "RLQ_BROKER_URL"
+M = TypeVar("M", bound=BaseModel)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class BrokerConfig(_Strict):
+class BrokerConfig(StrictModel):
     url: str | None = Field(
         None,
         description="Redis URL (redis:// or rediss://, no password: that comes from RLQ_REDIS_PASSWORD). "
@@ -51,7 +50,7 @@ class BrokerConfig(_Strict):
     )
 
 
-class ClusterConfig(_Strict):
+class ClusterConfig(StrictModel):
     """How many processes of each role `rlq train` starts on this machine."""
 
     num_nodes: int = Field(1, ge=1, description="Nodes of the learner (torchrun --nnodes); 1 for `rlq train`.")
@@ -168,7 +167,7 @@ def _ranges(ids: list[int]) -> str:
     return ",".join(out)
 
 
-class WeightSyncConfig(_Strict):
+class WeightSyncConfig(StrictModel):
     """How new weights reach the generation workers (docs/weight_sync.md)."""
 
     share_memory: Literal["auto", "host", "off"] = Field(
@@ -180,14 +179,14 @@ class WeightSyncConfig(_Strict):
     )
 
 
-class WandbConfig(_Strict):
+class WandbConfig(StrictModel):
     project: str = "rlq"
     name: str | None = None
     entity: str | None = None
     mode: str | None = Field(None, description="online | offline | disabled; null: online iff WANDB_API_KEY set.")
 
 
-class LoggerConfig(_Strict):
+class LoggerConfig(StrictModel):
     log_dir: Path = Field(Path("runs/default"), description="The run directory: logs, metrics.jsonl, curves.")
     wandb_enabled: bool = Field(True, description="Log to W&B (online with WANDB_API_KEY, else offline).")
     wandb: WandbConfig = Field(default_factory=WandbConfig)
@@ -197,11 +196,11 @@ class RunPolicyConfig(PolicyConfig):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
 
-class EnvConfig(_Strict):
+class EnvConfig(StrictModel):
     math: JudgeConfig = Field(default_factory=JudgeConfig)
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     run_name: str = Field("default", description="Names the run's Redis keys; letters, digits, '_', '.', '-'.")
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
@@ -213,6 +212,10 @@ class RunConfig(_Strict):
     env: EnvConfig = Field(default_factory=EnvConfig)
     logger: LoggerConfig = Field(default_factory=LoggerConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
+    learner: LearnerTuning = Field(
+        default_factory=LearnerTuning,
+        description="The learner role's own settings: weight-sync transport, address, buckets and timeouts, reads.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -246,22 +249,28 @@ class RunConfig(_Strict):
         }  # fmt: skip
         return LearnerConfig(
             grpo=self.grpo, loss_fn=self.loss_fn, policy=policy, checkpointing=self.checkpointing, data=self.data,
-            learner=LearnerRuntime(**runtime_fields),
+            learner=LearnerRuntime(**self.learner.model_dump(), **runtime_fields),
         )  # fmt: skip
 
 
 def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read `path`, apply overrides, validate. Raises ConfigError / pydantic.ValidationError (one-line in the CLI)."""
+    return load_typed(path, overrides, RunConfig)
+
+
+def load_typed(path: str | Path, overrides: list[str] | tuple[str, ...], model: type[M]) -> M:
+    """The one way any command reads its config: the file, completed with every default of `model`, the overrides
+    applied, validated as `model` (a run config, or a learner-only one)."""
     tree = load_yaml(path)
     if overrides:
         # Overrides address the schema, not only what the file spells out: `key=value` may set any key that
         # has a default. So apply them to the file completed with every default (when the file alone is valid).
         try:
-            tree = RunConfig.model_validate(tree).model_dump(mode="json")
+            tree = model.model_validate(tree).model_dump(mode="json")
         except ValidationError:
             pass  # e.g. a required key that an override supplies: the overrides apply to the file as written
         tree = apply_overrides(tree, list(overrides))
-    return RunConfig.model_validate(tree)
+    return model.model_validate(tree)
 
 
 def save_resolved(cfg: RunConfig, path: Path) -> None:

