@@ -30,25 +30,28 @@ def read_rows(path: Path) -> list[dict]:
     Raises:
         UserError: (one line) the file is missing or unreadable, or a row is malformed (naming its line).
     """
+    rows = []
+    for number, line in jsonl_lines(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or ("messages" not in row and "prompt" not in row):
+            raise UserError(f"{path}:{number}: row has neither 'messages' nor 'prompt'")
+        rows.append(row)
+    return rows
+
+
+def jsonl_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of every non-blank line of a prepared file; one UserError if it is missing or unreadable."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prepared data not found: {path} (rlq prepare-data writes it)")
-    rows = []
     try:
         with open(path, encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{number}: not JSON ({exc.msg})") from None
-                if not isinstance(row, dict) or ("messages" not in row and "prompt" not in row):
-                    raise UserError(f"{path}:{number}: row has neither 'messages' nor 'prompt'")
-                rows.append(row)
+            return [(number, line) for number, line in enumerate(fh, 1) if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read {path}: {_reason(exc)}") from None
-    return rows
 
 
 def _reason(exc: BaseException) -> str:

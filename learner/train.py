@@ -17,6 +17,7 @@ feeder/collector, metrics, validation, weight sync, checkpoints) in learner/coor
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -37,19 +38,10 @@ log = logging.getLogger(__name__)
 
 
 def loss_settings(cfg: LearnerConfig) -> LossSettings:
+    """The loss's knobs from `loss_fn.*`: every field of the same name, plus the two the config names otherwise."""
     lf = cfg.loss_fn
-    return LossSettings(
-        ratio_clip_min=lf.ratio_clip_min,
-        ratio_clip_max=lf.ratio_clip_max,
-        ratio_clip_c=lf.ratio_clip_c,
-        aggregation=lf.aggregation,  # type: ignore[arg-type]
-        constant_length=lf.constant_length_normalizer,
-        reference_policy_kl_penalty=lf.reference_policy_kl_penalty,
-        use_importance_sampling_correction=lf.use_importance_sampling_correction,
-        truncated_importance_sampling_ratio=lf.truncated_importance_sampling_ratio,
-        use_decoupled_ppo=lf.use_decoupled_ppo,
-        decoupled_ppo_weight_cap=lf.decoupled_ppo_weight_cap,
-    )
+    same = {f.name: getattr(lf, f.name) for f in dataclasses.fields(LossSettings) if f.name in type(lf).model_fields}
+    return LossSettings(**same, aggregation=lf.aggregation, constant_length=lf.constant_length_normalizer)
 
 
 def forward_settings(cfg: LearnerConfig, device: torch.device) -> ForwardSettings:

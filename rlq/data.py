@@ -426,24 +426,17 @@ def load_prepared(path: str | Path) -> list[Example]:
     Raises UserError naming the file and line of the first bad row: a prepared file is our own output, so a bad
     row means it was edited or truncated, and training on part of it silently would be worse.
     """
+    from learner.data_source import jsonl_lines
+
     path = Path(path)
     if path.is_dir():
         path = path / TRAIN_FILE
-    if not path.is_file():
-        raise UserError(f"prepared data not found: {path}")
     examples = []
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    examples.append(Example.model_validate_json(line))
-                except ValueError as exc:
-                    raise UserError(f"{path}:{number}: not a prepared example ({str(exc).splitlines()[0]})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
-        raise UserError(f"cannot read {path}: {reason}") from None
+    for number, line in jsonl_lines(path):
+        try:
+            examples.append(Example.model_validate_json(line))
+        except ValueError as exc:
+            raise UserError(f"{path}:{number}: not a prepared example ({str(exc).splitlines()[0]})") from None
     return examples
 
 
