@@ -66,7 +66,7 @@ def stream_names(r: redis.Redis, keys: Keys) -> list[str]:
     """The run's well-known streams, then any other stream under its prefix."""
     known = keys.streams()
     prefix = f"rlq:{keys.run}:"
-    found = {_text(k) for k in r.scan_iter(match=f"{prefix}*", count=1000, _type="stream")}
+    found = {as_text(k) for k in r.scan_iter(match=f"{prefix}*", count=1000, _type="stream")}
     return known + sorted(found - set(known))
 
 
@@ -91,16 +91,16 @@ def stream_report(r: redis.Redis, stream: str, keys: Keys) -> dict[str, Any]:
         "last_generated_id": None,
         "groups": [],
     }
-    if _text(_any(r.type(stream))) != "stream":
+    if as_text(_any(r.type(stream))) != "stream":
         return report
     info: Any = r.xinfo_stream(stream)
     first, last = info.get("first-entry"), info.get("last-entry")
     report.update(
         exists=True,
         length=int(info["length"]),
-        first_id=_text(first[0]) if first else None,
-        last_id=_text(last[0]) if last else None,
-        last_generated_id=_text(info["last-generated-id"]),
+        first_id=as_text(first[0]) if first else None,
+        last_id=as_text(last[0]) if last else None,
+        last_generated_id=as_text(info["last-generated-id"]),
     )
     groups: Any = r.xinfo_groups(stream)
     report["groups"] = [group_report(r, stream, g, report) for g in groups]
@@ -109,15 +109,15 @@ def stream_report(r: redis.Redis, stream: str, keys: Keys) -> dict[str, Any]:
 
 def group_report(r: redis.Redis, stream: str, info: dict, stream_info: dict) -> dict[str, Any]:
     """One consumer group: its consumers, pending entries, lag, oldest idle time, highest delivery count."""
-    name = _text(info["name"])
-    last_delivered = _text(info["last-delivered-id"])
+    name = as_text(info["name"])
+    last_delivered = as_text(info["last-delivered-id"])
     lag, exact = _lag(r, stream, info, last_delivered, stream_info)
     scan = _scan_pending(r, stream, name, int(info["pending"]))
     consumers: Any = r.xinfo_consumers(stream, name)
     return {
         "group": name,
         "consumers": [
-            {"name": _text(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])} for c in consumers
+            {"name": as_text(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])} for c in consumers
         ],
         "pending": int(info["pending"]),
         "lag": lag,
@@ -149,11 +149,11 @@ def _scan_pending(r: redis.Redis, stream: str, group: str, pending: int) -> dict
         for row in rows:
             idle, times = int(row["time_since_delivered"]), int(row["times_delivered"])
             if oldest_id is None:
-                oldest_id = _text(row["message_id"])  # the PEL is ordered by id: the first is the oldest entry
+                oldest_id = as_text(row["message_id"])  # the PEL is ordered by id: the first is the oldest entry
             oldest_idle = idle if oldest_idle is None else max(oldest_idle, idle)
             max_deliveries = max(max_deliveries, times)
         scanned += len(rows)
-        start = "(" + _text(rows[-1]["message_id"])
+        start = "(" + as_text(rows[-1]["message_id"])
     return {
         "oldest_pending_id": oldest_id,
         "oldest_pending_idle_ms": oldest_idle,
@@ -192,16 +192,16 @@ def peek(r: redis.Redis, stream: str, *, count: int = 10, last: bool = False) ->
     Each entry also says, per consumer group, whether it is unread, pending (with owner, idle time and
     delivery count) or acknowledged.
     """
-    kind = _text(_any(r.type(stream)))
+    kind = as_text(_any(r.type(stream)))
     if kind not in ("stream", "none"):
         raise ValueError(f"{stream} is a {kind}, not a stream")
     rows: Any = r.xrevrange(stream, count=count) if last else r.xrange(stream, count=count)
     if last:
         rows = rows[::-1]
     groups: Any = r.xinfo_groups(stream) if rows else []
-    states = _entry_states(r, stream, [_text(i) for i, _ in rows], groups)
+    states = _entry_states(r, stream, [as_text(i) for i, _ in rows], groups)
     now_ms = time.time() * 1000
-    return [_entry(_text(i), fields, states[_text(i)], now_ms) for i, fields in rows]
+    return [_entry(as_text(i), fields, states[as_text(i)], now_ms) for i, fields in rows]
 
 
 def _entry(entry_id: str, fields: dict, groups: list[dict], now_ms: float) -> dict[str, Any]:
@@ -216,7 +216,7 @@ def _entry(entry_id: str, fields: dict, groups: list[dict], now_ms: float) -> di
         "groups": groups,
     }
     if payload is None:
-        out["error"] = f"entry has no {PAYLOAD_FIELD!r} field (fields: {sorted(_text(k) for k in fields)})"
+        out["error"] = f"entry has no {PAYLOAD_FIELD!r} field (fields: {sorted(as_text(k) for k in fields)})"
         return out
     try:
         message = decode(payload)
@@ -236,7 +236,7 @@ def _entry_states(r: redis.Redis, stream: str, ids: list[str], groups: list[dict
     replies = iter(pipe.execute())
     states: dict[str, list[dict]] = {i: [] for i in ids}
     for group in groups:
-        name, last_delivered = _text(group["name"]), _id_key(_text(group["last-delivered-id"]))
+        name, last_delivered = as_text(group["name"]), _id_key(as_text(group["last-delivered-id"]))
         for entry_id in ids:
             rows = next(replies)
             state: dict[str, Any] = {"group": name, "state": "acked"}
@@ -244,7 +244,7 @@ def _entry_states(r: redis.Redis, stream: str, ids: list[str], groups: list[dict
                 row = rows[0]
                 state.update(
                     state="pending",
-                    consumer=_text(row["consumer"]),
+                    consumer=as_text(row["consumer"]),
                     idle_ms=int(row["time_since_delivered"]),
                     deliveries=int(row["times_delivered"]),
                 )
@@ -310,7 +310,7 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 

@@ -118,10 +118,10 @@ def send_dead_letter(
         pipe.xack(source_stream, ack_group, entry_id)
         dead_id, _ = pipe.execute()
     log.warning("dead-lettered %s %s after %d deliveries: %s", source_stream, entry_id, deliveries, reason)
-    return _text(dead_id)
+    return as_text(dead_id)
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
     # redis-py types every reply as `Awaitable | Any`; replies here are bytes (or str) ids.
     return value.decode() if isinstance(value, bytes) else value
 
@@ -144,7 +144,7 @@ class StreamProducer:
         self.stream = stream
 
     def add(self, message: Message) -> str:
-        return _text(self.r.xadd(self.stream, {PAYLOAD_FIELD: encode(message)}))
+        return as_text(self.r.xadd(self.stream, {PAYLOAD_FIELD: encode(message)}))
 
     def add_many(self, messages: list[Message]) -> list[str]:
         return self.add_encoded([encode(m) for m in messages])
@@ -154,7 +154,7 @@ class StreamProducer:
         pipe = self.r.pipeline(transaction=False)
         for payload in payloads:
             pipe.xadd(self.stream, {PAYLOAD_FIELD: payload})
-        return [_text(i) for i in pipe.execute()]
+        return [as_text(i) for i in pipe.execute()]
 
     def publish_once(self, idempotency_key: str, message: Message) -> bool:
         return publish_once(self.r, self.stream, idempotency_key, message)
@@ -253,8 +253,8 @@ class StreamConsumer:
             reply: Any = self.r.xautoclaim(
                 self.stream, self.group, self.consumer, self.claim_idle_ms, self._claim_cursor, count - len(claimed)
             )
-            self._claim_cursor = _text(reply[0])
-            claimed += [(_text(i), f) for i, f in reply[1] if i is not None]
+            self._claim_cursor = as_text(reply[0])
+            claimed += [(as_text(i), f) for i, f in reply[1] if i is not None]
             if any(i is None for i, _ in reply[1]):
                 # Redis < 7 hands back an entry deleted while pending as a bare nil, without its id.
                 self._ack_deleted_pending()
@@ -274,7 +274,7 @@ class StreamConsumer:
             rows: Any = self.r.xpending_range(self.stream, self.group, start, "+", 100, consumername=self.consumer)
             if not rows:
                 break
-            ids = [_text(row["message_id"]) for row in rows]
+            ids = [as_text(row["message_id"]) for row in rows]
             pipe = self.r.pipeline(transaction=False)
             for entry_id in ids:
                 pipe.xrange(self.stream, min=entry_id, max=entry_id)
@@ -291,7 +291,7 @@ class StreamConsumer:
         for entry_id in entry_ids:
             pipe.xpending_range(self.stream, self.group, entry_id, entry_id, 1)
         rows = [row for reply in pipe.execute() for row in reply]
-        return {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
+        return {as_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
 
     def _read_new(self, count: int, block_ms: int | None) -> list[tuple[str, dict | None, int]]:
         try:
@@ -303,12 +303,12 @@ class StreamConsumer:
             self.ensure_group()
             return []
         # A fresh entry has been delivered exactly once: this time.
-        return [(_text(i), f, 1) for _, entries in reply or [] for i, f in entries]
+        return [(as_text(i), f, 1) for _, entries in reply or [] for i, f in entries]
 
     def _decode_all(self, raw: list[tuple[str, dict | None, int]]) -> list[Delivery]:
         out: list[Delivery] = []
         for entry_id, fields, deliveries in raw:
-            payload, problem = _payload_of(fields)
+            payload, problem = payload_of(fields)
             if problem is None and deliveries > self.max_deliveries:
                 problem = f"delivered {deliveries} times without an ack (max_deliveries={self.max_deliveries})"
             if problem is None:
@@ -338,7 +338,7 @@ class StreamConsumer:
         )
 
 
-def _payload_of(fields: dict | None) -> tuple[bytes, str | None]:
+def payload_of(fields: dict | None) -> tuple[bytes, str | None]:
     """The entry's payload, or its raw fields re-packed and the reason it is not a valid entry."""
     if fields is None:
         return b"", "entry was deleted while pending"
@@ -419,107 +419,3 @@ def safe_trim(r: redis.Redis, stream: str, *, keep_acked: int = 0) -> int:
 
 
 # Dead-letter management --------------------------------------------------------------------------------------
-
-
-def dead_letter_ids(r: redis.Redis, dead_stream: str, page: int = 100) -> list[str]:
-    """Every entry id of the dead stream, oldest first (paged, so a long dead stream is not one huge reply)."""
-    ids: list[str] = []
-    start = "-"
-    while True:
-        rows: Any = r.xrange(dead_stream, min=start, count=page)
-        ids += [_text(i) for i, _ in rows]
-        if len(rows) < page:
-            return ids
-        start = "(" + ids[-1]
-
-
-def requeue_dead(
-    r: redis.Redis, dead_stream: str, entry_ids: list[str], *, allowed_prefix: str, force: bool = False
-) -> dict[str, list[dict[str, str]]]:
-    """Put the original payloads of the given dead letters back on their source streams and drop the letters.
-
-    A letter is skipped (and kept) when it is not a DeadLetter, its source stream lies outside
-    `allowed_prefix` or is the dead stream itself, or (unless `force`) its payload still does not decode, since
-    it would only bounce straight back. Each move is one MULTI/EXEC: the payload is never in neither stream.
-    """
-    done: list[dict[str, str]] = []
-    skipped: list[dict[str, str]] = []
-    for dead_id in entry_ids:
-        rows: Any = r.xrange(dead_stream, min=dead_id, max=dead_id)
-        problem, letter = _requeue_problem(rows, dead_stream, allowed_prefix, force)
-        if letter is None or problem:
-            skipped.append({"dead_id": dead_id, "reason": problem or "not a dead letter"})
-            continue
-        pipe = r.pipeline(transaction=True)
-        pipe.xadd(letter.source_stream, {PAYLOAD_FIELD: letter.payload})
-        pipe.xdel(dead_stream, dead_id)
-        new_id, _ = pipe.execute()
-        done.append({"dead_id": dead_id, "source_stream": letter.source_stream, "new_id": _text(new_id)})
-        log.info("requeued dead letter %s onto %s as %s", dead_id, letter.source_stream, _text(new_id))
-    return {"requeued": done, "skipped": skipped}
-
-
-def _requeue_problem(rows: Any, dead_stream: str, allowed_prefix: str, force: bool) -> tuple[str, Any]:
-    if not rows:
-        return "no such entry in the dead stream", None
-    payload, problem = _payload_of(rows[0][1])
-    if problem:
-        return problem, None
-    try:
-        letter: Any = decode(payload, DeadLetter)
-    except MessageError as exc:
-        return f"not a dead letter: {exc}", None
-    if not letter.source_stream.startswith(allowed_prefix) or letter.source_stream == dead_stream:
-        return f"source stream {letter.source_stream!r} is not a stream of this run", letter
-    if "cut to its first" in letter.reason:
-        return "the dead letter holds only the start of an oversize payload", letter
-    if not force:
-        try:
-            decode(letter.payload)
-        except MessageError as exc:
-            return f"payload still does not decode ({exc}); use --force to requeue it anyway", letter
-    return "", letter
-
-
-def purge_dead(r: redis.Redis, dead_stream: str, entry_ids: list[str] | None) -> int:
-    """Delete the given dead letters, or all of them with `entry_ids=None`; returns how many went."""
-    if entry_ids is None:
-        removed: Any = r.xtrim(dead_stream, maxlen=0, approximate=False)
-    else:
-        removed = r.xdel(dead_stream, *entry_ids) if entry_ids else 0
-    log.info("purged %d dead letters from %s", int(removed), dead_stream)
-    return int(removed)
-
-
-# Allocator ---------------------------------------------------------------------------------------------------
-
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-ALLOC_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
-"""Messages are ~130 KB, just above glibc's default 128 KB mmap threshold, so every encode, reply and decode
-would get fresh zero pages from the kernel and fault on each of them: on a VM that is 3 us a page and tripled
-the codec's cost. Above this size allocations still go to mmap."""
-
-
-def tune_allocator(mmap_threshold: int = ALLOC_MMAP_THRESHOLD_BYTES) -> bool:
-    """Keep message-sized buffers on glibc's heap instead of fresh mmap'd pages; returns whether it applied.
-
-    Process-wide, so roles call it once at start-up (a no-op returning False off glibc).
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    # Fixing the mmap threshold turns off glibc's dynamic adjustment; the trim threshold keeps freed heap
-    # (which would otherwise go back to the kernel and fault in again on the next message).
-    ok = mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
-    ok = mallopt(M_TRIM_THRESHOLD, int(4 * mmap_threshold)) == 1 and ok
-    log.debug("malloc mmap threshold %d bytes: %s", mmap_threshold, "set" if ok else "not set")
-    return ok

@@ -144,7 +144,7 @@ def dlq_requeue(
     as_json: bool = JsonOpt,
 ) -> None:
     """Put the original payloads back on their source streams (consumers see them as new entries)."""
-    from broker.streams import dead_letter_ids, requeue_dead
+    from broker.dead_letters import dead_letter_ids, requeue_dead
 
     _check_selection(ids, all_)
     with _broker(broker, run) as (r, keys):
@@ -169,7 +169,7 @@ def dlq_purge(
     as_json: bool = JsonOpt,
 ) -> None:
     """Delete dead letters for good."""
-    from broker.streams import purge_dead
+    from broker.dead_letters import purge_dead
 
     _check_selection(ids, all_)
     with _broker(broker, run) as (r, keys):

@@ -27,7 +27,8 @@ from broker.streams import PAYLOAD_FIELD, StreamProducer
 from learner.broadcast import CollectiveBroadcast
 from workers.generate.config import GenerationConfig
 from workers.generate.engines import HFEngine, VllmEngine
-from workers.generate.worker import GenerationWorker, StreamSink, rollout_stream
+from workers.generate.sinks import StreamSink, rollout_stream
+from workers.generate.worker import GenerationWorker
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -21,7 +21,8 @@ from broker.policy import PolicyHash
 from learner.broadcast import CollectiveBroadcast
 from workers.generate.config import GenerationConfig
 from workers.generate.engines import HFEngine
-from workers.generate.worker import GenerationWorker, StreamSink, rollout_stream
+from workers.generate.sinks import StreamSink, rollout_stream
+from workers.generate.worker import GenerationWorker
 
 
 def _cfg() -> GenerationConfig:

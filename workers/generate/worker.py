@@ -20,7 +20,6 @@ import signal
 import sys
 import threading
 import time
-from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +39,11 @@ from broker.schemas import (
     WeightAnnouncement,
     WorkerHeartbeat,
 )
-from broker.streams import ROLE_KEEP_ACKED, Delivery, StreamConsumer, publish_once
+from broker.streams import ROLE_KEEP_ACKED, Delivery, StreamConsumer
 from workers.generate.config import GenerationConfig
 from workers.generate.engines import Completion, Engine, request_seed
 from workers.generate.factory import make_engine
+from workers.generate.sinks import CelerySink, RolloutSink, StreamSink, rollout_stream
 
 log = logging.getLogger(__name__)
 
@@ -52,45 +52,6 @@ THROUGHPUT_EMA = 0.3
 SHARED_LOAD_TRIES = 50
 """Loads of shared buffers the learner rewrote meanwhile before giving up (it rewrites them once a step, and a
 load takes milliseconds: more than one retry in a row means something else is wrong)."""
-
-
-def rollout_stream(run: str) -> str:
-    """Where `StreamSink` puts rollout groups (tests and debugging; production goes through the judges)."""
-    return f"{Keys(run).prompts.rsplit(':', 1)[0]}:rollouts"
-
-
-class RolloutSink(ABC):
-    """Where finished groups go; `submit` returns once they are safely queued."""
-
-    @abstractmethod
-    def submit(self, groups: list[RolloutGroup]) -> None: ...
-
-
-class CelerySink(RolloutSink):
-    """The judges' Celery queue of the run, by task name (broker/judge_queue.py): the judge role is not imported."""
-
-    def __init__(self, broker_url: str, run: str) -> None:
-        from broker.judge_queue import base_app
-
-        self.app = base_app(broker_url, run)
-        self.run = run
-
-    def submit(self, groups: list[RolloutGroup]) -> None:
-        from broker.judge_queue import submit_groups
-
-        submit_groups(self.app, self.run, groups)
-
-
-class StreamSink(RolloutSink):
-    """XADD each group once (by group id) to a stream."""
-
-    def __init__(self, r: redis.Redis, stream: str) -> None:
-        self.r = r
-        self.stream = stream
-
-    def submit(self, groups: list[RolloutGroup]) -> None:
-        for g in groups:
-            publish_once(self.r, self.stream, g.group_id, g)
 
 
 def starting_weights(policy: PolicyHash, fallback: str) -> tuple[str, int]:
