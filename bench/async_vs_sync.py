@@ -33,7 +33,7 @@ def steps_per_minute(records: list[dict]) -> float:
 
 
 def main() -> None:
-    from rlq.tiny_policy import build_policy
+    from rlq.warm_start import build_policy
 
     overrides = sys.argv[1:] or [f"grpo.max_num_steps={DEFAULT_STEPS}"]
     build_policy(learning.POLICY)

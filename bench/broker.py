@@ -41,7 +41,8 @@ from broker.allocator import tune_allocator  # noqa: E402
 from broker.connection import connect  # noqa: E402
 from broker.schemas import Array, Prompt, RolloutGroup, Sample, decode, encode  # noqa: E402
 from broker.server import RedisServer, find_redis_server  # noqa: E402
-from broker.streams import ROLE_KEEP_ACKED, StreamConsumer, StreamProducer, ack_and_trim  # noqa: E402
+from broker.streams import StreamConsumer, StreamProducer  # noqa: E402
+from broker.trim import ROLE_KEEP_ACKED, ack_and_trim  # noqa: E402
 
 RESULT = Path(__file__).parent / "results" / "broker.json"
 TARGET_GROUPS_S = 3000.0

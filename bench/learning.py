@@ -34,7 +34,7 @@ TARGET_REWARD = 0.8
 
 def held_out(train_problems: set[str]) -> list:
     from rlq.data import generate_arith
-    from rlq.tiny_policy import WarmStartConfig
+    from rlq.warm_start import WarmStartConfig
 
     _, validation = generate_arith(WarmStartConfig().task)
     return [ex for ex in validation if ex.extra_info["problem"] not in train_problems]
@@ -43,7 +43,8 @@ def held_out(train_problems: set[str]) -> list:
 def greedy(model_dir: Path, examples: list) -> float:
     import torch
 
-    from rlq.tiny_policy import greedy_accuracy, load_policy
+    from rlq.tiny_policy import load_policy
+    from rlq.warm_start import greedy_accuracy
 
     torch.set_num_threads(2)
     model, tokenizer = load_policy(model_dir)
@@ -89,7 +90,7 @@ def final_policy(run_dir: Path) -> Path:
 def main() -> None:
     import argparse
 
-    from rlq.tiny_policy import WarmStartConfig, build_policy
+    from rlq.warm_start import WarmStartConfig, build_policy
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--warm-start-seed", type=int, default=None,

@@ -32,7 +32,8 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() !=
 import torch  # noqa: E402
 
 from rlq.data import ArithConfig, generate_arith  # noqa: E402
-from rlq.tiny_policy import ACCURACY_FILE, WarmStartConfig, build_policy, extracted_answer, load_policy, prompt_ids  # noqa: E402
+from rlq.tiny_policy import load_policy  # noqa: E402
+from rlq.warm_start import ACCURACY_FILE, WarmStartConfig, build_policy, extracted_answer, prompt_ids  # noqa: E402
 
 RESULT = _ROOT / "bench" / "results" / "warm_start.json"
 

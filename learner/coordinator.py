@@ -16,10 +16,11 @@ import torch
 from broker.keys import Keys
 from broker.policy import PolicyHash
 from broker.schemas import ScoredGroup
-from learner.batch import Collector, Feeder, assemble, group_to_samples, rollout_metrics
+from learner.batch import assemble, group_to_samples, rollout_metrics
 from learner.checkpoint import Ledger, save_checkpoint
 from learner.config import LearnerConfig
 from learner.metrics import ConsoleSummary, JsonlLogger, MultiLogger
+from learner.rollout_io import Collector, Feeder
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ class Coordinator:
 
     def __init__(self, cfg: LearnerConfig, tokenizer) -> None:
         from broker.connection import connect
-        from broker.streams import ROLE_KEEP_ACKED, StreamConsumer, publish_once
+        from broker.streams import StreamConsumer, publish_once
+        from broker.trim import ROLE_KEEP_ACKED
         from learner.data_source import prompt_source
 
         self.cfg = cfg

@@ -38,10 +38,10 @@ def prepare_data(
     seed: int = typer.Option(0, "--seed", help="arith: generator seed."),
 ) -> None:
     """Write train.jsonl, validation.jsonl and manifest.json (counts, duplicates, skipped rows, content hash)."""
-    from rlq import data
+    from rlq import data, data_dapo
 
     if source is Source.dapo:
-        manifest = data.prepare_dapo(
+        manifest = data_dapo.prepare_dapo(
             output_dir, inputs=list(inputs or []), download=download, val_fraction=val_fraction
         )
     else:
@@ -62,14 +62,14 @@ def build_policy(
     base_only: bool = typer.Option(False, "--base-only", help="Only the untrained model + tokenizer."),
 ) -> None:
     """Tiny Qwen3 + local tokenizer, warm-started on arith to 20-50 % greedy accuracy (base_accuracy.json)."""
-    from rlq import tiny_policy
+    from rlq import tiny_policy, warm_start
 
     if base_only:
         tiny_policy.build_base_model(output_dir, seed=seed)
         typer.echo(json.dumps({"output_dir": str(output_dir)}))
         return
-    tiny_policy.build_policy(output_dir, tiny_policy.WarmStartConfig(seed=seed, threads=threads), force=force)
-    accuracy = json.loads((output_dir / tiny_policy.ACCURACY_FILE).read_text())
+    warm_start.build_policy(output_dir, warm_start.WarmStartConfig(seed=seed, threads=threads), force=force)
+    accuracy = json.loads((output_dir / warm_start.ACCURACY_FILE).read_text())
     keys = ("greedy_accuracy", "sampled_accuracy_t1", "n_problems", "in_band", "seconds")
     typer.echo(json.dumps({"output_dir": str(output_dir), **{k: accuracy.get(k) for k in keys}}))
 

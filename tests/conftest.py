@@ -44,6 +44,6 @@ def tiny_policy_dir():
     import os
     from pathlib import Path
 
-    from rlq.tiny_policy import build_policy
+    from rlq.warm_start import build_policy
 
     return build_policy(Path(os.environ.get("RLQ_CACHE_DIR", Path.home() / ".cache" / "rlq")) / "tiny-policy")

@@ -349,7 +349,7 @@ class StreamRecorder(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:  # noqa: D102 - Thread.run
-        from broker.streams import safe_trim
+        from broker.trim import safe_trim
 
         keys = self.loop.keys
         last = {keys.prompts: "0-0", keys.scored: "0-0"}

@@ -29,9 +29,9 @@ from broker.streams import (
     StreamConsumer,
     StreamProducer,
     publish_once,
-    safe_trim,
     send_dead_letter,
 )
+from broker.trim import safe_trim
 
 
 @pytest.fixture

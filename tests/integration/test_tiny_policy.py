@@ -99,7 +99,7 @@ def test_base_model_loads_in_vllm_cpu_and_generates(tiny_model_dir: Path, tmp_pa
 def test_warm_start_mechanics_record_and_cache(tmp_path: Path) -> None:
     """A deliberately short warm start (30 steps): the record, the files, the cache and the out-of-band flag."""
     from rlq.data import ArithConfig
-    from rlq.tiny_policy import ACCURACY_FILE, WarmStartConfig, build_policy
+    from rlq.warm_start import ACCURACY_FILE, WarmStartConfig, build_policy
 
     cfg = WarmStartConfig(
         task=ArithConfig(n_train=200, n_val=60, digits=1, ops="+-", steps=2, seed=1), n_stop=30, max_steps=30,
@@ -127,7 +127,7 @@ def test_warm_start_mechanics_record_and_cache(tmp_path: Path) -> None:
 def test_warm_start_reaches_the_accuracy_band(tmp_path: Path) -> None:
     """The real `rlq build-policy` default, built fresh; the recorded accuracy is re-measured from the saved model."""
     from rlq.data import generate_arith
-    from rlq.tiny_policy import ACCURACY_FILE, WarmStartConfig, build_policy, greedy_accuracy
+    from rlq.warm_start import ACCURACY_FILE, WarmStartConfig, build_policy, greedy_accuracy
 
     cfg = WarmStartConfig()
     out = build_policy(tmp_path / "policy", cfg)
@@ -174,7 +174,7 @@ AGREE_SCRIPT = textwrap.dedent(
 def test_vllm_and_transformers_agree_on_the_warm_started_policy(tiny_policy_dir: Path, tmp_path: Path) -> None:
     """Greedy answers of vLLM CPU and transformers on 40 held-out problems: the same model, served twice."""
     from rlq.data import generate_arith
-    from rlq.tiny_policy import WarmStartConfig, extracted_answer, prompt_ids
+    from rlq.warm_start import WarmStartConfig, extracted_answer, prompt_ids
 
     model, tok = load_policy(tiny_policy_dir)
     cfg = WarmStartConfig()

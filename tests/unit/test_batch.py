@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from broker.schemas import Array, Prompt, RolloutGroup, Sample, ScoredGroup
-from learner.batch import Feeder, TrainSample, admission, assemble, group_to_samples, shaped_rewards, shard
+from learner.batch import TrainSample, admission, assemble, group_to_samples, shaped_rewards, shard
 from learner.config import GRPOConfig, RewardShapingConfig
+from learner.rollout_io import Feeder
 
 
 def make_group(rewards, *, version=0, lengths=None, finish=None, prompt_len=3, gid="p0@b0") -> ScoredGroup:

@@ -16,9 +16,9 @@ from rlq.data import (
     generate_arith,
     load_prepared,
     prepare_arith,
-    prepare_dapo,
     solve,
 )
+from rlq.data_dapo import prepare_dapo
 from rlq.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]

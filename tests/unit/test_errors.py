@@ -31,7 +31,7 @@ CLASSES = [
     ("learner.broadcast", "WeightSyncError", RuntimeError),
     ("rlq.errors", "UserError", RuntimeError),
     ("rlq.supervisor", "RoleFailed", RuntimeError),
-    ("rlq.data", "SkipRow", ValueError),
+    ("rlq.data_dapo", "SkipRow", ValueError),
     ("rlq.overrides", "ConfigError", ValueError),
 ]
 

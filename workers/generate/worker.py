@@ -39,7 +39,8 @@ from broker.schemas import (
     WeightAnnouncement,
     WorkerHeartbeat,
 )
-from broker.streams import ROLE_KEEP_ACKED, Delivery, StreamConsumer
+from broker.streams import Delivery, StreamConsumer
+from broker.trim import ROLE_KEEP_ACKED
 from workers.generate.config import GenerationConfig
 from workers.generate.engines import Completion, Engine, request_seed
 from workers.generate.factory import make_engine
