@@ -4,7 +4,7 @@ The weight sync moves parameters as flat buckets (`broker.schemas.BucketSpec`: o
 When a model's parameters are laid out as views of such buckets (`flatten_into_buckets`, once), the bucket is
 the parameter storage itself (`bucket_view`): the sender broadcasts it as is and the receiver receives straight
 into the model, with no pack, no unpack and no extra memory. Shared by learner/broadcast.py and
-workers/weights.py, which do not import each other.
+workers/generate/weights.py, which do not import each other.
 """
 
 from __future__ import annotations
