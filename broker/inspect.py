@@ -21,7 +21,7 @@ import redis
 from broker.keys import Keys
 from broker.registry import Registry
 from broker.schemas import Array, MessageError, decode, kind_of
-from broker.streams import PAYLOAD_FIELD
+from broker.streams import PAYLOAD_FIELD, as_text
 
 log = logging.getLogger(__name__)
 
@@ -308,10 +308,6 @@ def _scalar(value: Any) -> float | int | None:
 def _id_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
-
-
-def as_text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _any(value: Any) -> Any:

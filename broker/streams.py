@@ -117,8 +117,8 @@ def send_dead_letter(
 
 
 def as_text(value: Any) -> str:
-    # redis-py types every reply as `Awaitable | Any`; replies here are bytes (or str) ids.
-    return value.decode() if isinstance(value, bytes) else value
+    """A Redis reply (bytes or str: ids, names, types) as text; redis-py types every reply as `Awaitable | Any`."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True)

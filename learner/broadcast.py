@@ -46,11 +46,10 @@ from learner.weight_transport import (
     NamedTensors,
     WeightBroadcast,
     named_tensors,
-    pack_bucket,
     plan_buckets,
     total_bytes,
 )
-from weightsync.flat import bucket_view, flatten_into_buckets, wait_in_order
+from weightsync.flat import bucket_view, flatten_into_buckets, pack_bucket, wait_in_order
 from weightsync.groups import new_group
 from weightsync.shared import SharedBuffers, device_id, node_name
 

@@ -266,8 +266,20 @@ class LearnerConfig(StrictModel):
 
     @model_validator(mode="after")
     def _batch_fits(self) -> LearnerConfig:
-        step = self.grpo.num_prompts_per_step * self.grpo.num_generations_per_prompt
-        gbs = self.policy.train_global_batch_size
-        if gbs is not None and step % gbs:
-            raise ValueError(f"policy.train_global_batch_size {gbs} must divide the step's {step} samples")
+        problem = step_batch_problem(self.grpo, self.policy)
+        if problem:
+            raise ValueError(problem)
         return self
+
+
+def step_batch_problem(grpo: GRPOConfig, policy: PolicyConfig) -> str:
+    """Why `policy.train_global_batch_size` does not fit the step, or "" (the run config and the learner's check)."""
+    step = grpo.num_prompts_per_step * grpo.num_generations_per_prompt
+    batch = policy.train_global_batch_size
+    if batch is not None and step % batch:
+        return (
+            f"policy.train_global_batch_size={batch} does not divide the step's {step} samples "
+            f"(grpo.num_prompts_per_step x grpo.num_generations_per_prompt); set it to a divisor, or to null "
+            f"for one update per step"
+        )
+    return ""

@@ -72,16 +72,6 @@ def plan_buckets(tensors: NamedTensors, bucket_bytes: int) -> list[BucketSpec]:
     return buckets
 
 
-def pack_bucket(
-    by_name: dict[str, torch.Tensor], spec: BucketSpec, device: torch.device, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """One flat tensor [spec.numel] holding the bucket's parameters at their offsets (in `out` if given)."""
-    flat = out if out is not None else torch.empty(spec.numel, dtype=getattr(torch, spec.dtype), device=device)
-    for ts in spec.tensors:
-        flat[ts.offset : ts.offset + ts.numel].copy_(by_name[ts.name].reshape(-1))
-    return flat
-
-
 def total_bytes(buckets: list[BucketSpec]) -> int:
     return sum(b.numel * torch.empty(0, dtype=getattr(torch, b.dtype)).element_size() for b in buckets)
 

@@ -26,6 +26,7 @@ from learner.config import (
     LearnerTuning,
     LossConfig,
     PolicyConfig,
+    step_batch_problem,
 )
 from rlq.overrides import apply_overrides, load_yaml
 from workers.generate.config import GenerationConfig
@@ -97,27 +98,24 @@ class ClusterConfig(StrictModel):
             value = getattr(self, name)
             if value is not None:
                 parse_cpu_list(value, f"cluster.{name}")
-        if self.generation_cpus is not None:
-            lists = self.generation_cpu_lists()
-            if len(lists) not in (1, self.generation_workers):
-                raise ValueError(
-                    f"cluster.generation_cpus has {len(lists)} '|'-separated lists for "
-                    f"{self.generation_workers} generation workers: give one list, or one per worker"
-                )
-            for item in lists:
-                parse_cpu_list(item, "cluster.generation_cpus")
         if self.learner_gpus not in (None, "auto"):
             parse_cpu_list(self.learner_gpus, "cluster.learner_gpus", "GPU")
+        if self.generation_cpus is not None:
+            self._check_per_worker("generation_cpus", self.generation_cpus, "CPU")
         if self.generation_gpus not in (None, "auto"):
-            lists = self.generation_gpus.split("|")
-            if len(lists) not in (1, self.generation_workers):
-                raise ValueError(
-                    f"cluster.generation_gpus has {len(lists)} '|'-separated lists for "
-                    f"{self.generation_workers} generation workers: give one list, or one per worker"
-                )
-            for item in lists:
-                parse_cpu_list(item, "cluster.generation_gpus", "GPU")
+            self._check_per_worker("generation_gpus", self.generation_gpus, "GPU")
         return self
+
+    def _check_per_worker(self, name: str, text: str, what: str) -> None:
+        """One '|'-separated list per generation worker, or one list for all of them."""
+        lists = text.split("|")
+        if len(lists) not in (1, self.generation_workers):
+            raise ValueError(
+                f"cluster.{name} has {len(lists)} '|'-separated lists for "
+                f"{self.generation_workers} generation workers: give one list, or one per worker"
+            )
+        for item in lists:
+            parse_cpu_list(item, f"cluster.{name}", what)
 
     def generation_cpu_lists(self) -> list[str]:
         """`generation_cpus` split into its per-worker lists ([] when unset)."""
@@ -220,14 +218,9 @@ class RunConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         check_run_name(self.run_name)
-        step = self.grpo.num_prompts_per_step * self.grpo.num_generations_per_prompt
-        batch = self.policy.train_global_batch_size
-        if batch is not None and step % batch:
-            raise ValueError(
-                f"policy.train_global_batch_size={batch} does not divide the step's {step} samples "
-                f"(grpo.num_prompts_per_step x grpo.num_generations_per_prompt); set it to a divisor, or to null "
-                f"for one update per step"
-            )
+        problem = step_batch_problem(self.grpo, self.policy)  # refused here, before `rlq train` starts a role
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property

@@ -51,6 +51,17 @@ def bucket_view(params: Mapping[str, torch.Tensor], spec: BucketSpec) -> torch.T
     return torch.empty(0, dtype=dtype, device=first.device).set_(storage, start, (spec.numel,), (1,))
 
 
+def pack_bucket(
+    by_name: Mapping[str, torch.Tensor], spec: BucketSpec, device: torch.device, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One flat tensor [spec.numel] holding the bucket's parameters at their offsets (in `out` if given), each cast
+    to the bucket's dtype by the copy."""
+    flat = out if out is not None else torch.empty(spec.numel, dtype=getattr(torch, spec.dtype), device=device)
+    for ts in spec.tensors:
+        flat[ts.offset : ts.offset + ts.numel].copy_(by_name[ts.name].reshape(-1))
+    return flat
+
+
 def flatten_into_buckets(module: torch.nn.Module, buckets: list[BucketSpec]) -> int:
     """Move `module`'s parameters (by name) into one flat tensor per bucket; returns the bytes moved.
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from broker.schemas import BucketSpec, SharedBucket, SharedWeights
+from weightsync.flat import pack_bucket
 
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 
@@ -82,8 +83,7 @@ class SharedBuffers:
         """Copy every parameter into its bucket's buffer (casting to the bucket's dtype) and wait for the copies."""
         self.ensure(buckets)
         for spec, flat in zip(buckets, self.buffers, strict=True):
-            for ts in spec.tensors:
-                flat[ts.offset : ts.offset + ts.numel].copy_(by_name[ts.name].reshape(-1))
+            pack_bucket(by_name, spec, self.device, out=flat)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

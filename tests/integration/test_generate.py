@@ -193,7 +193,8 @@ def test_a_broadcast_that_dies_half_way_leaves_the_engine_on_its_weights(
     vllm_engine = either_engine
     import torch.distributed as dist
 
-    from learner.weight_transport import named_tensors, pack_bucket, plan_buckets
+    from learner.weight_transport import named_tensors, plan_buckets
+    from weightsync.flat import pack_bucket
 
     r = connect(redis_url)
     keys = Keys(run_name)

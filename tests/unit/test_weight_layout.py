@@ -7,7 +7,8 @@ import torch
 
 from broker.errors import WeightSyncError
 from broker.schemas import BucketSpec, TensorSpec, WeightAnnouncement, decode, encode
-from learner.weight_transport import pack_bucket, plan_buckets, total_bytes
+from learner.weight_transport import plan_buckets, total_bytes
+from weightsync.flat import pack_bucket
 from workers.generate.weights import unpack_bucket
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -278,7 +277,7 @@ class GenerationWorker:
         if self._join_asked == epoch:
             return
         self._join_asked = epoch
-        request = JoinRequest(worker_id=self.worker_id, device=getattr(self, "device", "cpu"))
+        request = JoinRequest(worker_id=self.worker_id, device=self.device)
         self.policy.ask_to_join(request)
         log.info("asked to join the weight group (latest epoch seen: %d)", epoch)
 
@@ -324,9 +323,11 @@ def _accelerator() -> str:
     its memory from what is free (device_count and NVML read no context)."""
     try:
         import torch
-
-        if torch.cuda.device_count() == 0:
-            return "cpu"
+    except ImportError:
+        return "cpu"
+    if torch.cuda.device_count() == 0:
+        return "cpu"
+    try:
         import pynvml
 
         pynvml.nvmlInit()
@@ -335,8 +336,6 @@ def _accelerator() -> str:
                   else pynvml.nvmlDeviceGetHandleByIndex(int(visible)))  # fmt: skip
         name = pynvml.nvmlDeviceGetName(handle)
         return f"cuda:{name.decode() if isinstance(name, bytes) else name}"
-    except ImportError:
-        return "cpu" if "torch" not in sys.modules else "cuda"
     except Exception:  # NVML missing or the id unknown: the kind is still right
         return "cuda"
 
