@@ -88,7 +88,8 @@ def alone(args: argparse.Namespace) -> None:
     """The colocated worker's engine, alone on the GPU, on the step's shape: prompts x generations x max tokens."""
     import torch
 
-    from learner.data_source import prompt_from_row, read_rows
+    from broker.prepared import read_rows
+    from learner.data_source import prompt_from_row
     from rlq.config import load_run_config
     from rlq.models import resolve_model
     from workers.generate.engines import VllmEngine, request_seed

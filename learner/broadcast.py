@@ -82,7 +82,7 @@ class CollectiveBroadcast(WeightBroadcast):
         share: str = "off",
     ) -> None:
         super().__init__(r, keys)
-        # Which requesters read shared buffers instead of joining the group (the run's weight_sync.share_memory).
+        # Which requesters read shared buffers instead of joining the group (weight_sync.transport.share_memory).
         self.share = share
         self.shared: SharedBuffers | None = None
         self.shared_members: list[str] = []
@@ -206,7 +206,7 @@ class CollectiveBroadcast(WeightBroadcast):
     def _update_membership(self, device: torch.device | None = None) -> bool:
         """Admit live join requests, drop dead members; True when the group must be formed again.
 
-        A requester on this process's own device (weight_sync.share_memory) reads the shared buffers instead:
+        A requester on this process's own device (weight_sync.transport.share_memory) reads the shared buffers instead:
         it never enters the group, so admitting or losing one re-forms nothing."""
         joins = self.policy.take_join_requests()
         requests = sorted(joins)
@@ -331,24 +331,22 @@ def _left(deadline: float, timeout_s: float) -> float:
 
 
 def make_broadcast(cfg: Any, r: redis.Redis) -> WeightBroadcast:
-    """The transport a LearnerConfig asks for (`learner.weight_sync`: auto | collective | filesystem).
-
-    `learner.*` fields tune it: weight_sync_addr, weight_sync_port (0 = any free port), weight_bucket_mb,
-    weight_sync_timeout_s, weight_share (the run config's weight_sync section sets them).
-    """
+    """The transport a LearnerConfig's `learner.weight_sync.transport` names (collective | filesystem)."""
     rt = cfg.learner
     keys = Keys(rt.run)
-    if rt.weight_sync == "filesystem":
-        return FilesystemBroadcast(r, keys, Path(rt.run_dir) / "weights")
-    backend = None if rt.dist_backend == "auto" else rt.dist_backend
+    transport = rt.weight_sync.transport
+    if transport.kind == "filesystem":
+        return FilesystemBroadcast(r, keys, Path(transport.directory or Path(rt.run_dir) / "weights"))
+    if transport.kind != "collective":
+        raise ValueError(f"weight_sync.transport.kind={transport.kind!r} sends no weights")
     return CollectiveBroadcast(
         r,
         keys,
-        master_addr=rt.weight_sync_addr,
-        master_port=rt.weight_sync_port,
-        bucket_bytes=int(rt.weight_bucket_mb * 2**20),
-        timeout_s=rt.weight_sync_timeout_s,
-        backend=backend,
+        master_addr=transport.addr,
+        master_port=transport.port,
+        bucket_bytes=int(transport.bucket_mb * 2**20),
+        timeout_s=transport.timeout_s,
+        backend=None if transport.backend == "auto" else transport.backend,
         flatten=True,  # the learner's parameters become views of the buckets at the first broadcast
-        share=rt.weight_share,
+        share=transport.share_memory,
     )

@@ -128,7 +128,7 @@ class Coordinator:
 
     def plan(self, version: int, last: bool) -> tuple[bool, bool]:
         """(broadcast the weights, checkpoint) after the update that produced `version`."""
-        sync = self.weights is not None and (version % self.cfg.learner.weight_sync_period == 0 or last)
+        sync = self.weights is not None and (version % self.cfg.learner.weight_sync.period == 0 or last)
         ckpt = self.cfg.checkpointing
         return sync, ckpt.enabled and (version % ckpt.save_period == 0 or last)
 
@@ -262,7 +262,7 @@ class Coordinator:
 
 def _weight_sync(cfg: LearnerConfig, redis_client):
     """The weight transport (learner/broadcast.py), or None when the run has no generation workers to feed."""
-    if cfg.learner.weight_sync == "none":
+    if not cfg.learner.weight_sync.enabled:
         return None
     from learner.broadcast import make_broadcast
 

@@ -1,65 +1,20 @@
 """Training prompts for the feeder: rows of a prepared JSONL file turned into tokenised `Prompt`s.
 
-The file is what `rlq prepare-data` writes (one JSON object per line: an id, the chat `messages`, the
-`ground_truth` and the `verifier` name). It is read here rather than through `rlq.data` because roles never
-import the front door; the row format is the contract between the two.
+The file is what `rlq prepare-data` writes; the row contract and its reader are broker/prepared.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from broker.errors import UserError
+from broker.prepared import TRAIN_FILE, VALIDATION_FILE, read_rows
 from broker.schemas import Array, Prompt
 from learner.config import DataConfig, LearnerConfig
 
 log = logging.getLogger(__name__)
-
-TRAIN_FILE = "train.jsonl"
-"""The training split inside a prepared data directory."""
-VALIDATION_FILE = "validation.jsonl"
-"""The validation split next to it."""
-
-
-def read_rows(path: Path) -> list[dict]:
-    """Every row of a prepared JSONL file.
-
-    Raises:
-        UserError: (one line) the file is missing or unreadable, or a row is malformed (naming its line).
-    """
-    rows = []
-    for number, line in jsonl_lines(path):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{number}: not JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or ("messages" not in row and "prompt" not in row):
-            raise UserError(f"{path}:{number}: row has neither 'messages' nor 'prompt'")
-        rows.append(row)
-    return rows
-
-
-def jsonl_lines(path: Path) -> list[tuple[int, str]]:
-    """(line number, text) of every non-blank line of a prepared file; one UserError if it is missing or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prepared data not found: {path} (rlq prepare-data writes it)")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return [(number, line) for number, line in enumerate(fh, 1) if line.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {_reason(exc)}") from None
-
-
-def _reason(exc: BaseException) -> str:
-    """An OS or decoding error in a few words ("Permission denied"), without the path it repeats."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def row_messages(row: dict) -> list[dict]:

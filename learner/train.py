@@ -6,7 +6,7 @@ Each step:
    (staleness window, dynamic sampling, duplicates), computes advantages and cuts the batch into rank shares;
 2. every rank receives its share (`scatter_object_list`: an in-cluster collective, not a wire message);
 3. every rank runs the updates (`learner.step.Trainer`) and the statistics are all-reduced;
-4. rank 0 broadcasts the weights every `weight_sync_period` steps, publishes the version in the policy hash,
+4. rank 0 broadcasts the weights every `weight_sync.period` steps, publishes the version in the policy hash,
    writes metrics and the ledger, and checkpoints every `save_period` steps, after which it acknowledges
    the scored entries the checkpoint covers.
 
@@ -115,7 +115,7 @@ def run(cfg: LearnerConfig) -> int:
         coordinator.recover(version)
         coordinator.policy.set_version(version)
         coordinator.start_validation(version)
-    if resume is not None and cfg.learner.weight_sync != "none":
+    if resume is not None and cfg.learner.weight_sync.enabled:
         full = trainer.full_model()  # a collective under FSDP2
         if coordinator is not None and coordinator.weights is not None and full is not None:
             coordinator.sync_weights(version, full)  # workers may hold weights of a discarded timeline

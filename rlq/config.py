@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -26,6 +26,7 @@ from learner.config import (
     LearnerTuning,
     LossConfig,
     PolicyConfig,
+    WeightSyncConfig,
     step_batch_problem,
 )
 from rlq.overrides import apply_overrides, load_yaml
@@ -165,18 +166,6 @@ def _ranges(ids: list[int]) -> str:
     return ",".join(out)
 
 
-class WeightSyncConfig(StrictModel):
-    """How new weights reach the generation workers (docs/weight_sync.md)."""
-
-    share_memory: Literal["auto", "host", "off"] = Field(
-        "auto",
-        description="Workers that share the learner's device read the weights from buffers the learner shares "
-        "(CUDA IPC on a GPU, /dev/shm on CPU) instead of joining the NCCL/gloo group. auto: only workers on the "
-        "learner's own GPU (colocated: two ranks on one GPU cannot form an NCCL group). host: also CPU workers "
-        "on the learner's host. off: every worker joins the group.",
-    )
-
-
 class WandbConfig(StrictModel):
     project: str = "rlq"
     name: str | None = None
@@ -209,10 +198,12 @@ class RunConfig(StrictModel):
     data: DataConfig
     env: EnvConfig = Field(default_factory=EnvConfig)
     logger: LoggerConfig = Field(default_factory=LoggerConfig)
-    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
+    weight_sync: WeightSyncConfig = Field(
+        default_factory=WeightSyncConfig, description="How and how often new weights reach the generation workers."
+    )
     learner: LearnerTuning = Field(
         default_factory=LearnerTuning,
-        description="The learner role's own settings: weight-sync transport, address, buckets and timeouts, reads.",
+        description="The learner role's own settings: reads, timeouts, its torchrun backend, replica checks.",
     )
 
     @model_validator(mode="after")
@@ -238,7 +229,7 @@ class RunConfig(StrictModel):
         policy = PolicyConfig(**self.policy.model_dump(exclude={"generation"}))
         runtime_fields = {
             "run": self.run_name, "broker_url": self.broker_url(), "run_dir": self.run_dir,
-            "trim_acked": self.broker.trim_acked, "weight_share": self.weight_sync.share_memory,
+            "trim_acked": self.broker.trim_acked, "weight_sync": self.weight_sync,
         }  # fmt: skip
         return LearnerConfig(
             grpo=self.grpo, loss_fn=self.loss_fn, policy=policy, checkpointing=self.checkpointing, data=self.data,
@@ -255,15 +246,39 @@ def load_typed(path: str | Path, overrides: list[str] | tuple[str, ...], model: 
     """The one way any command reads its config: the file, completed with every default of `model`, the overrides
     applied, validated as `model` (a run config, or a learner-only one)."""
     tree = load_yaml(path)
-    if overrides:
+    for item in overrides:
         # Overrides address the schema, not only what the file spells out: `key=value` may set any key that
-        # has a default. So apply them to the file completed with every default (when the file alone is valid).
-        try:
-            tree = model.model_validate(tree).model_dump(mode="json")
-        except ValidationError:
-            pass  # e.g. a required key that an override supplies: the overrides apply to the file as written
-        tree = apply_overrides(tree, list(overrides))
+        # has a default. So each applies to the tree completed with every default (when it is valid so far).
+        before = _completed(tree, model)
+        tree = apply_overrides(before, [item])
+        _reset_switched_union(before, tree, item)
     return model.model_validate(tree)
+
+
+def _completed(tree: dict, model: type[M]) -> dict:
+    try:
+        return model.model_validate(tree).model_dump(mode="json")
+    except ValidationError:
+        return tree  # e.g. a required key a later override supplies: apply to the tree as written
+
+
+def _reset_switched_union(before: dict, after: dict, item: str) -> None:
+    """An override that switches a union's `kind` (weight_sync.transport.kind=filesystem) would leave the old
+    variant's settings beside it, which the new variant refuses: the section restarts from the new kind's
+    defaults instead (later overrides set its fields)."""
+    key = item.lstrip("+").partition("=")[0]
+    *parents, leaf = key.split(".")
+    if leaf != "kind" or not parents or item.startswith("~"):
+        return
+    old: Any = before
+    new: Any = after
+    for part in parents:
+        old = old.get(part) if isinstance(old, dict) else None
+        new = new[part]
+    if isinstance(old, dict) and old.get("kind") != new["kind"]:
+        kind = new["kind"]
+        new.clear()
+        new["kind"] = kind
 
 
 def save_resolved(cfg: RunConfig, path: Path) -> None:

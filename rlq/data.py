@@ -1,4 +1,5 @@
-"""Prepared training data: the row contract, the offline arithmetic set, and writing/reading prepared JSONL.
+"""Prepared training data: the offline arithmetic set, and writing/reading prepared JSONL (the row contract,
+`Example`, is broker/prepared.py).
 (DAPO-Math-17k's reading, from the hub or local parquet/jsonl, is rlq/data_dapo.py.)
 
 `rlq prepare-data` is the tutorial's `ng_prepare_data`. Every prepared row carries the DAPO columns
@@ -21,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from broker.prepared import MANIFEST_FILE, TRAIN_FILE, VALIDATION_FILE, Example, jsonl_lines
 from rlq.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -36,39 +38,7 @@ DAPO_TEMPLATE = (
 # positions and every prompt token costs CPU time in training and generation).
 COMPACT_TEMPLATE = "Compute {problem}\nEnd with Answer: N"
 TEMPLATES = {"full": DAPO_TEMPLATE, "compact": COMPACT_TEMPLATE}
-DEFAULT_VERIFIER = "math"
 OPS = "+-*"
-
-
-class Example(BaseModel, frozen=True):
-    """One prepared training/validation example (one JSONL row)."""
-
-    prompt_id: str = Field(..., min_length=1, description="Stable id: 'dapo-<16 hex>' or 'arith-train-000042'.")
-    messages: list[dict[str, str]] = Field(..., min_length=1, description="Chat messages [{role, content}].")
-    ground_truth: str = Field(..., min_length=1, description="Reference answer the verifier compares against.")
-    verifier: str = Field(DEFAULT_VERIFIER, min_length=1, description="Judge queue that scores it (agent_ref).")
-    data_source: str = Field(..., description="Origin dataset, e.g. 'math_dapo' or 'arith'.")
-    ability: str = Field("MATH", description="DAPO's ability column.")
-    reward_model: dict[str, Any] = Field(..., description="DAPO's {ground_truth, style}.")
-    extra_info: dict[str, Any] = Field(default_factory=dict, description="DAPO's {index, ...}; arith adds more.")
-
-    @field_validator("messages")
-    @classmethod
-    def _roles(cls, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-        for m in messages:
-            if set(m) != {"role", "content"} or not m["content"].strip():
-                raise ValueError("each message needs exactly a role and a non-empty content")
-        return messages
-
-    @model_validator(mode="after")
-    def _answer_agrees(self) -> Example:
-        if str(self.reward_model.get("ground_truth")) != self.ground_truth:
-            raise ValueError("reward_model.ground_truth differs from ground_truth")
-        return self
-
-    @property
-    def problem_text(self) -> str:
-        return self.messages[-1]["content"]
 
 
 # ---------------------------------------------------------------- arithmetic generator
@@ -205,8 +175,6 @@ class Tally:
 
 # ---------------------------------------------------------------- writing and loading prepared files
 
-TRAIN_FILE, VALIDATION_FILE, MANIFEST_FILE = "train.jsonl", "validation.jsonl", "manifest.json"
-
 
 def example_line(ex: Example) -> str:
     return json.dumps(ex.model_dump(mode="json"), ensure_ascii=False, sort_keys=False) + "\n"
@@ -260,8 +228,6 @@ def load_prepared(path: str | Path) -> list[Example]:
     Raises UserError naming the file and line of the first bad row: a prepared file is our own output, so a bad
     row means it was edited or truncated, and training on part of it silently would be worse.
     """
-    from learner.data_source import jsonl_lines
-
     path = Path(path)
     if path.is_dir():
         path = path / TRAIN_FILE

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from broker.errors import RlqError
-from rlq.data import DAPO_TEMPLATE, Example, Tally, write_prepared
+from broker.prepared import Example
+from rlq.data import DAPO_TEMPLATE, Tally, write_prepared
 from rlq.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from rlq.data import ArithConfig, Example, generate_arith
+from broker.prepared import Example
+from rlq.data import ArithConfig, generate_arith
 from rlq.tiny_policy import (
     BUILD_FILE,
     IM_END,

@@ -88,10 +88,10 @@ def test_bad_override_is_one_line_and_starts_nothing(tmp_path, tiny_model_dir):
 
 
 def test_the_worker_reads_the_weights_from_shared_memory_when_the_run_asks(tmp_path, tiny_model_dir):
-    """weight_sync.share_memory=host: the CPU worker on the learner's host maps the learner's /dev/shm buffers (on a
-    GPU the same path carries CUDA IPC handles for a colocated worker); no gloo group is formed."""
+    """weight_sync.transport.share_memory=host: the CPU worker on the learner's host maps the learner's /dev/shm
+    buffers (on a GPU the same path carries CUDA IPC handles for a colocated worker); no gloo group is formed."""
     result = _train(tmp_path, tiny_model_dir, "grpo.max_num_steps=3", "grpo.val_at_start=false",
-                    "weight_sync.share_memory=host")  # fmt: skip
+                    "weight_sync.transport.share_memory=host")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "run"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -62,8 +62,9 @@ def write_config(path: Path, *, model: Path, data: Path, run: str, redis_url: st
                    "optimizer": {"kwargs": {"lr": 1e-3}}},
         "checkpointing": {"checkpoint_dir": str(run_dir / "ckpt"), "save_period": 2},
         "data": {"path": str(data)},
-        "learner": {"run": run, "broker_url": redis_url, "run_dir": str(run_dir), "weight_sync": "none",
-                    "check_replicas_every": 1, "read_block_ms": 200, "data_timeout_s": 120},
+        "learner": {"run": run, "broker_url": redis_url, "run_dir": str(run_dir),
+                    "weight_sync": {"transport": {"kind": "none"}}, "check_replicas_every": 1, "read_block_ms": 200,
+                    "data_timeout_s": 120},
     }  # fmt: skip
     path.write_text(yaml.safe_dump(cfg))
     return path

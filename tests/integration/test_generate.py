@@ -348,18 +348,16 @@ def test_a_killed_workers_batch_is_processed_by_another(
 def test_groups_reach_the_real_judges_and_come_back_scored(
     vllm_engine, redis_url: str, run_name: str, tmp_path: Path
 ) -> None:
-    """The production hand-off: CelerySink -> a real `celery -A workers.judge.celery_app worker` -> the scored
+    """The production hand-off: CelerySink -> a real judge (`rlq worker judge`, a Celery worker) -> the scored
     stream."""
     from broker.schemas import ScoredGroup
-    from workers.judge.app import BROKER_URL_ENV, RUN_ENV
+    from tests.integration.judge_support import judge_argv, judge_config_file
 
     r = connect(redis_url)
     keys = Keys(run_name)
-    env = {**os.environ, BROKER_URL_ENV: redis_url, RUN_ENV: run_name, "PYTHONPATH": "."}
-    argv = [sys.executable, "-m", "celery", "-A", "workers.judge.celery_app", "worker", "-Q", keys.judge_queue,
-            "--concurrency", "1", "--without-mingle", "--without-gossip", "-n", f"judge-{run_name}@%h"]  # fmt: skip
+    argv = judge_argv(judge_config_file(tmp_path, redis_url, run_name), 1)
     with open(tmp_path / "judge.log", "wb") as log:
-        judge = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        judge = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             StreamProducer(r, keys.prompts).add(_batch(5))
             worker = GenerationWorker(

@@ -28,7 +28,8 @@ from broker.judge_queue import TASK_NAME, submit_group, submit_groups
 from broker.keys import Keys
 from broker.schemas import Array, DeadLetter, Prompt, RolloutGroup, Sample, ScoredGroup, decode, encode
 from broker.streams import PAYLOAD_FIELD
-from workers.judge.app import BROKER_URL_ENV, CONFIG_ENV, RUN_ENV, make_app
+from tests.integration.judge_support import judge_argv, judge_config_file
+from workers.judge.app import make_app
 from workers.judge.config import JudgeConfig, LLMJudgeConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,23 +55,20 @@ def make_group(ground_truth: str, texts: list[str], group_id: str | None = None)
 
 
 class Judge:
-    """One `celery -A workers.judge.celery_app worker` subprocess and the client side of its run."""
+    """One `rlq worker judge` subprocess (a Celery worker) and the client side of its run."""
 
     def __init__(self, url: str, run: str, cfg: JudgeConfig, log_path: Path, concurrency: int = 2) -> None:
         self.run, self.keys, self.log_path = run, Keys(run), log_path
-        self.name = f"judge-{uuid.uuid4().hex[:6]}"
         self.app = make_app(url, run, cfg)
         self.r = redis.Redis.from_url(url)
-        env = {**os.environ, BROKER_URL_ENV: url, RUN_ENV: run, CONFIG_ENV: cfg.model_dump_json()}
-        argv = [sys.executable, "-m", "celery", "-A", "workers.judge.celery_app", "worker", "-Q", self.keys.judge_queue,
-                "--concurrency", str(concurrency), "-n", f"{self.name}@%h", "--without-mingle", "--without-gossip",
-                "--loglevel", "INFO"]  # fmt: skip
+        config = judge_config_file(log_path.parent / "configs", url, run, cfg)
         self.log = log_path.open("ab")
         # Own session: a test can SIGKILL the whole worker (main, pool and verifier processes) like a lost node.
         self.proc = subprocess.Popen(
-            argv, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.node = f"{self.name}@{socket.gethostname()}"
+            judge_argv(config, concurrency), cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        self.node = f"judge-{run}-{self.proc.pid}@{socket.gethostname()}"
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -368,14 +366,15 @@ def test_a_group_that_kills_every_pool_process_is_dead_lettered_after_max_delive
         worker.stop()
 
 
-def test_rlq_worker_judge_execs_a_plain_celery_worker(redis_server, run_name, tmp_path):
-    env = {**os.environ, BROKER_URL_ENV: redis_server.url, RUN_ENV: run_name}
+def test_rlq_worker_judge_is_a_plain_celery_worker(redis_server, run_name, tmp_path):
+    """`rlq worker judge` runs Celery's own worker command in its process: Celery's remote control reaches it by the
+    node name it announces, with the pid of the process the user started, and it serves the run's queue."""
+    config = judge_config_file(tmp_path, redis_server.url, run_name)
     with (tmp_path / "cli.log").open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "rlq", "worker", "judge", "--concurrency", "1"], cwd=REPO,
-                                env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(judge_argv(config, 1), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         try:
             app = make_app(redis_server.url, run_name)
-            node = f"judge-{run_name}-{proc.pid}@{socket.gethostname()}"  # exec keeps the pid
+            node = f"judge-{run_name}-{proc.pid}@{socket.gethostname()}"  # the same process, no exec or wrapper
             deadline = time.monotonic() + WAIT_S
             while not app.control.ping(destination=[node], timeout=0.5):
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "cli.log").read_text()
@@ -387,6 +386,11 @@ def test_rlq_worker_judge_execs_a_plain_celery_worker(redis_server, run_name, tm
                 time.sleep(0.05)
             ((_, fields),) = r.xrange(Keys(run_name).scored)
             assert decode(fields[PAYLOAD_FIELD], ScoredGroup).verdicts == ["correct"]  # type: ignore[union-attr]
+            # Celery's own tools, as an operator types them, load the app module and reach the worker.
+            inspect = subprocess.run([sys.executable, "-m", "celery", "-A", "workers.judge.celery_app", "--broker",
+                                      redis_server.url, "inspect", "ping", "-d", node], cwd=REPO, capture_output=True,
+                                     text=True, timeout=60)  # fmt: skip
+            assert inspect.returncode == 0 and "pong" in inspect.stdout, inspect.stdout + inspect.stderr
         finally:
             proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+            assert proc.wait(30) == 0, "a warm shutdown on SIGTERM exits 0"

@@ -56,8 +56,8 @@ def test_two_gloo_ranks_take_real_steps_and_stay_identical(tmp_path, tiny_model_
     so DDP replicas stay bit-identical; FSDP2 rounds its DTensor shards."""
     fsdp = f"++policy.dtensor_cfg.enabled={parallel.startswith('fsdp2')}"
     bf16 = ["++policy.precision=bfloat16", "++policy.master_weights=bfloat16"] if parallel.endswith("bf16") else []
-    run_dir, _ = run_learner(tmp_path, tiny_model_dir, redis_url, run_name, 2, "learner.weight_sync=filesystem",
-                             fsdp, *bf16)  # fmt: skip
+    run_dir, _ = run_learner(tmp_path, tiny_model_dir, redis_url, run_name, 2,
+                             "learner.weight_sync.transport.kind=filesystem", fsdp, *bf16)  # fmt: skip
 
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3]

@@ -1,7 +1,7 @@
 """Weights through shared buffers (weightsync/shared.py): a worker on the learner's device reads them in place.
 
 On a GPU the buffers travel as CUDA IPC handles (colocated learner and vLLM worker, where NCCL cannot put both
-ranks on one GPU); here, on CPU, the same protocol runs over /dev/shm files (`weight_sync.share_memory=host`),
+ranks on one GPU); here, on CPU, the same protocol runs over /dev/shm files (`weight_sync.transport.share_memory=host`),
 with a real redis-server, the real learner broadcast and a real generation worker (transformers engine; the vLLM
 CPU engine in the slow tier). The CUDA IPC export itself runs only on a GPU (tests/gpu).
 """

@@ -140,7 +140,8 @@ def test_warm_start_reaches_the_accuracy_band(tmp_path: Path) -> None:
 
 def test_prepared_rows_feed_the_learner(tiny_model_dir: Path, tmp_path: Path) -> None:
     """The row contract between `rlq prepare-data` and learner/data_source.py, with the tiny tokenizer."""
-    from learner.data_source import prompt_from_row, read_rows
+    from broker.prepared import read_rows
+    from learner.data_source import prompt_from_row
     from rlq.data import ArithConfig, load_prepared, prepare_arith
 
     prepare_arith(tmp_path, ArithConfig(n_train=5, n_val=0))

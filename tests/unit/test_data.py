@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from broker.prepared import Example
 from rlq.data import (
     DAPO_TEMPLATE,
     ArithConfig,
-    Example,
     generate_arith,
     load_prepared,
     prepare_arith,

@@ -140,7 +140,8 @@ def _data_config(path: Path, validation: Path | None = None):
 
 
 def test_missing_training_and_validation_data_are_user_errors(tmp_path: Path) -> None:
-    from learner.data_source import read_rows, training_file, validation_file
+    from broker.prepared import read_rows
+    from learner.data_source import training_file, validation_file
 
     with pytest.raises(UserError, match=r"no training data at .*train\.jsonl: point data.path"):
         training_file(_data_config(tmp_path))

@@ -118,12 +118,42 @@ def test_every_command_composes_config_through_one_loader(tmp_path):
     tree = {"policy": {"model_name": "m"}, "data": {"path": "d"},
             "learner": {"run": "r", "broker_url": "redis://127.0.0.1:1/0"}}  # fmt: skip
     learner_only.write_text(yaml.safe_dump(tree))
-    cfg = load_typed(learner_only, ["policy.skip_zero_advantage=false", "learner.weight_bucket_mb=8"], LearnerConfig)
-    assert cfg.policy.skip_zero_advantage is False and cfg.learner.weight_bucket_mb == 8
+    cfg = load_typed(learner_only, ["policy.skip_zero_advantage=false",
+                                    "learner.weight_sync.transport.bucket_mb=8"], LearnerConfig)  # fmt: skip
+    assert cfg.policy.skip_zero_advantage is False and cfg.learner.weight_sync.transport.bucket_mb == 8
     from pathlib import Path
 
     config = Path(__file__).resolve().parents[2] / "configs" / "tiny_arith_cpu.yaml"
-    run = load_run_config(config, ["learner.weight_sync_timeout_s=5", "weight_sync.share_memory=host",
-                                   "broker.url=redis://127.0.0.1:1/0"])  # fmt: skip
+    run = load_run_config(config, ["weight_sync.transport.timeout_s=5", "weight_sync.transport.share_memory=host",
+                                   "learner.data_timeout_s=7", "broker.url=redis://127.0.0.1:1/0"])  # fmt: skip
     runtime = run.learner_config().learner  # the run config reaches every learner setting
-    assert runtime.weight_sync_timeout_s == 5 and runtime.weight_share == "host" and runtime.run == run.run_name
+    transport = runtime.weight_sync.transport
+    assert transport.kind == "collective" and transport.timeout_s == 5 and transport.share_memory == "host"
+    assert runtime.data_timeout_s == 7 and runtime.run == run.run_name
+
+
+def test_weight_transport_is_a_union_switched_by_its_kind():
+    """`weight_sync.transport` is one of three typed transports; switching the kind by override starts from the new
+    kind's defaults (the collective's address or buckets would be refused by the filesystem transport), and a
+    field of another kind is refused by name."""
+    from pathlib import Path
+
+    import pydantic
+
+    from rlq.config import load_run_config
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny_arith_cpu.yaml"
+    base = ["broker.url=redis://127.0.0.1:1/0"]
+    run = load_run_config(config, [*base, "weight_sync.transport.kind=filesystem",
+                                   "weight_sync.transport.directory=/shared/w", "weight_sync.period=2"])  # fmt: skip
+    assert run.weight_sync.transport.kind == "filesystem" and str(run.weight_sync.transport.directory) == "/shared/w"
+    assert run.learner_config().learner.weight_sync.period == 2
+    kept = load_run_config(config, [*base, "weight_sync.transport.port=29555", "weight_sync.transport.kind=collective"])
+    assert kept.weight_sync.transport.port == 29555  # the same kind again keeps what was set
+    assert load_run_config(config, [*base, "weight_sync.transport.kind=none"]).weight_sync.enabled is False
+    with pytest.raises(pydantic.ValidationError, match="directory"):
+        load_run_config(config, [*base, "++weight_sync.transport.directory=/x"])  # not a collective's field
+    with pytest.raises(pydantic.ValidationError, match="transport.kind"):
+        load_run_config(config, [*base, "++learner.weight_sync=filesystem"])  # the old key names its new home
+    with pytest.raises(pydantic.ValidationError, match="transport.share_memory"):
+        load_run_config(config, [*base, "++weight_sync.share_memory=host"])

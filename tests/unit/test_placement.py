@@ -122,7 +122,7 @@ def test_the_tutorials_sanity_command_builds_every_roles_config(monkeypatch):
     cfg = load_run_config(CONFIG_4B, TUTORIAL_SANITY)
     learner = cfg.learner_config()  # what `rlq learner` builds; it refused 1024 of 64 samples before
     assert learner.policy.train_global_batch_size is None and learner.grpo.num_prompts_per_step == 4
-    assert learner.learner.weight_share == "auto"
+    assert learner.learner.weight_sync.transport.share_memory == "auto"
     assert cfg.policy.generation.backend == "vllm" and cfg.policy.generation.vllm_cfg.precision == "bfloat16"
     assert cfg.env.math.answer_timeout_s == 10
     one_gpu = load_run_config(CONFIG_4B, [*TUTORIAL_SANITY, "cluster.learner_procs_per_node=1",

@@ -1,8 +1,9 @@
 """The judge role: a Celery app on the Redis broker whose one task scores a RolloutGroup.
 
-Run it as a plain Celery worker (`rlq worker judge` execs exactly this), so `celery inspect` and Flower work:
+`rlq worker judge --config run.yaml` runs it as an ordinary Celery worker in its own process
+(workers/judge/worker.py: Celery's own worker command on this app), so `celery inspect` and Flower work:
 
-    RLQ_BROKER_URL=redis://host:6379/0 RLQ_RUN=myrun celery -A workers.judge.celery_app worker -Q rlq.myrun.judge
+    celery -A workers.judge.celery_app --broker redis://host:6379/0 inspect active
 
 Delivery: msgpack only (a pickled message is refused before it is decoded); late acks, so a task is acknowledged
 only after its ScoredGroup is in the scored stream; a pool process killed mid-task is retried at once
@@ -46,10 +47,6 @@ from workers.judge.verify import extract_answer, reward_of
 
 log = logging.getLogger(__name__)
 
-BROKER_URL_ENV = "RLQ_BROKER_URL"
-RUN_ENV = "RLQ_RUN"
-CONFIG_ENV = "RLQ_JUDGE_CONFIG"
-"""JSON of a JudgeConfig; `rlq worker judge` sets it from the run config's `env.math`."""
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 HEARTBEAT_EVERY_S = 5.0
 MAX_REASON_CHARS = 500
@@ -98,13 +95,6 @@ def make_app(broker_url: str, run: str = "default", cfg: JudgeConfig | None = No
         retry_backoff=True,
     )(score_task)
     return app
-
-
-def app_from_env() -> Celery:
-    """The app `celery -A workers.judge.celery_app` loads: broker, run and JudgeConfig from the environment."""
-    raw = os.environ.get(CONFIG_ENV)
-    cfg = JudgeConfig.model_validate_json(raw) if raw else JudgeConfig()
-    return make_app(os.environ.get(BROKER_URL_ENV, DEFAULT_BROKER_URL), os.environ.get(RUN_ENV, "default"), cfg)
 
 
 # Per pool process state: a Redis client and a verifier child, created on first use.
