@@ -93,7 +93,9 @@ class RedisServer:
         if self.password:
             args += ["--requirepass", self.password]
         args += self.extra_args
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its own session: a Ctrl-C in the terminal reaches only our process, which stops the server after the
+        # roles that still need it (`rlq train`: the learner's last checkpoint acknowledges entries).
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         self._wait_until_up()
         log.info("redis-server pid %d on %s:%d", self.process.pid, self.host, self.port)
         return self

@@ -91,7 +91,8 @@ class _StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        log.warning("signal %d: stopping after this step", signum)
+        if not self.set:  # torchrun and `rlq train` may both deliver it
+            log.warning("signal %d: stopping after this step (checkpoint, no weight broadcast)", signum)
         self.set = True
 
 
@@ -199,6 +200,8 @@ def _loop(cfg, info: DistInfo, trainer: Trainer, coordinator, stop, version: int
             metrics["sync/replica_spread"] = replica_spread(trainer.model, info.world_size)
         last = version >= cfg.grpo.max_num_steps
         plan = coordinator.plan(version, last or stop.set) if coordinator is not None else (False, False)
+        if stop.set:  # the workers are stopping too: a broadcast now could wait on peers that are leaving
+            plan = (False, plan[1])
         plan = broadcast_plan(plan, info)
         model = trainer.full_model() if any(plan) else None  # a collective under FSDP2
         optimizer_state = trainer.optimizer_state() if plan[1] else None

@@ -14,8 +14,13 @@ def train_command(
     """Train end to end: Redis, judges, generation workers and the learner, stopped together."""
     from rlq.config import load_run_config
     from rlq.launch import train
+    from rlq.supervisor import Stopped
 
-    train(load_run_config(config, overrides or []))
+    try:
+        train(load_run_config(config, overrides or []))
+    except Stopped as exc:  # asked to stop, every role stopped: the shell's code for death by that signal
+        typer.echo(f"rlq: {exc}", err=True)
+        raise typer.Exit(128 + exc.signum) from None
 
 
 def doctor_command(

@@ -30,6 +30,7 @@ from learner.config import (
     step_batch_problem,
 )
 from rlq.overrides import apply_overrides, load_yaml
+from rlq.restarts import RestartPolicy
 from workers.generate.config import GenerationConfig
 from workers.judge.config import JudgeConfig
 
@@ -59,6 +60,7 @@ class ClusterConfig(StrictModel):
     learner_procs_per_node: int = Field(1, ge=1, description="Learner ranks per node (torchrun --nproc-per-node).")
     generation_workers: int = Field(1, ge=1, description="`rlq worker generate` processes.")
     judge_workers: int = Field(1, ge=1, description="Celery worker processes (`--concurrency`) of the judge role.")
+    restarts: RestartPolicy = Field(default_factory=RestartPolicy, description="`rlq train`: when a role dies.")
     learner_cpus: str | None = Field(
         None,
         description='`rlq train` only: CPU ids the learner ranks are pinned to (taskset syntax, e.g. "1" or '

@@ -1,11 +1,13 @@
 """`rlq train` on one machine: a private Redis (unless broker.url is set), judges, generation workers and the
-learner, each its own process; progress from metrics.jsonl; everything stops together.
+learner, each its own process; progress from metrics.jsonl. Workers that die are restarted (`cluster.restarts`,
+rlq/supervisor.py); SIGINT/SIGTERM, the learner's end or a role's final failure stops everything together.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ from broker.server import RedisServer
 from rlq.config import BROKER_URL_ENV, RunConfig, local_cpu_list, save_resolved
 from rlq.errors import UserError
 from rlq.placement import Placement, cuda_visible, plan_gpus, visible_gpu_count
-from rlq.supervisor import RoleFailed, RoleSpec, Supervisor
+from rlq.supervisor import RoleFailed, RoleSpec, Stopped, Supervisor
 from rlq.tracking import MetricsFollower, WandbSettings
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ def role_specs(cfg: RunConfig, config_path: Path, placement: Placement | None = 
         raise UserError(str(exc)) from None
     specs = [
         RoleSpec("judge", [python, "-m", "rlq", "worker", "judge", *base,
-                           "--concurrency", str(cfg.cluster.judge_workers)], cpus=judge_cpus),
+                           "--concurrency", str(cfg.cluster.judge_workers)], cpus=judge_cpus, restart=True),
     ]  # fmt: skip
     for index in range(cluster.generation_workers):
         # The whole worker is pinned (its vLLM engine process inherits it), and vLLM binds its OpenMP threads to
@@ -64,7 +66,8 @@ def role_specs(cfg: RunConfig, config_path: Path, placement: Placement | None = 
         worker_id = f"{cfg.run_name}-gen-{index}"
         specs.append(
             RoleSpec(f"generate-{index}", [python, "-m", "rlq", "worker", "generate", *base, "--worker-id", worker_id,
-                                           *extra], env=engine_env, cpus=cpus, wait_ready=worker_id if shared else None)
+                                           *extra], env=engine_env, cpus=cpus, wait_ready=worker_id if shared else None,
+                     restart=True)
         )  # fmt: skip
     learner = [python, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={cluster.learner_procs_per_node}", "-m", "rlq", "learner", *base]  # fmt: skip
@@ -74,7 +77,8 @@ def role_specs(cfg: RunConfig, config_path: Path, placement: Placement | None = 
     if learner_cpus:
         # Threads per rank from the pinned set: more would fight over the same cores (OpenMP spins while waiting).
         learner_env["OMP_NUM_THREADS"] = str(max(1, len(learner_cpus) // cluster.learner_procs_per_node))
-    specs.append(RoleSpec("learner", learner, env=learner_env, finishes_run=True, cpus=learner_cpus))
+    resume = cluster.restarts.learner == "resume"  # it resumes from its latest checkpoint on every start
+    specs.append(RoleSpec("learner", learner, env=learner_env, finishes_run=True, cpus=learner_cpus, restart=resume))
     return specs
 
 
@@ -91,6 +95,8 @@ def train(cfg: RunConfig) -> Path:
         ) from None
     placement = plan_gpus(cfg, visible_gpu_count())  # a GPU that is not there fails here, before anything starts
     specs = role_specs(cfg, config_path, placement)  # a bad CPU list fails here too
+    if cfg.cluster.restarts.learner == "resume" and not cfg.checkpointing.enabled:
+        raise UserError("cluster.restarts.learner=resume needs checkpointing.enabled=true (it resumes from one)")
     from learner.data_source import training_file, validation_file
 
     training_file(cfg.data)  # a missing file is one line (UserError) before anything has started
@@ -106,7 +112,8 @@ def train(cfg: RunConfig) -> Path:
         server = RedisServer(directory=run_dir / "redis", appendonly=True).start()
         env[BROKER_URL_ENV] = server.url
         log.info("private redis-server on %s (data in %s)", server.url, server.directory)
-    supervisor = Supervisor(run_dir / "logs", base_env={**os.environ, **env})
+    supervisor = Supervisor(run_dir / "logs", base_env={**os.environ, **env}, policy=cfg.cluster.restarts,
+                            events_path=run_dir / "events.jsonl")  # fmt: skip
     follower = MetricsFollower(
         run_dir / "metrics.jsonl",
         wandb=WandbSettings(
@@ -122,21 +129,33 @@ def train(cfg: RunConfig) -> Path:
         if colocated and cfg.grpo.max_staleness > 0:
             log.info("generation shares the learner's GPU: asynchrony only interleaves their kernels there "
                      "(one H200: max_staleness 1 ran 0.95x the steps/min of 0, docs/gpu.md)")  # fmt: skip
+    # From here a signal only asks the supervisor to stop: every role is then stopped in order, never orphaned.
+    previous = {sig: signal.signal(sig, supervisor.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for spec in specs:
             supervisor.start(spec)
             if spec.wait_ready:
                 _wait_ready(supervisor, spec, env.get(BROKER_URL_ENV) or cfg.broker_url(), cfg.run_name)
-        supervisor.wait(on_tick=lambda: _report(follower, cfg.grpo.max_num_steps, started))
-        log.info("run finished in %.1f min: %s", (time.monotonic() - started) / 60, run_dir)
+        supervisor.wait(on_tick=lambda: _report(follower, cfg.grpo.max_num_steps, started, supervisor))
+        log.info("run finished in %.1f min: %s%s", (time.monotonic() - started) / 60, run_dir, _restarts(supervisor))
     except RoleFailed as exc:
         raise UserError(f"{exc} (logs in {run_dir / 'logs'})") from None
+    except Stopped as exc:
+        log.warning("%s: stopping every role (the learner checkpoints first)", exc)
+        raise Stopped(exc.signum, f"{exc}; every role stopped (logs in {run_dir / 'logs'})") from None
     finally:
         supervisor.stop()
-        follower.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if server is not None:
-            server.stop()
+            server.stop()  # before the curves (matplotlib takes seconds): every process gone first
+        follower.close()
     return run_dir
+
+
+def _restarts(supervisor: Supervisor) -> str:
+    counts = supervisor.restarts
+    return f" ({', '.join(f'{name} restarted {n}x' for name, n in counts.items())})" if counts else ""
 
 
 def _wait_ready(supervisor: Supervisor, spec: RoleSpec, broker_url: str, run: str) -> None:
@@ -157,12 +176,14 @@ def _wait_ready(supervisor: Supervisor, spec: RoleSpec, broker_url: str, run: st
     raise RoleFailed(f"{spec.name} did not load its engine within {READY_TIMEOUT_S:.0f}s")
 
 
-def _report(follower: MetricsFollower, max_steps: int, started: float) -> None:
+def _report(follower: MetricsFollower, max_steps: int, started: float, supervisor: Supervisor) -> None:
     for record in follower.poll():
         if "val/accuracy" in record:  # a validation pass (learner/validation.py), not a step
             log.info("validation of version %d: accuracy %.3f on %d prompts", record["val/policy_version"],
                      record["val/accuracy"], record["val/prompts"])  # fmt: skip
             continue
         parts = [fmt.format(record[key]) for key, fmt in PROGRESS_KEYS if isinstance(record.get(key), (int, float))]
+        if supervisor.total_restarts:
+            parts.append(f"restarts {supervisor.total_restarts}")
         elapsed = (time.monotonic() - started) / 60
         log.info("step %s/%d  %s  (%.1f min)", record.get("step"), max_steps, "  ".join(parts), elapsed)
