@@ -18,6 +18,7 @@ import msgspec
 import numpy as np
 import redis
 
+from broker.celery_inspect import judge_queue_report
 from broker.keys import Keys
 from broker.registry import Registry
 from broker.schemas import Array, MessageError, decode, kind_of
@@ -49,7 +50,7 @@ return n
 
 
 def queues_report(r: redis.Redis, keys: Keys, *, broker: str = "") -> dict[str, Any]:
-    """Every stream of the run with its groups, the dead-letter count and the registered workers."""
+    """Every stream of the run with its groups, the dead-letter count, the registered workers and the judge queue."""
     streams = [stream_report(r, name, keys) for name in stream_names(r, keys)]
     return {
         "version": JSON_VERSION,
@@ -59,6 +60,7 @@ def queues_report(r: redis.Redis, keys: Keys, *, broker: str = "") -> dict[str, 
         "streams": streams,
         "dead_letters": int(_any(r.xlen(keys.dead))),
         "workers": workers_report(r, keys),
+        "judge_queue": judge_queue_report(r, keys),  # the Celery queue (broker/celery_inspect.py)
     }
 
 

@@ -18,6 +18,7 @@ from rlq.cli_judge import judge_command
 from rlq.cli_learner import learner_command
 from rlq.cli_queues import register as register_queues
 from rlq.cli_train import doctor_command, train_command
+from rlq.cli_views import register as register_views
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Asynchronous GRPO over Redis streams.")
 worker_app = typer.Typer(no_args_is_help=True, help="Run one worker role (generation or judge).")
@@ -32,6 +33,7 @@ app.command("broker-server")(broker_server)
 app.command("broker-wait")(broker_wait)
 register_data(app)  # rlq prepare-data, rlq build-policy
 register_queues(app)  # rlq queues, rlq peek, rlq dlq list|requeue|purge
+register_views(app)  # rlq workers, rlq top, rlq metrics-server
 
 
 def main() -> None:

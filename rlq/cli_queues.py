@@ -65,19 +65,29 @@ def _emit_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2))
 
 
-def queues(broker: str = BrokerOpt, run: str = RunOpt, as_json: bool = JsonOpt) -> None:
-    """Streams, consumer groups (pending, lag, oldest idle, delivery counts), dead letters and workers."""
+def queues(
+    broker: str = BrokerOpt,
+    run: str = RunOpt,
+    as_json: bool = JsonOpt,
+    celery: bool = typer.Option(False, "--celery", help="Count judges by Celery's `inspect active_queues`."),
+) -> None:
+    """Streams, consumer groups (pending, lag, oldest idle, delivery counts), dead letters, judge queue, workers."""
     from broker.connection import describe
     from broker.inspect import queues_report
+    from rlq.run_state import celery_consumers
+    from rlq.views import judge_queue_line
 
     with _broker(broker, run) as (r, keys):
         report = queues_report(r, keys, broker=describe(broker))
+        if celery:
+            report["judge_queue"].update(celery_consumers(broker, run))
     if as_json:
         _emit_json(report)
         return
     typer.echo(f"run {report['run']} on {report['broker']}")
     typer.echo(_table(_stream_rows(report["streams"])))
     typer.echo(f"dead letters: {report['dead_letters']}")
+    typer.echo(judge_queue_line(report["judge_queue"]))
     workers = report["workers"]
     typer.echo(f"workers: {len(workers)} registered, {sum(w['alive'] for w in workers)} alive")
     if workers:

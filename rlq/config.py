@@ -179,6 +179,19 @@ class LoggerConfig(StrictModel):
     log_dir: Path = Field(Path("runs/default"), description="The run directory: logs, metrics.jsonl, curves.")
     wandb_enabled: bool = Field(True, description="Log to W&B (online with WANDB_API_KEY, else offline).")
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    prometheus_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="`rlq train` also serves the run's Prometheus metrics on this port "
+        "(`rlq metrics-server`, docs/operations.md); null: not served.",
+    )
+    prometheus_addr: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Address the metrics are served on; anything but loopback needs "
+        "RLQ_METRICS_AUTH=user:password in the environment (HTTP basic auth).",
+    )
 
 
 class RunPolicyConfig(PolicyConfig):

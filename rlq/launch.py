@@ -16,6 +16,7 @@ from broker.server import RedisServer
 from rlq.config import BROKER_URL_ENV, RunConfig, local_cpu_list, save_resolved
 from rlq.errors import UserError
 from rlq.placement import Placement, cuda_visible, plan_gpus, visible_gpu_count
+from rlq.run_state import BROKER_URL_FILE
 from rlq.supervisor import RoleFailed, RoleSpec, Stopped, Supervisor
 from rlq.tracking import MetricsFollower, WandbSettings
 
@@ -77,6 +78,11 @@ def role_specs(cfg: RunConfig, config_path: Path, placement: Placement | None = 
     if learner_cpus:
         # Threads per rank from the pinned set: more would fight over the same cores (OpenMP spins while waiting).
         learner_env["OMP_NUM_THREADS"] = str(max(1, len(learner_cpus) // cluster.learner_procs_per_node))
+    if cfg.logger.prometheus_port is not None:  # first: it watches the others start
+        from rlq.metrics_server import metrics_role_argv
+
+        argv = metrics_role_argv(config_path, cfg.logger.prometheus_port, cfg.logger.prometheus_addr)
+        specs.insert(0, RoleSpec("metrics", argv, restart=True))
     resume = cluster.restarts.learner == "resume"  # it resumes from its latest checkpoint on every start
     specs.append(RoleSpec("learner", learner, env=learner_env, finishes_run=True, cpus=learner_cpus, restart=resume))
     return specs
@@ -111,6 +117,9 @@ def train(cfg: RunConfig) -> Path:
     if cfg.broker.url is None:
         server = RedisServer(directory=run_dir / "redis", appendonly=True).start()
         env[BROKER_URL_ENV] = server.url
+        # So that `rlq workers|queues|top|metrics-server --config <run_dir>/config.yaml` and `rlq worker ...` from
+        # another terminal find it (removed when the server stops).
+        (run_dir / BROKER_URL_FILE).write_text(server.url + "\n")
         log.info("private redis-server on %s (data in %s)", server.url, server.directory)
     supervisor = Supervisor(run_dir / "logs", base_env={**os.environ, **env}, policy=cfg.cluster.restarts,
                             events_path=run_dir / "events.jsonl")  # fmt: skip
@@ -149,6 +158,7 @@ def train(cfg: RunConfig) -> Path:
             signal.signal(sig, handler)
         if server is not None:
             server.stop()  # before the curves (matplotlib takes seconds): every process gone first
+            (run_dir / BROKER_URL_FILE).unlink(missing_ok=True)
         follower.close()
     return run_dir
 

@@ -21,7 +21,7 @@ from broker.server import free_port
 from broker.streams import StreamConsumer, StreamProducer
 from rlq.cli import app
 
-QUEUES_FIELDS = {"version", "broker", "run", "time", "streams", "dead_letters", "workers"}
+QUEUES_FIELDS = {"version", "broker", "run", "time", "streams", "dead_letters", "workers", "judge_queue"}
 STREAM_FIELDS = {"stream", "name", "exists", "length", "first_id", "last_id", "last_generated_id", "groups"}
 GROUP_FIELDS = {
     "group",

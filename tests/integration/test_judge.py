@@ -26,6 +26,7 @@ import redis
 
 from broker.judge_queue import TASK_NAME, submit_group, submit_groups
 from broker.keys import Keys
+from broker.registry import Registry
 from broker.schemas import Array, DeadLetter, Prompt, RolloutGroup, Sample, ScoredGroup, decode, encode
 from broker.streams import PAYLOAD_FIELD
 from tests.integration.judge_support import judge_argv, judge_config_file
@@ -378,6 +379,11 @@ def test_rlq_worker_judge_is_a_plain_celery_worker(redis_server, run_name, tmp_p
             deadline = time.monotonic() + WAIT_S
             while not app.control.ping(destination=[node], timeout=0.5):
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "cli.log").read_text()
+            registry = Registry(redis.Redis.from_url(redis_server.url), Keys(run_name))
+            while not [s for s in registry.workers("judge") if s.alive]:  # listed while idle, before any task
+                assert time.monotonic() < deadline, (tmp_path / "cli.log").read_text()
+                time.sleep(0.2)
+            assert {s.heartbeat.status for s in registry.workers("judge")} == {"idle"}
             group = make_group("2", ["Answer: 2"])
             submit_group(app, run_name, group)
             r = redis.Redis.from_url(redis_server.url)

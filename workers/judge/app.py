@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -43,7 +44,7 @@ from broker.schemas import Array, MessageError, RolloutGroup, ScoredGroup, Verdi
 from broker.streams import done_key, publish_once, send_dead_letter
 from workers.judge.config import TIME_LIMIT_MARGIN_S, JudgeConfig, LLMJudgeConfig
 from workers.judge.isolation import VerifierChild
-from workers.judge.verify import extract_answer, reward_of
+from workers.judge.verify import extract_answer, prediction, reward_of
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def make_app(broker_url: str, run: str = "default", cfg: JudgeConfig | None = No
 _clients: dict[str, redis.Redis] = {}
 _verifier: VerifierChild | None = None
 _stats: Counter[str] = Counter()
-_last_beat = {"at": 0.0, "answers": 0}
+_busy = threading.Event()  # set while this pool process runs a task
 
 
 def _redis(url: str) -> redis.Redis:
@@ -114,7 +115,7 @@ def _redis(url: str) -> redis.Redis:
 def _child(cfg: JudgeConfig) -> VerifierChild:
     global _verifier
     if _verifier is None:
-        _verifier = VerifierChild(memory_mb=cfg.child_memory_mb)
+        _verifier = VerifierChild(memory_mb=cfg.child_memory_mb, rule=cfg.answer_rule)
     return _verifier
 
 
@@ -128,6 +129,14 @@ def score_task(task: JudgeTask, *payloads: bytes) -> dict[str, Any]:
     A group is started only if its whole `group_timeout_s` still fits before the hard time limit; groups that
     do not are queued again as a new task, so a task never outlives its limit however many it carries.
     """
+    _busy.set()
+    try:
+        return _score_all(task, payloads)
+    finally:
+        _busy.clear()
+
+
+def _score_all(task: JudgeTask, payloads: tuple[bytes, ...]) -> dict[str, Any]:
     started = time.monotonic()
     budget = task.judge.task_time_limit_s - TIME_LIMIT_MARGIN_S - task.judge.group_timeout_s
     summary: dict[str, Any] = {"published": 0, "skipped": 0, "dead": 0, "requeued": 0}
@@ -155,7 +164,7 @@ def _score_one(task: JudgeTask, payload: bytes, index: int) -> str:
         return "skipped"
     scored = score(group, task.judge, _child(task.judge), judge=judge_id())
     published = publish_once(r, keys.scored, group.group_id, scored)
-    _account(r, keys, scored.verdicts)
+    _stats.update(scored.verdicts)
     return "published" if published else "skipped"
 
 
@@ -166,14 +175,15 @@ def _entry_id(task_id: str | None, index: int) -> str:
 def score(group: RolloutGroup, cfg: JudgeConfig, child: VerifierChild, *, judge: str = "") -> ScoredGroup:
     """Score every sample of `group`: library verdicts in `child`, then the optional LLM judge."""
     started, started_wall = time.monotonic(), time.time()
-    answers = [extract_answer(s.text) for s in group.samples]
+    answers = [prediction(s.text, cfg.answer_rule) for s in group.samples]
     verdicts = child.verify_answers(
         group.prompt.ground_truth, answers, answer_timeout_s=cfg.answer_timeout_s, group_timeout_s=cfg.group_timeout_s
     )
     verified = time.monotonic()
     if cfg.llm_judge.enabled:
         remaining = started + cfg.group_timeout_s - verified
-        verdicts = second_opinion(cfg.llm_judge, group, answers, verdicts, remaining)
+        finals = [extract_answer(s.text) for s in group.samples]  # the LLM compares final answers, not completions
+        verdicts = second_opinion(cfg.llm_judge, group, finals, verdicts, remaining)
     rewards = Array.from_numpy([reward_of(v) for v in verdicts], "float32")  # float32 [n_samples]
     timings = {"verify_s": verified - started, "queue_wait_s": max(0.0, started_wall - group.created_at)}
     if cfg.llm_judge.enabled:
@@ -181,23 +191,28 @@ def score(group: RolloutGroup, cfg: JudgeConfig, child: VerifierChild, *, judge:
     return ScoredGroup(rollout=group, rewards=rewards, verdicts=list(verdicts), judge_id=judge, timings=timings)
 
 
-def _account(r: redis.Redis, keys: Keys, verdicts: list[str]) -> None:
-    """Cumulative verdict counts in the log, and a registry heartbeat every few seconds."""
-    _stats.update(verdicts)
-    now = time.monotonic()
-    elapsed = now - _last_beat["at"]
-    if elapsed < HEARTBEAT_EVERY_S:
-        return
-    answers = sum(_stats.values())
-    rate = (answers - _last_beat["answers"]) / elapsed if _last_beat["at"] else 0.0
-    _last_beat.update(at=now, answers=answers)
-    child = _verifier
-    log.info(
-        "verdicts so far %s; child timeouts %d, crashes %d, respawns %d",
-        dict(_stats), *(0, 0, 0) if child is None else (child.timeouts, child.crashes, child.respawns),
-    )  # fmt: skip
-    beat = WorkerHeartbeat(worker_id=judge_id(), role="judge", status="busy", throughput=rate)
-    Registry(r, keys).heartbeat(beat, ttl_s=3 * HEARTBEAT_EVERY_S)
+def _heartbeat_loop(broker_url: str, run: str) -> None:
+    """Every HEARTBEAT_EVERY_S: this pool process's registry entry (idle or busy, answers/s), so an idle judge is
+    listed too (`rlq workers`, the judge queue's consumers), and the verdict counts in the log when they moved."""
+    registry = Registry(connect(broker_url, client_name="rlq-judge-heartbeat"), Keys(run))
+    last_at, last_answers = time.monotonic(), 0
+    while True:
+        now, answers = time.monotonic(), sum(_stats.values())
+        rate = (answers - last_answers) / max(now - last_at, 1e-3)
+        if answers != last_answers:
+            child = _verifier
+            log.info(
+                "verdicts so far %s; child timeouts %d, crashes %d, respawns %d",
+                dict(_stats), *(0, 0, 0) if child is None else (child.timeouts, child.crashes, child.respawns),
+            )  # fmt: skip
+        beat = WorkerHeartbeat(worker_id=judge_id(), role="judge", status="busy" if _busy.is_set() else "idle",
+                               throughput=rate)  # fmt: skip
+        try:
+            registry.heartbeat(beat, ttl_s=3 * HEARTBEAT_EVERY_S)
+        except redis.RedisError as exc:  # the broker is away: the tasks fail and retry on their own
+            log.warning("judge heartbeat failed: %s", exc)
+        last_at, last_answers = now, answers
+        time.sleep(HEARTBEAT_EVERY_S)
 
 
 # Dead letters ---------------------------------------------------------------------------------------------------
@@ -247,10 +262,28 @@ def _warm_before_forking_the_pool(**_: Any) -> None:
     warm_up()
 
 
+@signals.worker_process_init.connect
+def _start_heartbeat(**_: Any) -> None:
+    from celery import current_app
+
+    task = current_app.tasks.get(TASK_NAME)
+    if isinstance(task, JudgeTask):
+        threading.Thread(target=_heartbeat_loop, args=(task.broker_url, task.run_name), name="rlq-judge-heartbeat",
+                         daemon=True).start()  # fmt: skip
+
+
 @signals.worker_process_shutdown.connect
 def _stop_child(**_: Any) -> None:
     if _verifier is not None:
         _verifier.close()
+    from celery import current_app
+
+    task = current_app.tasks.get(TASK_NAME)
+    if isinstance(task, JudgeTask):
+        try:
+            Registry(_redis(task.broker_url), Keys(task.run_name)).remove(judge_id())
+        except redis.RedisError:
+            pass  # its heartbeat lapses on its own
 
 
 # The optional LLM judge -----------------------------------------------------------------------------------------
