@@ -1,23 +1,29 @@
 """GRPO / DAPO policy-gradient loss as small pure functions.
 
-Variants implemented (each selected by a knob of `learner.config`, named after NeMo RL's):
+Variants implemented (each selected by a knob of `learner.config`, named after NeMo RL's); each function's
+docstring names the peer function it matches (repository, file, function), and tests/unit/test_loss.py asserts
+the peers' published test values where they exist:
 
 - Advantages, group-relative (GRPO): `r - baseline`, where the baseline is the group mean or, as the NeMo RL
-  DAPO tutorial runs, the leave-one-out mean of the *other* samples (RLOO); optionally divided by the group's
-  std (`grpo.normalize_rewards`, the std of the same leave-one-out set as NeMo RL computes it). Dr.GRPO is
-  `normalize_rewards: false` plus the constant-length aggregation below.
+  DAPO tutorial runs, the leave-one-out mean of the *other* samples (RLOO); optionally divided by the std of
+  the same set, with Bessel's correction (`grpo.normalize_rewards`), exactly as NeMo RL's
+  `calculate_baseline_and_std_per_prompt`. Dr.GRPO is `normalize_rewards: false` plus the constant-length
+  aggregation below.
 - Overlong handling (DAPO): soft overlong penalty added to the reward (`grpo.reward_shaping`), and overlong
   filtering (a truncated sample keeps its place in its group's baseline but gets no gradient).
 - Surrogate: PPO clipped ratio with separate low/high bounds (DAPO clip-higher), optional dual clip
   (`ratio_clip_c`) for negative advantages.
 - Off-policy correction against the behaviour (vLLM) logprobs, with the ratio taken against the learner's
   own proximal logprobs: truncated importance sampling (TIS: weight `min(pi_prox / pi_behav, cap)`), or the
-  decoupled PPO objective (AReaL: same weight, tokens above the cap masked out instead of truncated).
+  decoupled PPO objective (AReaL: same weight, tokens above the cap zeroed instead of truncated).
 - Aggregation: token-level (DAPO, default: every token of the step weighs the same), sequence-level (original
   GRPO: mean per sequence, then mean over sequences), or constant normaliser (Dr.GRPO: token sum divided by
   sequences x a fixed length). Normalisers are global (whole step, all ranks) so micro-batching and data
   parallelism do not change the objective.
-- Optional KL to a reference policy (Schulman's k3 estimator), 0 by default as in the tutorial.
+- Optional KL to a reference policy (Schulman's k3 estimator, NeMo RL's clamps), 0 by default as in the tutorial.
+
+Not implemented (the config accepts only their off values): GSPO's sequence-level ratios, NeMo RL's on-policy
+KL approximation, ICE-POP and seq-mask-TIS.
 
 Shapes: B sequences, T completion positions (right-padded), V vocabulary, N samples of one group.
 """
@@ -32,46 +38,78 @@ import torch
 Aggregation = Literal["token", "sequence", "constant"]
 """How token losses become one scalar; see `aggregate`."""
 
+KL_INPUT_CLAMP = 20.0
+KL_OUTPUT_CLAMP = 10.0
+"""NeMo RL's `loss_fn.kl_input_clamp_value` / `kl_output_clamp_value` in its GRPO configs: a token whose logprob
+the reference puts near -inf would otherwise give exp(d) overflow and one token's KL would swamp the step."""
+
+
+def group_baseline_and_std(rewards: torch.Tensor, *, leave_one_out: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample baseline and std of a group, as NeMo RL's `calculate_baseline_and_std_per_prompt` defines them
+    (NVIDIA-NeMo/RL, nemo_rl/algorithms/utils.py; its tests/unit/algorithms/test_utils.py values are ours).
+
+    The set of sample i is the other N-1 samples (leave-one-out, RLOO) or the whole group. The std is the sample
+    std of that set, with Bessel's correction (divide by |set| - 1, as NeMo RL since its PR #1423 and
+    `torch.std`); a set of one sample has none and gets std 0 (NeMo RL: its NaN becomes 0).
+
+    Args:
+        rewards: [..., N] rewards of the N samples of each group, N >= 2.
+
+    Returns:
+        (baseline [..., N], std [..., N]).
+    """
+    n = rewards.shape[-1]
+    size = n - 1 if leave_one_out else n  # samples in each baseline's set
+    total = rewards.sum(-1, keepdim=True)  # [..., 1]
+    total_sq = rewards.square().sum(-1, keepdim=True)  # [..., 1]
+    if leave_one_out:
+        baseline = (total - rewards) / size  # [..., N]
+        second_moment = (total_sq - rewards.square()) / size  # [..., N]
+    else:
+        baseline = (total / size).expand_as(rewards)  # [..., N]
+        second_moment = (total_sq / size).expand_as(rewards)  # [..., N]
+    if size < 2:
+        return baseline, torch.zeros_like(rewards)
+    variance = (second_moment - baseline.square()).clamp_min(0) * (size / (size - 1))  # [..., N] unbiased
+    return baseline, variance.sqrt()
+
 
 def group_advantages(
     rewards: torch.Tensor, *, leave_one_out: bool = True, normalize: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:
-    """Group-relative advantages for the samples of one prompt (or of several equal-sized groups).
+    """Group-relative advantages `r - baseline`, optionally `/ (std + eps)`, for one or several equal groups.
+
+    Matches NeMo RL's GRPO (NVIDIA-NeMo/RL, nemo_rl/algorithms/grpo.py: `calculate_baseline_and_std_per_prompt`
+    then `normalize_advantages_with_epsilon`): a sample whose std is 0 keeps its advantage unscaled, so a
+    leave-one-out group like [1, 0, 0, 0] still gives the lone success +1.
 
     Args:
         rewards: [..., N] rewards of the N samples of each group.
-        leave_one_out: baseline of sample i is the mean of the other N-1 samples (RLOO); else the group mean.
-        normalize: divide by the std of the same set the baseline is taken over (0 std leaves A unscaled).
-        eps: added to the std before dividing.
+        leave_one_out: baseline and std over the other N-1 samples (RLOO); else over the whole group.
+        normalize: divide by the std (`grpo.normalize_rewards`); off for Dr.GRPO.
+        eps: added to the std before dividing (NeMo RL's 1e-6).
 
     Returns:
-        [..., N] advantages; all zeros for a group of one sample.
+        [..., N] advantages; all zeros for a group of one sample (NeMo RL: baseline = reward).
     """
-    n = rewards.shape[-1]
-    if n < 2:
+    if rewards.shape[-1] < 2:
         return torch.zeros_like(rewards)
-    total = rewards.sum(-1, keepdim=True)  # [..., 1]
-    total_sq = rewards.square().sum(-1, keepdim=True)  # [..., 1]
-    if leave_one_out:
-        baseline = (total - rewards) / (n - 1)  # [..., N]
-        second_moment = (total_sq - rewards.square()) / (n - 1)  # [..., N]
-    else:
-        baseline = (total / n).expand_as(rewards)  # [..., N]
-        second_moment = (total_sq / n).expand_as(rewards)  # [..., N]
+    baseline, std = group_baseline_and_std(rewards, leave_one_out=leave_one_out)  # [..., N] each
     advantages = rewards - baseline  # [..., N]
     if not normalize:
         return advantages
-    std = (second_moment - baseline.square()).clamp_min(0).sqrt()  # [..., N]
     return torch.where(std > 0, advantages / (std + eps), advantages)
 
 
 def overlong_penalty(
     lengths: torch.Tensor, *, max_response_length: int, buffer_length: int, penalty: float
 ) -> torch.Tensor:
-    """DAPO soft overlong punishment, to be added to the reward.
+    """DAPO soft overlong punishment, to be added to the reward, as NeMo RL's `grpo.reward_shaping` computes it
+    (NVIDIA-NeMo/RL, nemo_rl/algorithms/reward_functions.py `apply_reward_shaping`).
 
-    Zero up to `max_response_length - buffer_length`, then falls linearly to `-penalty` at
-    `max_response_length` (and stays there beyond it).
+    Zero up to `max_response_length - buffer_length`, then falls linearly, reaching `-penalty` at
+    `max_response_length`. Beyond it the line goes on (NeMo RL has no floor; the DAPO paper's -1 for longer
+    completions is the same thing when generation stops at `max_response_length`, as it does in both).
 
     Args:
         lengths: [B] completion lengths in tokens.
@@ -80,7 +118,7 @@ def overlong_penalty(
         [B] float penalties (<= 0).
     """
     start = max_response_length - buffer_length
-    excess = (lengths.float() - start).clamp(min=0, max=buffer_length)  # [B]
+    excess = (lengths.float() - start).clamp(min=0)  # [B]
     return -penalty * excess / max(buffer_length, 1)
 
 
@@ -128,8 +166,17 @@ def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[t
     return picked, entropy
 
 
-def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+def kl_k3(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    *,
+    input_clamp: float | None = KL_INPUT_CLAMP,
+    output_clamp: float | None = KL_OUTPUT_CLAMP,
+) -> torch.Tensor:
     """Per-token KL(pi || pi_ref) estimate `exp(d) - d - 1` with `d = ref - pi` (Schulman 2020), always >= 0.
+
+    As NeMo RL's `calculate_kl(kl_type="k3")` (NVIDIA-NeMo/RL, nemo_rl/algorithms/utils.py), with its clamps:
+    `d` to [-input_clamp, input_clamp] and the estimate to at most `output_clamp` (None: no clamp).
 
     Args:
         logprobs, ref_logprobs: [B, T].
@@ -138,7 +185,10 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
         [B, T].
     """
     d = ref_logprobs - logprobs  # [B, T]
-    return d.exp() - d - 1
+    if input_clamp is not None:
+        d = d.clamp(-input_clamp, input_clamp)
+    kl = d.exp() - d - 1  # [B, T]
+    return kl if output_clamp is None else kl.clamp(max=output_clamp)
 
 
 def clipped_surrogate(
@@ -151,6 +201,9 @@ def clipped_surrogate(
     clip_c: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO clipped surrogate per token, negated into a loss, with clip-higher and optional dual clip.
+
+    As NeMo RL's `ClippedPGLossFn` (NVIDIA-NeMo/RL, nemo_rl/algorithms/loss_functions.py): `max(-A r,
+    -A clip(r, 1 - ratio_clip_min, 1 + ratio_clip_max))`, then for A < 0 `min(that, -A c)` (`ratio_clip_c`).
 
     Args:
         logprobs: [B, T] current policy logprobs (carry the gradient).
@@ -180,17 +233,23 @@ def importance_weights(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Off-policy weights pi_prox / pi_behaviour per token.
 
+    "truncate" is NeMo RL's TIS (NVIDIA-NeMo/RL, nemo_rl/algorithms/loss_functions.py `ClippedPGLossFn`,
+    `truncated_importance_sampling_type: tis`), NaN/inf weights set to 0 as there. "mask" is AReaL's decoupled
+    PPO behaviour weight (inclusionAI/AReaL, `ppo_actor_loss_fn`, `behav_imp_weight_cap`): a token above the cap
+    gets weight 0 but stays in the loss's token count.
+
     Args:
         prox_logprobs: [B, T] learner logprobs before this step's update (no gradient).
         behaviour_logprobs: [B, T] logprobs the generation engine reported.
         cap: upper bound on the weight; None for none.
         mode: "truncate" (TIS: weights above `cap` become `cap`) or "mask" (decoupled PPO: tokens whose weight
-            exceeds `cap` are dropped from the loss).
+            exceeds `cap` get weight 0).
 
     Returns:
-        (weights [B, T], keep [B, T] float 0/1 mask of tokens that stay in the loss).
+        (weights [B, T], keep [B, T] float 0/1: the tokens whose weight was not zeroed by the cap).
     """
     weights = (prox_logprobs.detach() - behaviour_logprobs).exp()  # [B, T]
+    weights = torch.nan_to_num(weights, nan=0.0, posinf=0.0, neginf=0.0)  # [B, T]
     keep = torch.ones_like(weights)  # [B, T]
     if cap is None:
         return weights, keep
@@ -212,6 +271,11 @@ def aggregate(
     constant_length: int | None = None,
 ) -> torch.Tensor:
     """Reduce token losses to a scalar.
+
+    "token" and "sequence" are NeMo RL's `loss_fn.token_level_loss` true/false (NVIDIA-NeMo/RL,
+    nemo_rl/algorithms/loss_functions.py `ClippedPGLossFn`: `masked_mean` over the global valid tokens, or the
+    per-sequence masked mean over the global valid sequences). "constant" is Dr.GRPO's (sail-sg/understand-r1-zero,
+    train_zero_math.py: `masked_sum` with `constant_normalizer=generate_max_length`, averaged over sequences).
 
     Args:
         per_token: [B, T] loss per token.
@@ -248,7 +312,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def token_mult_prob_error(behaviour_logprobs: torch.Tensor, learner_logprobs: torch.Tensor, mask: torch.Tensor):
-    """Train/inference mismatch as NeMo RL defines it: mean over valid tokens of exp(|lp_gen - lp_train|).
+    """Train/inference mismatch as NeMo RL defines it (`ClippedPGLossFn`'s `token_mult_prob_error`): mean over
+    valid tokens of exp(|lp_gen - lp_train|).
 
     1.0 means the generation engine and the learner agree exactly.
 
@@ -317,10 +382,10 @@ def policy_loss(
     )
     weights = torch.ones_like(pg)  # [B, T]
     if settings.use_decoupled_ppo:
-        weights, keep = importance_weights(
+        # Zeroed, not removed: the token still counts in the normalisers, as in AReaL.
+        weights, _ = importance_weights(
             prox_logprobs, behaviour_logprobs, cap=settings.decoupled_ppo_weight_cap, mode="mask"
         )
-        mask = mask * keep
     elif settings.use_importance_sampling_correction:
         weights, _ = importance_weights(
             prox_logprobs, behaviour_logprobs, cap=settings.truncated_importance_sampling_ratio, mode="truncate"

@@ -41,7 +41,7 @@ WAIT_S = 90.0  # generous bound on waits for the worker: the machine is shared
 
 NESTED_POWER = "\\boxed{\\dfrac{5^{5^{5^{5}}}}{3}}"
 # The geometric-series identity, written out term by term so math-verify parses and simplifies all of it.
-X800 = "Answer: \\frac{x^{800}-1}{x-1}-(" + "+".join(["1", "x"] + [f"x^{{{k}}}" for k in range(2, 800)]) + ")"
+X800 = "Answer: $\\frac{x^{800}-1}{x-1}-(" + "+".join(["1", "x"] + [f"x^{{{k}}}" for k in range(2, 800)]) + ")$"
 DEEP_LEFT = "\\boxed{" + "\\left(" * 10_000 + "1" + "\\right)" * 10_000 + "}"
 
 
@@ -123,11 +123,12 @@ def by_id(groups: list[ScoredGroup]) -> dict[str, ScoredGroup]:
 def test_correct_incorrect_no_answer_and_equivalent_forms(judge):
     before = len(judge.r.xrange(judge.keys.scored))
     groups = [
-        make_group("\\frac{3}{4}", ["Thinking...\nAnswer: 3/4", "Answer: 0.75", "Answer: \\dfrac{3}{4}",
+        # LaTeX between $..$: the default rule (NeMo Gym's) lets math-verify find it only inside delimiters
+        make_group("\\frac{3}{4}", ["Thinking...\nAnswer: 3/4", "Answer: 0.75", "Answer: $\\dfrac{3}{4}$",
                                     "so \\boxed{\\frac{6}{8}}", "Answer: 4/3", "I give up."]),
         make_group("1234", ["Answer: 1,234", "Answer: $1{,}234$", "\\boxed{1234}", "Answer: 1,243"]),
         make_group("$\\frac{\\sqrt{2}}{2}$",
-                   ["Answer: \\frac{\\sqrt2}{2}", "Answer: \\sqrt{2}/2", "Answer: \\sqrt{2}"]),
+                   ["Answer: $\\frac{\\sqrt2}{2}$", "Answer: $\\sqrt{2}/2$", "Answer: $\\sqrt{2}$"]),
     ]  # fmt: skip
     for group in groups:
         submit_group(judge.app, judge.run, group)
@@ -296,9 +297,11 @@ def test_llm_judge_is_asked_only_about_incorrect_answers(redis_server, run_name,
         group = make_group("\\frac{1}{2}", ["Answer: 1/2", "Answer: one half", "Answer: 3", "Answer: slow", "nothing"])
         submit_group(worker.app, worker.run, group)
         (scored,) = worker.scored(1)
-        # library: correct, incorrect, incorrect, incorrect, no_answer; the judge model flips only "one half",
-        # confirmed in both orders; the slow reply times out and the library's verdict stands.
-        assert scored.verdicts == ["correct", "correct", "incorrect", "incorrect", "no_answer"]
+        # library (NeMo Gym's rule): correct, no_answer (math-verify finds no number in "one half"), incorrect,
+        # no_answer, no_answer; the judge model is asked about every answer with a readable final answer that the
+        # library did not accept, flips only "one half", confirmed in both orders; the slow reply times out and
+        # the library's verdict stands.
+        assert scored.verdicts == ["correct", "correct", "incorrect", "no_answer", "no_answer"]
         asked = sorted(r["messages"][-1]["content"].rsplit("\n", 1)[-1] for r in judge_model.requests)
         assert asked == ["3", "\\frac{1}{2}", "one half", "slow"], "never asked about correct or empty answers"
         assert "llm_judge_s" in scored.timings

@@ -23,14 +23,59 @@ def test_leave_one_out_baseline_without_std():
 
 
 def test_leave_one_out_baseline_with_leave_one_out_std():
-    # others of sample 0 are [0, 0, 1]: var = 1/3 - 1/9 = 2/9, A = (2/3) / sqrt(2/9) = sqrt(2)
+    # Others of sample 0 are [0, 0, 1]. The std has Bessel's correction, as NeMo RL's (PR #1423): var = (2/9) *
+    # 3/2 = 1/3, A = (2/3) / sqrt(1/3) = 2/sqrt(3). This test used to assert the population value sqrt(2),
+    # which made advantages 22 % larger than NeMo RL's at 4 samples per group.
     a = L.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), leave_one_out=True, normalize=True, eps=0.0)
-    close(a, [math.sqrt(2), -math.sqrt(2), -math.sqrt(2), math.sqrt(2)])
+    r = 2 / math.sqrt(3)
+    close(a, [r, -r, -r, r])
+
+
+# NeMo RL's published values: NVIDIA-NeMo/RL tests/unit/algorithms/test_utils.py,
+# test_calculate_baseline_and_std_per_prompt_{basic,single_generation_per_prompt,identical_rewards,mixed_prompt_sizes}.
+
+
+def test_baseline_and_std_match_nemo_rl_basic():
+    baseline, std = L.group_baseline_and_std(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    close(baseline, [[2.5, 2.0, 1.5], [5.5, 5.0, 4.5]], tol=1e-5)
+    close(std, [[0.707107, 1.414214, 0.707107], [0.707107, 1.414214, 0.707107]], tol=1e-5)  # std of [2, 3] etc.
+
+
+def test_baseline_and_std_match_nemo_rl_identical_and_pairs():
+    baseline, std = L.group_baseline_and_std(torch.tensor([[3.0, 3.0, 3.0], [7.0, 7.0, 7.0]]))
+    close(baseline, [[3.0, 3.0, 3.0], [7.0, 7.0, 7.0]])
+    close(std, torch.zeros(2, 3))
+    baseline, std = L.group_baseline_and_std(torch.tensor([1.0, 2.0]))  # one other sample: no sample std
+    close(baseline, [2.0, 1.0])
+    close(std, [0.0, 0.0])
+    close(L.group_advantages(torch.tensor([1.0, 2.0])), [-1.0, 1.0])  # std 0: left unscaled, as NeMo RL
+    close(L.group_advantages(torch.tensor([2.5])), [0.0])  # a single generation: baseline = reward
+
+
+def test_advantages_with_nemo_rl_values_and_epsilon():
+    # A = (r - baseline) / (std + 1e-6), NeMo RL's normalize_advantages_with_epsilon
+    a = L.group_advantages(torch.tensor([1.0, 2.0, 3.0]))
+    close(a, [-1.5 / (0.707107 + 1e-6), 0.0, 1.5 / (0.707107 + 1e-6)], tol=1e-5)
+
+
+def test_bessel_against_population_std_at_16_and_4_samples():
+    # What the fix changes: population-std advantages were sqrt(m / (m - 1)) larger, m = N - 1 others.
+    for n, ratio in ((16, math.sqrt(15 / 14)), (4, math.sqrt(3 / 2))):
+        rewards = torch.zeros(n)
+        rewards[: n // 2] = 1.0
+        others = rewards[1:]
+        population = (1.0 - others.mean()) / others.std(unbiased=False)
+        close(L.group_advantages(rewards, eps=0.0)[0], population / ratio)
+    assert round(math.sqrt(15 / 14), 3) == 1.035 and round(math.sqrt(3 / 2), 2) == 1.22
 
 
 def test_mean_baseline_with_std_is_classic_grpo():
+    # Whole-group mean and sample std (torch.std's default, NeMo RL with use_leave_one_out_baseline false):
+    # std of [1, 0, 0, 1] = sqrt(1/3), A = 0.5 * sqrt(3).
     a = L.group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [3.0, 1.0, 1.0, 3.0]]), leave_one_out=False, eps=0.0)
-    close(a, [[1.0, -1.0, -1.0, 1.0], [1.0, -1.0, -1.0, 1.0]])
+    r = math.sqrt(3) / 2
+    close(a, [[r, -r, -r, r], [r, -r, -r, r]])
+    close(a[0], (torch.tensor([1.0, 0.0, 0.0, 1.0]) - 0.5) / torch.tensor([1.0, 0.0, 0.0, 1.0]).std())
 
 
 def test_dr_grpo_advantages_are_centred_only():
@@ -44,9 +89,10 @@ def test_zero_variance_and_singleton_groups_give_zero_advantage():
 
 
 def test_overlong_penalty_ramps_over_the_buffer():
-    # max 10, buffer 4 -> free up to 6, -1 at 10 and beyond
+    # max 10, buffer 4 -> free up to 6, -1 at 10; beyond, the line goes on as NeMo RL's apply_reward_shaping
+    # (min(-(L - 6) / 4 * penalty, 0)): -1.5 at 12
     p = L.overlong_penalty(torch.tensor([5, 6, 8, 10, 12]), max_response_length=10, buffer_length=4, penalty=1.0)
-    close(p, [0.0, 0.0, -0.5, -1.0, -1.0])
+    close(p, [0.0, 0.0, -0.5, -1.0, -1.5])
 
 
 def test_token_logprobs_and_entropy():
@@ -92,6 +138,8 @@ def test_truncated_importance_sampling_and_decoupled_mask():
     w, keep = L.importance_weights(prox, behaviour, cap=2.0, mode="mask")
     close(w, [[0.0, 0.5]])
     close(keep, [[0.0, 1.0]])
+    w, _ = L.importance_weights(torch.zeros(1, 1), torch.tensor([[-1000.0]]), cap=None, mode="truncate")
+    close(w, [[0.0]])  # overflow to inf becomes 0, as NeMo RL's nan_to_num
 
 
 def test_aggregations():
@@ -106,6 +154,10 @@ def test_aggregations():
 
 def test_kl_k3_and_mismatch_metric():
     close(L.kl_k3(torch.zeros(1, 1), torch.tensor([[LN(0.5)]])), [[0.5 + LN(2) - 1]])
+    # NeMo RL's calculate_kl clamps: d to [-20, 20], the estimate to <= 10
+    close(L.kl_k3(torch.zeros(1, 2), torch.tensor([[-50.0, 5.0]])), [[10.0, 10.0]])
+    close(L.kl_k3(torch.zeros(1, 1), torch.tensor([[-50.0]]), output_clamp=None), [[math.exp(-20) + 20 - 1]])
+    close(L.kl_k3(torch.zeros(1, 1), torch.tensor([[5.0]]), output_clamp=None), [[math.exp(5) - 6]])
     mismatch = L.token_mult_prob_error(
         torch.tensor([[0.0, LN(0.5), 7.0]]), torch.zeros(1, 3), torch.tensor([[1.0, 1.0, 0.0]])
     )
@@ -153,9 +205,12 @@ def test_policy_loss_decoupled_ppo_masks_tokens_above_cap():
     logprobs, behaviour, adv, mask = _on_policy_inputs()
     settings = L.LossSettings(use_decoupled_ppo=True, decoupled_ppo_weight_cap=1.5)
     loss, stats = L.policy_loss(logprobs, logprobs.detach(), behaviour, adv, mask, settings, num_tokens=3)
-    # weights 1, 0.5, 2 -> third token (A=-2) dropped; loss = -(1 + 0.5) / 3
+    # weights 1, 0.5, 2 -> third token (A=-2) zeroed; loss = -(1 + 0.5) / 3
     close(loss, -0.5)
-    close(stats["tokens"], 2.0)
+    close(stats["tokens"], 3.0)  # zeroed, still counted (AReaL divides by the loss mask's count)
+    close(stats["is_weight_sum"], 1.5)
+    loss, _ = L.policy_loss(logprobs, logprobs.detach(), behaviour, adv, mask, settings)
+    close(loss, -0.5)  # the local token count is the same 3
 
 
 def test_policy_loss_kl_penalty_and_constant_normaliser():

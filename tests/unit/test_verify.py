@@ -30,6 +30,7 @@ BUDGET_S = 1.0
         ("Answer: 1\\,234\\,567", "1234567"),
         ("\\fbox{5}", "5"),
         ("Answer:\nthe final line has no answer but \\boxed{8}", "8"),
+        ("an intermediate \\boxed{7}\n**Final Answer:** 42", "42"),  # "Final Answer:" is an answer line too
     ],
 )
 def test_extract_answer(response, expected):
@@ -37,9 +38,10 @@ def test_extract_answer(response, expected):
 
 
 @pytest.mark.parametrize("response", ["", "I do not know.", "Answer:", "Answer: $ $", "\\boxed{", "\\boxed{}"])
-def test_no_answer(response):
+@pytest.mark.parametrize("rule", ["nemo_gym", "last_box"])
+def test_no_answer(response, rule):
     assert extract_answer(response) is None
-    assert verify(response, "3") == "no_answer"
+    assert verify(response, "3", rule) == "no_answer"
 
 
 def test_helpers():
@@ -68,14 +70,36 @@ def test_helpers():
     ],
 )
 def test_equivalent_forms_are_correct(response, ground_truth):
-    assert verify(response, ground_truth) == "correct"
+    # rlq's last-box rule: the answer is cut out and boxed, so bare LaTeX after "Answer:" parses too.
+    assert verify(response, ground_truth, "last_box") == "correct"
+
+
+@pytest.mark.parametrize(
+    ("response", "ground_truth", "nemo_gym", "last_box"),
+    [
+        # The issue-18 misses of the last-box rule, which NeMo Gym's library judge accepts:
+        ("so \\boxed{1}, \\boxed{2}, \\boxed{3}", "\\{1, 2, 3\\}", "correct", "incorrect"),  # one set, 3 boxes
+        ("the roots are \\boxed{2} and \\boxed{3}", "2, 3", "correct", "incorrect"),  # two roots, two boxes
+        ("Final Answer: 42", "42", "correct", "correct"),
+        ("2+2=4\nAnswer: 4", "4", "correct", "correct"),  # the DAPO prompt's format
+        ("Answer: 5", "4", "incorrect", "incorrect"),
+        # math-verify reads LaTeX only between delimiters: NeMo Gym scores these 0, the last-box rule 1.
+        ("Answer: \\dfrac{3}{4}", "3/4", "no_answer", "correct"),
+        ("Answer: 2\\pi", "2 \\pi", "incorrect", "correct"),
+    ],
+)
+def test_answer_rules(response, ground_truth, nemo_gym, last_box):
+    assert verify(response, ground_truth) == nemo_gym  # the default rule
+    assert verify(response, ground_truth, "nemo_gym") == nemo_gym
+    assert verify(response, ground_truth, "last_box") == last_box
 
 
 @pytest.mark.parametrize(
     ("response", "ground_truth"), [("Answer: 4", "3"), ("Answer: 1/3", "0.3"), ("\\boxed{x}", "y")]
 )
-def test_wrong_answers_are_incorrect(response, ground_truth):
-    assert verify(response, ground_truth) == "incorrect"
+@pytest.mark.parametrize("rule", ["nemo_gym", "last_box"])
+def test_wrong_answers_are_incorrect(response, ground_truth, rule):
+    assert verify(response, ground_truth, rule) == "incorrect"
 
 
 def test_unparsable_ground_truth_is_an_error():
@@ -90,7 +114,8 @@ NESTED_POWER = "\\dfrac{5^{5^{5^{5}}}}{3}"  # verify evaluates 5^3125 towers: ne
 
 @pytest.fixture
 def child():
-    handle = VerifierChild(memory_mb=4096)
+    # The isolation tests send extracted answers, so the child reads them with the last-box rule.
+    handle = VerifierChild(memory_mb=4096, rule="last_box")
     yield handle
     handle.close()
 
@@ -135,3 +160,17 @@ def test_a_ground_truth_that_hangs_times_out_every_answer_once(child):
     verdicts = child.verify_answers(deep, ["1", None, "2"], answer_timeout_s=BUDGET_S, group_timeout_s=30)
     assert verdicts == ["timeout", "no_answer", "timeout"]
     assert child.timeouts == 1, "one kill settles every answer: they share the ground truth"
+
+
+def test_child_reads_whole_completions_under_the_default_rule():
+    handle = VerifierChild(memory_mb=4096)
+    try:
+        verdicts = handle.verify_answers(
+            "\\{1, 2, 3\\}",
+            ["so \\boxed{1}, \\boxed{2}, \\boxed{3}", "no idea", None],
+            answer_timeout_s=30,
+            group_timeout_s=60,
+        )
+    finally:
+        handle.close()
+    assert verdicts == ["correct", "no_answer", "no_answer"]

@@ -302,7 +302,8 @@ def second_opinion(
 ) -> list[Verdict]:
     """Ask the LLM judge about every "incorrect" answer, concurrently, within `budget_s`; "correct" if it agrees
     the answers are equivalent. An unreachable or slow judge leaves the library's verdict."""
-    asks = [i for i, v in enumerate(verdicts) if v == "incorrect" and answers[i] is not None]
+    # "no_answer" too: under NeMo Gym's rule math-verify may find nothing in an answer the model can still read
+    asks = [i for i, v in enumerate(verdicts) if v in ("incorrect", "no_answer") and answers[i] is not None]
     if not asks or budget_s <= 0:
         return verdicts
     deadline = time.monotonic() + budget_s

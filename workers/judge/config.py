@@ -11,6 +11,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from broker.typed import StrictModel
+from workers.judge.verify import DEFAULT_RULE, AnswerRule
 
 TIME_LIMIT_MARGIN_S = 5.0
 """Slack between the group deadline and Celery's hard kill: decode, publish and one child respawn fit in it."""
@@ -63,6 +64,13 @@ class JudgeConfig(StrictModel):
     )
     child_memory_mb: int = Field(
         4096, ge=0, description="Address-space limit of the verifier child (MiB); 0: no limit."
+    )
+    answer_rule: AnswerRule = Field(
+        DEFAULT_RULE,
+        description="Which part of a completion math-verify judges. 'nemo_gym' (the tutorial's reward, NeMo Gym's "
+        "library judge): the whole completion, math-verify finds the answer (several boxes form one set, "
+        "'Final answer:' anchors it). 'last_box': rlq's earlier rule, the last 'Answer:' line, else the last "
+        "\\boxed{}.",
     )
     llm_judge: LLMJudgeConfig = Field(default_factory=LLMJudgeConfig)
 

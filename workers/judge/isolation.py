@@ -35,7 +35,7 @@ from multiprocessing.connection import Connection
 import msgspec
 
 from broker.schemas import VERDICTS, Verdict
-from workers.judge.verify import check, parse_gold, quiet_math_verify
+from workers.judge.verify import DEFAULT_RULE, AnswerRule, check, parse_gold, quiet_math_verify
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,9 @@ class VerifierChild:
     Counters (`answers`, `timeouts`, `crashes`, `respawns`) are cumulative for metrics and logs.
     """
 
-    def __init__(self, memory_mb: int = 0) -> None:
+    def __init__(self, memory_mb: int = 0, rule: AnswerRule = DEFAULT_RULE) -> None:
         self.memory_mb = memory_mb
+        self.rule = rule  # how the child reads answers (workers.judge.verify.check); forks inherit it
         self._pid: int | None = None
         self._exited = False  # reaped already: its pid may belong to someone else now, never signal it
         self._conn: Connection | None = None
@@ -90,7 +91,7 @@ class VerifierChild:
             code = 1
             try:
                 parent_end.close()
-                _child_main(child_end, self._page, self.memory_mb)
+                _child_main(child_end, self._page, self.memory_mb, self.rule)
                 code = 0
             finally:
                 os._exit(code)
@@ -213,7 +214,7 @@ _CODES: dict[int, Verdict] = {i + 1: v for i, v in enumerate(VERDICTS)}  # type:
 # The child ----------------------------------------------------------------------------------------------------
 
 
-def _child_main(conn: Connection, page: mmap.mmap, memory_mb: int) -> None:
+def _child_main(conn: Connection, page: mmap.mmap, memory_mb: int, rule: AnswerRule) -> None:
     """Serve groups until the parent closes the pipe (or dies: PDEATHSIG)."""
     _die_with_parent()
     if memory_mb > 0:
@@ -227,10 +228,10 @@ def _child_main(conn: Connection, page: mmap.mmap, memory_mb: int) -> None:
             ground_truth, answers = _request_decoder.decode(conn.recv_bytes())
         except EOFError:
             return
-        conn.send_bytes(_serve(page, ground_truth, answers))
+        conn.send_bytes(_serve(page, ground_truth, answers, rule))
 
 
-def _serve(page: mmap.mmap, ground_truth: str, answers: list[str]) -> bytes:
+def _serve(page: mmap.mmap, ground_truth: str, answers: list[str], rule: AnswerRule) -> bytes:
     try:
         gold = parse_gold(ground_truth)
     except BaseException:  # the message could hold a sympy repr: say nothing about it
@@ -240,7 +241,7 @@ def _serve(page: mmap.mmap, ground_truth: str, answers: list[str]) -> bytes:
     for index, answer in enumerate(answers):
         PROGRESS.pack_into(page, 0, time.monotonic(), index)
         try:
-            verdict: str = check(gold, answer)
+            verdict: str = check(gold, answer, rule)
         except BaseException:  # MemoryError under RLIMIT_AS, RecursionError, sympy bugs
             verdict = "error"
         page[PROGRESS.size + index] = 1 + VERDICTS.index(verdict)
