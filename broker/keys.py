@@ -60,6 +60,11 @@ class Keys:
         return f"{stream}:done"
 
     @property
+    def scale(self) -> str:
+        """Hash role -> desired process count: `rlq scale` writes it, the run's launcher acts on it."""
+        return self._key("scale")
+
+    @property
     def judge_queue(self) -> str:
         """Celery queue the judges of this run consume."""
         return f"rlq.{self.run}.judge"

@@ -17,6 +17,7 @@ from rlq.cli_generate import generate_command
 from rlq.cli_judge import judge_command
 from rlq.cli_learner import learner_command
 from rlq.cli_queues import register as register_queues
+from rlq.cli_scale import scale
 from rlq.cli_train import doctor_command, train_command
 from rlq.cli_views import register as register_views
 
@@ -29,6 +30,7 @@ app.command("doctor")(doctor_command)  # the single-node sanity tests
 app.command("learner")(learner_command)  # under torchrun
 worker_app.command("generate")(generate_command)
 worker_app.command("judge")(judge_command)
+app.command("scale")(scale)  # more or fewer workers for a running rlq train
 app.command("broker-server")(broker_server)
 app.command("broker-wait")(broker_wait)
 register_data(app)  # rlq prepare-data, rlq build-policy

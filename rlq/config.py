@@ -234,8 +234,10 @@ class RunConfig(StrictModel):
         return self.logger.log_dir
 
     def broker_url(self) -> str:
-        """The configured URL, else the one the launcher exported for its private server."""
-        url = self.broker.url or os.environ.get(BROKER_URL_ENV)
+        """The configured URL, else the one the launcher exported for its private server, else the one the run
+        directory names while `rlq train` runs (so `rlq worker generate --config <run_dir>/config.yaml` from another
+        terminal joins the run)."""
+        url = self.broker.url or os.environ.get(BROKER_URL_ENV) or private_broker_url(self.run_dir)
         if not url:
             raise ValueError(f"no broker: set broker.url=redis://HOST:PORT/0 or {BROKER_URL_ENV}")
         return url
@@ -250,6 +252,19 @@ class RunConfig(StrictModel):
             grpo=self.grpo, loss_fn=self.loss_fn, policy=policy, checkpointing=self.checkpointing, data=self.data,
             learner=LearnerRuntime(**self.learner.model_dump(), **runtime_fields),
         )  # fmt: skip
+
+
+BROKER_URL_FILE = "broker_url"
+"""The run directory's note of its broker: `rlq train` writes its private server's loopback URL there while it runs
+(rlq/launch.py), the Slurm scripts the head node's URL. Never a password: that travels in RLQ_REDIS_PASSWORD."""
+
+
+def private_broker_url(run_dir: Path) -> str | None:
+    """The broker URL `run_dir/broker_url` names, if the file is there."""
+    try:
+        return (Path(run_dir) / BROKER_URL_FILE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -1,6 +1,7 @@
 """`rlq train` on one machine: a private Redis (unless broker.url is set), judges, generation workers and the
-learner, each its own process; progress from metrics.jsonl. Workers that die are restarted (`cluster.restarts`,
-rlq/supervisor.py); SIGINT/SIGTERM, the learner's end or a role's final failure stops everything together.
+learner, each its own process (rlq/roles.py); progress from metrics.jsonl. Workers that die are restarted
+(`cluster.restarts`, rlq/supervisor.py), `rlq scale` adds or removes workers live (rlq/scaler.py); SIGINT/SIGTERM,
+the learner's end or a role's final failure stops everything together.
 """
 
 from __future__ import annotations
@@ -8,15 +9,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
+from broker.connection import connect
+from broker.keys import Keys
 from broker.server import RedisServer
-from rlq.config import BROKER_URL_ENV, RunConfig, local_cpu_list, save_resolved
+from rlq.config import BROKER_URL_ENV, BROKER_URL_FILE, RunConfig, save_resolved
 from rlq.errors import UserError
-from rlq.placement import Placement, cuda_visible, plan_gpus, visible_gpu_count
-from rlq.run_state import BROKER_URL_FILE
+from rlq.placement import plan_gpus, visible_gpu_count
+from rlq.roles import RunRoles
+from rlq.scaler import Scaler
 from rlq.supervisor import RoleFailed, RoleSpec, Stopped, Supervisor
 from rlq.tracking import MetricsFollower, WandbSettings
 
@@ -34,60 +37,6 @@ READY_TIMEOUT_S = 900.0
 """Longest wait for a worker that shares a GPU to load its engine before the next process on that GPU starts."""
 
 
-def role_specs(cfg: RunConfig, config_path: Path, placement: Placement | None = None) -> list[RoleSpec]:
-    """The processes of a one-machine run, in start order (judges first: nothing waits on an empty queue).
-
-    With a placement, each role sees only its GPUs; a worker that shares its GPU takes the colocated memory
-    share and must be ready (engine loaded) before anything else starts on that GPU (`RoleSpec.wait_ready`)."""
-    python = sys.executable
-    base = ["--config", str(config_path)]
-    cluster = cfg.cluster
-    try:  # validated here, on the machine that pins, not when each role reads the config
-        learner_cpus = local_cpu_list(cluster.learner_cpus, "cluster.learner_cpus") if cluster.learner_cpus else None
-        judge_cpus = local_cpu_list(cluster.judge_cpus, "cluster.judge_cpus") if cluster.judge_cpus else None
-        generation_cpus = [local_cpu_list(text, "cluster.generation_cpus") for text in cluster.generation_cpu_lists()]
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    specs = [
-        RoleSpec("judge", [python, "-m", "rlq", "worker", "judge", *base,
-                           "--concurrency", str(cfg.cluster.judge_workers)], cpus=judge_cpus, restart=True),
-    ]  # fmt: skip
-    for index in range(cluster.generation_workers):
-        # The whole worker is pinned (its vLLM engine process inherits it), and vLLM binds its OpenMP threads to
-        # the same CPUs instead of picking its own, which may be the learner's.
-        cpus = generation_cpus[index % len(generation_cpus)] if generation_cpus else None
-        engine_env = {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus))} if cpus else {}
-        extra: list[str] = []
-        shared = placement is not None and bool(placement.generation[index]) and placement.shared(index)
-        if placement is not None and placement.generation[index]:
-            engine_env["CUDA_VISIBLE_DEVICES"] = cuda_visible(placement.generation[index])
-        if shared:
-            share = cfg.policy.generation.vllm_cfg.colocated_gpu_memory_utilization
-            extra.append(f"policy.generation.vllm_cfg.gpu_memory_utilization={share}")
-        worker_id = f"{cfg.run_name}-gen-{index}"
-        specs.append(
-            RoleSpec(f"generate-{index}", [python, "-m", "rlq", "worker", "generate", *base, "--worker-id", worker_id,
-                                           *extra], env=engine_env, cpus=cpus, wait_ready=worker_id if shared else None,
-                     restart=True)
-        )  # fmt: skip
-    learner = [python, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={cluster.learner_procs_per_node}", "-m", "rlq", "learner", *base]  # fmt: skip
-    learner_env = {}
-    if placement is not None and placement.learner:
-        learner_env["CUDA_VISIBLE_DEVICES"] = cuda_visible(placement.learner)
-    if learner_cpus:
-        # Threads per rank from the pinned set: more would fight over the same cores (OpenMP spins while waiting).
-        learner_env["OMP_NUM_THREADS"] = str(max(1, len(learner_cpus) // cluster.learner_procs_per_node))
-    if cfg.logger.prometheus_port is not None:  # first: it watches the others start
-        from rlq.metrics_server import metrics_role_argv
-
-        argv = metrics_role_argv(config_path, cfg.logger.prometheus_port, cfg.logger.prometheus_addr)
-        specs.insert(0, RoleSpec("metrics", argv, restart=True))
-    resume = cluster.restarts.learner == "resume"  # it resumes from its latest checkpoint on every start
-    specs.append(RoleSpec("learner", learner, env=learner_env, finishes_run=True, cpus=learner_cpus, restart=resume))
-    return specs
-
-
 def train(cfg: RunConfig) -> Path:
     """Run the whole job on this machine; returns the run directory. Raises UserError naming a failed role."""
     run_dir = cfg.run_dir.resolve()
@@ -100,7 +49,8 @@ def train(cfg: RunConfig) -> Path:
             f"cannot write the run directory {run_dir} ({exc.strerror or exc}): set logger.log_dir to a writable place"
         ) from None
     placement = plan_gpus(cfg, visible_gpu_count())  # a GPU that is not there fails here, before anything starts
-    specs = role_specs(cfg, config_path, placement)  # a bad CPU list fails here too
+    roles = RunRoles(cfg, config_path, placement)  # a bad CPU list fails here too
+    specs = roles.initial()
     if cfg.cluster.restarts.learner == "resume" and not cfg.checkpointing.enabled:
         raise UserError("cluster.restarts.learner=resume needs checkpointing.enabled=true (it resumes from one)")
     from learner.data_source import training_file, validation_file
@@ -141,11 +91,19 @@ def train(cfg: RunConfig) -> Path:
     # From here a signal only asks the supervisor to stop: every role is then stopped in order, never orphaned.
     previous = {sig: signal.signal(sig, supervisor.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        broker_url = env.get(BROKER_URL_ENV) or cfg.broker_url()
         for spec in specs:
             supervisor.start(spec)
             if spec.wait_ready:
-                _wait_ready(supervisor, spec, env.get(BROKER_URL_ENV) or cfg.broker_url(), cfg.run_name)
-        supervisor.wait(on_tick=lambda: _report(follower, cfg.grpo.max_num_steps, started, supervisor))
+                _wait_ready(supervisor, spec, broker_url, cfg.run_name)
+        scaler = Scaler(supervisor, roles, connect(broker_url, client_name="rlq-train"), Keys(cfg.run_name))
+        scaler.announce()  # `rlq scale` from another terminal changes these counts
+
+        def tick() -> None:
+            scaler.tick()
+            _report(follower, cfg.grpo.max_num_steps, started, supervisor)
+
+        supervisor.wait(on_tick=tick)
         log.info("run finished in %.1f min: %s%s", (time.monotonic() - started) / 60, run_dir, _restarts(supervisor))
     except RoleFailed as exc:
         raise UserError(f"{exc} (logs in {run_dir / 'logs'})") from None
@@ -170,8 +128,6 @@ def _restarts(supervisor: Supervisor) -> str:
 
 def _wait_ready(supervisor: Supervisor, spec: RoleSpec, broker_url: str, run: str) -> None:
     """Block until worker `spec.wait_ready` reports its engine loaded (heartbeat past "starting")."""
-    from broker.connection import connect
-    from broker.keys import Keys
     from broker.registry import Registry
 
     registry = Registry(connect(broker_url, client_name="rlq-train"), Keys(run))

@@ -13,13 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlq.config import private_broker_url
+
 METRICS_FILE = "metrics.jsonl"  # learner/metrics.py METRICS_FILE (not imported: that would pull in the learner)
 EVENTS_FILE = "events.jsonl"
 """rlq/supervisor.py appends `{"time", "role", "cause", "restart", "backoff_s"}` per restart."""
-BROKER_URL_FILE = "broker_url"
-"""The run directory's note of its broker: `rlq train` writes its private server's loopback URL there while it runs
-(rlq/launch.py), the Slurm scripts the head node's URL. Never a password: that travels in RLQ_REDIS_PASSWORD."""
-
 METRICS_TAIL_BYTES = 256 * 1024
 """Bytes read from the end of metrics.jsonl: ~150 step lines, enough for the last step, the last validation
 pass and a recent steps/min."""
@@ -50,14 +48,6 @@ def resolve_target(
         return Target(url, run or cfg.run_name, run_dir)
     url = broker or env_url or (private_broker_url(run_dir) if run_dir else None) or DEFAULT_BROKER_URL
     return Target(url, run or os.environ.get("RLQ_RUN") or "default", run_dir)
-
-
-def private_broker_url(run_dir: Path) -> str | None:
-    """The broker URL `run_dir/broker_url` names, if the file is there."""
-    try:
-        return (run_dir / BROKER_URL_FILE).read_text().strip() or None
-    except OSError:
-        return None
 
 
 @dataclass(frozen=True)

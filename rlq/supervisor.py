@@ -50,6 +50,7 @@ class RoleSpec:
     restart: bool = False  # when it exits (a clean exit of a `finishes_run` role aside), start it again
     cpus: list[int] | None = None  # pin the process (and what it starts) to these CPU ids
     wait_ready: str | None = None  # worker id whose heartbeat must leave "starting" before the next role starts
+    kind: str = ""  # what `rlq scale` counts it as ("generate", "judge"); "" for roles that are not scaled
 
 
 @dataclass
@@ -59,6 +60,7 @@ class RoleProcess:
     log_path: Path
     restart_at: float | None = None  # monotonic time a scheduled restart is due; None while none is
     family: list[psutil.Process] = field(default_factory=list)  # descendants when last listed
+    retiring: bool = False  # asked to leave (scaled down): its exit is expected, it is not restarted
 
 
 class RoleFailed(RlqError, RuntimeError):
@@ -140,13 +142,18 @@ class Supervisor:
             raise Stopped(self.stop_signal)
         now = time.monotonic()
         self._list_families(now)
-        for role in self.roles:
+        for role in list(self.roles):
             if role.restart_at is not None:
                 if now >= role.restart_at:
                     self._respawn(role)
                 continue
             code = role.process.poll()
             if code is None:
+                continue
+            if role.retiring:
+                _kill_family(role)
+                self.roles.remove(role)
+                log.info("%s left (scaled down; exit code %d)", role.spec.name, code)
                 continue
             if code == 0 and role.spec.finishes_run:
                 return True
@@ -155,6 +162,20 @@ class Supervisor:
             elif code != 0 or role.spec.required:
                 raise RoleFailed(f"{role.spec.name} {_exit_text(code)}: {last_error_line(role.log_path)}")
         return False
+
+    def active(self, kind: str) -> list[RoleProcess]:
+        """The roles of `kind` that count towards it: running or due a restart, not retiring."""
+        return [role for role in self.roles if role.spec.kind == kind and not role.retiring]
+
+    def retire(self, role: RoleProcess) -> None:
+        """Ask a role to leave for good (SIGTERM: a worker finishes or releases its batch); it is not restarted."""
+        role.retiring = True
+        if role.restart_at is not None:  # dead already, waiting for its restart: nothing to stop
+            role.restart_at = None
+            self.roles.remove(role)
+            return
+        _terminate([role])
+        log.info("asked %s (pid %d) to leave", role.spec.name, role.process.pid)
 
     def _schedule_restart(self, role: RoleProcess, code: int, now: float) -> None:
         name = role.spec.name
@@ -170,7 +191,7 @@ class Supervisor:
         role.restart_at = now + backoff
         log.warning("%s %s; restarting it in %.1f s (restart %d; %d of at most %d within %.0f s)", name, cause,
                     backoff, book.total, len(book.recent), self.policy.max_restarts, self.policy.window_s)  # fmt: skip
-        self._event({"time": time.time(), "role": name, "cause": cause, "restart": book.total, "backoff_s": backoff})
+        self.record({"time": time.time(), "role": name, "cause": cause, "restart": book.total, "backoff_s": backoff})
 
     def _respawn(self, role: RoleProcess) -> None:
         number = self.books[role.spec.name].total
@@ -178,7 +199,8 @@ class Supervisor:
             sink.write(f"=== rlq train: restart {number} of {role.spec.name} ===\n")
         role.process, role.restart_at, role.family = self._spawn(role.spec), None, []
 
-    def _event(self, record: dict) -> None:
+    def record(self, record: dict) -> None:
+        """Append one event to `events.jsonl` (restarts, scaling)."""
         if self.events_path is None:
             return
         self.events_path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,8 @@ import pytest
 
 from rlq.config import RunConfig, load_run_config
 from rlq.errors import UserError
-from rlq.launch import role_specs
 from rlq.placement import cuda_visible, plan_gpus
+from rlq.roles import role_specs
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_4B = REPO / "configs" / "grpo_dapo17k_qwen3_4b_instruct.yaml"

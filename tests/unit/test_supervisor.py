@@ -65,7 +65,7 @@ def test_cpu_lists_pin_each_role_and_bad_lists_are_refused(tmp_path):
 
     from rlq.config import ClusterConfig, RunConfig
     from rlq.errors import UserError
-    from rlq.launch import role_specs
+    from rlq.roles import role_specs
 
     def run_config(**cluster) -> RunConfig:
         return RunConfig(cluster=cluster, policy={"model_name": "m"}, data={"path": "d"})
