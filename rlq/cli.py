@@ -18,6 +18,7 @@ from rlq.cli_judge import judge_command
 from rlq.cli_learner import learner_command
 from rlq.cli_queues import register as register_queues
 from rlq.cli_scale import scale
+from rlq.cli_track import track_command
 from rlq.cli_train import doctor_command, train_command
 from rlq.cli_views import register as register_views
 
@@ -27,6 +28,7 @@ app.add_typer(worker_app, name="worker")
 
 app.command("train")(train_command)  # everything on one machine
 app.command("doctor")(doctor_command)  # the single-node sanity tests
+app.command("track")(track_command)  # W&B and curves for runs rlq train did not start (Slurm)
 app.command("learner")(learner_command)  # under torchrun
 worker_app.command("generate")(generate_command)
 worker_app.command("judge")(judge_command)

@@ -16,9 +16,14 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 broker=$(<"$run_dir/broker_url")
 config=$(<"$run_dir/config_path")
 run=$(basename "$run_dir")
+# The job's own role arguments (its overrides included) when it saved them, else the config and broker alone.
+role_args="--config $config run_name=$run broker.url=$broker"
+if [ -f "$run_dir/role_args" ]; then
+  role_args=$(<"$run_dir/role_args")
+fi
 command=(sbatch --job-name="$run-gen" --nodes="$nodes" --exclusive --gres="gpu:$GPUS_PER_NODE"
   --output="$run_dir/logs/added-%j.out" "$@"
-  --wrap "srun --ntasks-per-node=$GPUS_PER_NODE --gpus-per-task=1 $RLQ_PYTHON -m rlq worker generate --config $config run_name=$run broker.url=$broker")
+  --wrap "srun --ntasks-per-node=$GPUS_PER_NODE --gpus-per-task=1 $RLQ_PYTHON -m rlq worker generate $role_args")
 printf '%q ' "${command[@]}" >>"$run_dir/commands.sh"
 printf '\n' >>"$run_dir/commands.sh"
 if [ "${RLQ_DRY_RUN:-0}" = 1 ]; then

@@ -14,25 +14,97 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 mkdir -p "$RLQ_RUN_DIR/logs"
 COMMANDS_FILE="$RLQ_RUN_DIR/commands.sh"
 
-# Record a command in the run directory (exactly as it will run), then run it unless this is a dry run.
-# One write per line: roles start in the background, and their lines must not interleave.
-run_logged() {
+# Record a command in the run directory (exactly as it will run); in a dry run, print it too.
+log_command() {
   local line
   line=$(printf '%q ' "$@")
   printf '%s\n' "$line" >>"$COMMANDS_FILE"
   if [ "${RLQ_DRY_RUN:-0}" = 1 ]; then
     printf '%s\n' "$line"
-  else
+  fi
+}
+
+# Record a command, then run it in the foreground unless this is a dry run.
+run_logged() {
+  log_command "$@"
+  if [ "${RLQ_DRY_RUN:-0}" != 1 ]; then
     "$@"
   fi
 }
 
-# Expand a Slurm node list into one host name per line (scontrol when present, else the list as given).
+# Background roles, started from this shell (not a subshell), so the pids kept are the processes' own.
+STEP_PIDS=()   # srun of a role on the allocation's nodes
+LOCAL_PIDS=()  # a process on the batch host itself (the head node)
+
+# start_step CMD...: record an srun command and run it in the background (unless this is a dry run).
+start_step() {
+  log_command "$@"
+  if [ "${RLQ_DRY_RUN:-0}" != 1 ]; then
+    "$@" &
+    STEP_PIDS+=("$!")
+  fi
+}
+
+# start_local LOG CMD...: record a command and run it in the background on the batch host, output to LOG.
+start_local() {
+  local output=$1
+  shift
+  log_command "$@"
+  if [ "${RLQ_DRY_RUN:-0}" != 1 ]; then
+    "$@" >>"$output" 2>&1 &
+    LOCAL_PIDS+=("$!")
+  fi
+}
+
+# Stop the background roles once the learner has exited, the broker last (workers release their batches through
+# it). Slurm delivers a step's SIGTERM to every process of the step at once (srun itself would turn one into
+# SIGKILL); the broker and `rlq track` run on the batch host instead, so each gets its SIGTERM alone and stops in
+# order (redis saves, W&B flushes, the curves are drawn). Anything left after RLQ_STOP_TIMEOUT_S is killed.
+stop_roles() {
+  if [ "${RLQ_DRY_RUN:-0}" = 1 ]; then
+    return 0
+  fi
+  if [ "${#STEP_PIDS[@]}" -gt 0 ]; then
+    scancel --signal=TERM "${SLURM_JOB_ID:?}" || true
+    wait_or_kill "${STEP_PIDS[@]}"
+  fi
+  if [ "${#LOCAL_PIDS[@]}" -gt 0 ]; then
+    kill -TERM "${LOCAL_PIDS[@]}" 2>/dev/null || true
+    wait_or_kill "${LOCAL_PIDS[@]}"
+  fi
+}
+
+# wait_or_kill PID...: wait for background processes of this shell, killing those left after the timeout.
+wait_or_kill() {
+  local pid deadline=$((SECONDS + ${RLQ_STOP_TIMEOUT_S:-60}))
+  for pid in "$@"; do
+    while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do
+      sleep 1
+    done
+  done
+  kill -KILL "$@" 2>/dev/null || true
+  wait "$@" 2>/dev/null || true
+}
+
+# Expand a Slurm node list into one host name per line (scontrol when it answers, else the list as given).
 expand_nodes() {
-  if command -v scontrol >/dev/null 2>&1; then
-    scontrol show hostnames "$1"
-  else
-    tr ',' '\n' <<<"$1"
+  scontrol show hostnames "$1" 2>/dev/null || tr ',' '\n' <<<"$1"
+}
+
+# The address other nodes reach node $1 at: its NodeAddr in Slurm (often the name itself, but not always: the
+# local test cluster's nodes are aliases of 127.0.0.1), else the name.
+node_addr() {
+  local addr
+  addr=$(scontrol show node -o "$1" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p') || true
+  printf '%s\n' "${addr:-$1}"
+}
+
+# The multi-node scripts' Redis listens on every interface: not without a password (nothing listens off loopback
+# without credentials). Dry runs start nothing and need none.
+require_password() {
+  if [ "${RLQ_DRY_RUN:-0}" != 1 ] && [ -z "${RLQ_REDIS_PASSWORD:-}" ]; then
+    echo "set RLQ_REDIS_PASSWORD (exported to every step): the head node's Redis listens on every interface" >&2
+    exit 2
   fi
 }
 

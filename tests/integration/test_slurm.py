@@ -1,7 +1,8 @@
 """The sbatch scripts: shellcheck-clean, and in dry-run mode they render exactly the commands they would run.
 
-Slurm itself cannot run here; `srun`/`sbatch` are only rendered (RLQ_DRY_RUN=1), and `scontrol` is absent, so
-node lists are given comma-separated as Slurm would expand them.
+Here `srun`/`sbatch` are only rendered (RLQ_DRY_RUN=1) and node lists are given comma-separated as Slurm would
+expand them (without a cluster `scontrol` does not answer). tests/integration/test_slurm_cluster.py submits the
+same scripts to a real one-machine Slurm.
 """
 
 from __future__ import annotations
@@ -60,13 +61,14 @@ def test_multi_node_places_each_role(tmp_path):
     env = {"SLURM_JOB_NODELIST": "n0,n1,n2,n3,n4", "SLURM_JOB_ID": "7", "LEARNER_NODES": "2", "JUDGE_NODES": "1"}
     commands = _render("rlq_multi_node.sbatch", tmp_path, env, "++grpo.num_prompts_per_step=4")
     by_role = {_role(c): c for c in commands}
-    assert set(by_role) == {"broker-server", "broker-wait", "judge", "generate", "learner"}
-    assert "--nodelist=n0" in by_role["broker-server"]
+    assert set(by_role) == {"broker-server", "broker-wait", "judge", "generate", "learner", "track"}
+    # the broker and the tracker run on the batch host (the head node), outside srun: each is stopped alone
+    assert by_role["broker-server"][0] == by_role["track"][0] == "/opt/venv/bin/python"
     assert "--nodelist=n0,n1" in by_role["learner"] and "--nnodes=2" in by_role["learner"]
     assert "--rdzv-endpoint=n0:29500" in by_role["learner"]
     assert "--nodelist=n2,n3" in by_role["generate"] and "--ntasks-per-node=8" in by_role["generate"]
     assert "--nodelist=n4" in by_role["judge"]
-    for role in ("judge", "generate", "learner"):
+    for role in ("judge", "generate", "learner", "track"):
         assert "broker.url=redis://n0:6379/0" in by_role[role]
         assert "++grpo.num_prompts_per_step=4" in by_role[role]
     assert (tmp_path / "run" / "broker_url").read_text().strip() == "redis://n0:6379/0"
@@ -81,6 +83,17 @@ def test_multi_node_refuses_an_allocation_without_generation_nodes(tmp_path):
     assert "need at least one generation node" in result.stderr
 
 
+def test_multi_node_refuses_to_start_a_public_redis_without_a_password(tmp_path):
+    env = {**os.environ, "RLQ_DRY_RUN": "0", "RLQ_REPO": str(REPO), "RLQ_CONFIG": "c.yaml",
+           "RLQ_RUN_DIR": str(tmp_path / "run"), "SLURM_JOB_NODELIST": "n0,n1"}  # fmt: skip
+    env.pop("RLQ_REDIS_PASSWORD", None)
+    for script in ("rlq_multi_node.sbatch", "rlq_hetjob.sbatch"):
+        result = subprocess.run(["bash", str(REPO / "slurm" / script)], env=env, capture_output=True, text=True,
+                                cwd=REPO)  # fmt: skip
+        assert result.returncode == 2 and "set RLQ_REDIS_PASSWORD" in result.stderr, result.stderr
+        assert not (tmp_path / "run" / "commands.sh").exists(), "nothing started"
+
+
 def test_hetjob_uses_het_groups(tmp_path):
     env = {"SLURM_JOB_NODELIST_HET_GROUP_0": "g0,g1", "SLURM_JOB_NUM_NODES_HET_GROUP_1": "3",
            "SLURM_JOB_NUM_NODES_HET_GROUP_2": "1", "SLURM_JOB_ID": "9"}  # fmt: skip
@@ -88,11 +101,12 @@ def test_hetjob_uses_het_groups(tmp_path):
     assert "--het-group=0" in by_role["learner"] and "--nnodes=2" in by_role["learner"]
     assert "--het-group=1" in by_role["generate"] and "--nodes=3" in by_role["generate"]
     assert "--het-group=2" in by_role["judge"]
+    assert by_role["track"][:4] == ["/opt/venv/bin/python", "-m", "rlq", "track"]
 
 
 def test_add_generation_workers_joins_the_recorded_run(tmp_path):
     run_dir = tmp_path / "run"
-    _render("rlq_multi_node.sbatch", tmp_path, {"SLURM_JOB_NODELIST": "n0,n1"})
+    _render("rlq_multi_node.sbatch", tmp_path, {"SLURM_JOB_NODELIST": "n0,n1"}, "data.path=/data/arith")
     env = {**os.environ, "RLQ_DRY_RUN": "1", "RLQ_REPO": str(REPO), "RLQ_PYTHON": "/opt/venv/bin/python"}
     result = subprocess.run(["bash", str(REPO / "slurm" / "add_generation_workers.sh"), str(run_dir), "2"],
                             env=env, capture_output=True, text=True)  # fmt: skip
@@ -101,6 +115,7 @@ def test_add_generation_workers_joins_the_recorded_run(tmp_path):
     assert command[0] == "sbatch" and "--nodes=2" in command
     wrapped = command[command.index("--wrap") + 1]
     assert "-m rlq worker generate" in wrapped and "broker.url=redis://n0:6379/0" in wrapped
+    assert "data.path=/data/arith" in wrapped, "the job's overrides, saved in role_args"
     missing = subprocess.run(["bash", str(REPO / "slurm" / "add_generation_workers.sh"), str(tmp_path / "nope")],
                              env=env, capture_output=True, text=True)  # fmt: skip
     assert missing.returncode == 2 and "not the directory of a running" in missing.stderr
@@ -108,7 +123,7 @@ def test_add_generation_workers_joins_the_recorded_run(tmp_path):
 
 def _role(command: list[str]) -> str:
     joined = " ".join(command)
-    for role in ("broker-server", "broker-wait", "learner", "generate", "judge"):
+    for role in ("broker-server", "broker-wait", "learner", "generate", "judge", "track"):
         if f"rlq {role}" in joined or f"rlq worker {role}" in joined:
             return role
     raise AssertionError(f"unrecognised command {joined}")
