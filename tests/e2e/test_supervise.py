@@ -18,22 +18,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from rlq.data import ArithConfig, prepare_arith
+from tests.e2e.tiny_run import tiny_train_argv
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.vllm
 STOP_BOUND_S = 10.0
 
 
 def _start(tmp_path: Path, model_dir: Path, *overrides: str) -> subprocess.Popen:
-    data_dir = tmp_path / "arith"
-    prepare_arith(data_dir, ArithConfig(n_train=200, n_val=20, seed=3))
-    run_dir = tmp_path / "run"
-    argv = [sys.executable, "-m", "rlq", "train", "--config", str(REPO / "configs" / "tiny_arith_cpu.yaml"),
-            f"policy.model_name={model_dir}", f"data.path={data_dir}", f"logger.log_dir={run_dir}",
-            f"checkpointing.checkpoint_dir={run_dir / 'ckpt'}", "logger.wandb_enabled=false",
-            "grpo.num_prompts_per_step=8", "grpo.num_generations_per_prompt=4", "grpo.prompts_per_message=4",
-            "grpo.val_at_start=false", "cluster.generation_workers=2", *overrides]  # fmt: skip
+    argv = tiny_train_argv(tmp_path, model_dir, "grpo.val_at_start=false", "cluster.generation_workers=2", *overrides)
     out = open(tmp_path / "train.out", "w")  # noqa: SIM115  (the child holds it; closed when the test ends)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -8,27 +8,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from rlq.data import ArithConfig, prepare_arith
+from tests.e2e.tiny_run import tiny_train_argv
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.vllm
 
 
 def _train(tmp_path: Path, model_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    data_dir = tmp_path / "arith"
-    if not data_dir.exists():
-        prepare_arith(data_dir, ArithConfig(n_train=200, n_val=20, seed=3))
-    run_dir = tmp_path / "run"
-    argv = [sys.executable, "-m", "rlq", "train", "--config", str(REPO / "configs" / "tiny_arith_cpu.yaml"),
-            f"policy.model_name={model_dir}", f"data.path={data_dir}", f"logger.log_dir={run_dir}",
-            f"checkpointing.checkpoint_dir={run_dir / 'ckpt'}", "logger.wandb_enabled=false",
-            "grpo.num_prompts_per_step=8", "grpo.num_generations_per_prompt=4", "grpo.prompts_per_message=4",
-            *overrides]  # fmt: skip
+    argv = tiny_train_argv(tmp_path, model_dir, *overrides)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 

@@ -17,9 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.server import free_port
-from rlq.data import ArithConfig, prepare_arith
+from tests.e2e.tiny_run import tiny_train_argv
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.vllm  # ~80 s on 2 cores, most of it the tiny run itself
 RUN_TIMEOUT_S = 900.0
 
@@ -42,14 +41,15 @@ def _rlq(*args: str) -> str:
 
 
 def test_views_and_metrics_while_training(tmp_path: Path, tiny_model_dir: Path) -> None:
-    data_dir, run_dir, port = tmp_path / "arith", tmp_path / "run", free_port()
-    prepare_arith(data_dir, ArithConfig(n_train=200, n_val=20, seed=3))
-    argv = [sys.executable, "-m", "rlq", "train", "--config", str(REPO / "configs" / "tiny_arith_cpu.yaml"),
-            f"policy.model_name={tiny_model_dir}", f"data.path={data_dir}", f"logger.log_dir={run_dir}",
-            f"checkpointing.checkpoint_dir={run_dir / 'ckpt'}", "logger.wandb_enabled=false",
-            "grpo.num_prompts_per_step=8", "grpo.num_generations_per_prompt=4", "grpo.prompts_per_message=4",
-            "grpo.max_num_steps=8", "grpo.val_at_start=false", "grpo.val_period=0",
-            f"logger.prometheus_port={port}"]  # fmt: skip
+    run_dir, port = tmp_path / "run", free_port()
+    argv = tiny_train_argv(
+        tmp_path,
+        tiny_model_dir,
+        "grpo.max_num_steps=8",
+        "grpo.val_at_start=false",
+        "grpo.val_period=0",
+        f"logger.prometheus_port={port}",
+    )
     env = {k: v for k, v in os.environ.items() if k != "RLQ_BROKER_URL"}
     train_log = (tmp_path / "train.log").open("w")
     train = subprocess.Popen(argv, cwd=tmp_path, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=train_log,
