@@ -28,6 +28,7 @@ sys.path[:0] = [str(REPO)]
 RESULT = REPO / "bench" / "results" / "learning.json"
 WORK = REPO / "runs" / "bench-learning"
 POLICY = REPO / "artifacts" / "tiny-policy"
+CONFIG = REPO / "configs" / "tiny_arith_cpu.yaml"
 WINDOW = 10
 TARGET_REWARD = 0.8
 
@@ -40,15 +41,28 @@ def held_out(train_problems: set[str]) -> list:
     return [ex for ex in validation if ex.extra_info["problem"] not in train_problems]
 
 
-def greedy(model_dir: Path, examples: list) -> float:
+def write_held_out(data_dir: Path, examples: list) -> Path:
+    """The held-out problems as a prepared file, for `rlq eval` (docs/eval.md)."""
+    from rlq.data import example_line
+
+    path = data_dir / "heldout.jsonl"
+    path.write_text("".join(map(example_line, examples)))
+    return path
+
+
+def greedy(model_dir: Path, heldout_file: Path) -> float:
+    """Greedy accuracy as `rlq eval` computes it (the same code): arg-max completions of 24 new tokens from the
+    transformers engine in batches of 100, scored by the run's judge (the config's env.math.answer_rule). Until
+    issue 18 it was scored by the warm start's 'Answer: N' regex, which also took "Answer: -11-5" for -11."""
     import torch
 
-    from rlq.tiny_policy import load_policy
-    from rlq.warm_start import greedy_accuracy
+    from rlq.eval_run import EvalSettings, evaluate, run_sections
 
     torch.set_num_threads(2)
-    model, tokenizer = load_policy(model_dir)
-    return greedy_accuracy(model, tokenizer, examples)
+    generation, judge = run_sections(CONFIG, ["policy.generation.backend=hf"])
+    settings = EvalSettings(model=str(model_dir), data=heldout_file, samples=0, max_new_tokens=24, batch_prompts=100,
+                            generation=generation, judge=judge)  # fmt: skip
+    return evaluate(settings)["figures"]["greedy_accuracy"]
 
 
 def train(
@@ -105,20 +119,22 @@ def main() -> None:
     data_dir = WORK / "arith"
     train_problems = prepare(data_dir)
     examples = held_out(train_problems)
-    before = greedy(policy, examples)
+    heldout_file = write_held_out(data_dir, examples)
+    before = greedy(policy, heldout_file)
     run_dir = WORK / f"run-{int(time.time())}"
     launched = time.time()  # metrics records carry wall-clock times
-    records, minutes = train(
-        str(REPO / "configs" / "tiny_arith_cpu.yaml"), data_dir, run_dir, overrides, "bench", policy
-    )
+    records, minutes = train(str(CONFIG), data_dir, run_dir, overrides, "bench", policy)
     rewards = [r["rollout/reward_mean"] for r in records]
-    after = greedy(final_policy(run_dir), examples)
+    after = greedy(final_policy(run_dir), heldout_file)
     windowed = [sum(rewards[i - WINDOW : i]) / WINDOW for i in range(WINDOW, len(rewards) + 1)]
     reached = next((i + WINDOW - 1 for i, value in enumerate(windowed) if value >= TARGET_REWARD), None)
     figures = {
         "heldout_greedy_before": round(before, 4),
         "heldout_greedy_after": round(after, 4),
         "heldout_problems": len(examples),
+        # `rlq eval -c configs/tiny_arith_cpu.yaml -m <policy> -d <this> --samples 0 --max-new-tokens 24
+        # policy.generation.backend=hf` prints the same figures (docs/eval.md)
+        "heldout_file": str(heldout_file.relative_to(REPO)),
         "start_reward": round(sum(rewards[:WINDOW]) / len(rewards[:WINDOW]), 4),
         "final_reward": round(sum(rewards[-WINDOW:]) / len(rewards[-WINDOW:]), 4),
         "reward_window_steps": WINDOW,

@@ -164,9 +164,21 @@ def _scan_pending(r: redis.Redis, stream: str, group: str, pending: int) -> dict
     }
 
 
+def pull_shares(workers: list[tuple[str, str, float, bool]]) -> dict[str, float]:
+    """Each alive generation worker's share of the fleet's throughput: (worker id, role, tokens/s, alive) -> share.
+
+    It is the share of the waiting prompt messages each one takes per read (capacity-aware pulls,
+    workers/generate/pull.py), so it is also its share of the work."""
+    fleet = {wid: t for wid, role, t, alive in workers if role == "generate" and alive}
+    total = sum(fleet.values())
+    return {wid: (t / total if total > 0 else 1 / len(fleet)) for wid, t in fleet.items()}
+
+
 def workers_report(r: redis.Redis, keys: Keys) -> list[dict[str, Any]]:
+    states = Registry(r, keys).workers()
+    shares = pull_shares([(b.worker_id, b.role, b.throughput, alive) for b, _, alive in states])
     out = []
-    for beat, age_s, alive in Registry(r, keys).workers():
+    for beat, age_s, alive in states:
         out.append(
             {
                 "worker_id": beat.worker_id,
@@ -178,6 +190,7 @@ def workers_report(r: redis.Redis, keys: Keys) -> list[dict[str, Any]]:
                 "status": beat.status,
                 "policy_version": beat.policy_version,
                 "throughput": beat.throughput,
+                "share": round(shares.get(beat.worker_id, 0.0), 4),
                 "heartbeat_age_s": round(age_s, 3),
                 "alive": alive,
             }

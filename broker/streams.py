@@ -223,6 +223,21 @@ class StreamConsumer:
             return 0
         return ack_and_trim(self.r, self.stream, self.group, entry_ids, self.trim_keep_acked)
 
+    def waiting(self, cap: int = 1024) -> int:
+        """Entries of the stream this consumer group has not read yet (at most `cap` counted on Redis < 7)."""
+        try:
+            groups: Any = self.r.xinfo_groups(self.stream)
+        except ResponseError:  # no stream yet
+            return 0
+        info = next((g for g in groups if as_text(g["name"]) == self.group), None)
+        if info is None:
+            return 0
+        if info.get("lag") is not None:  # Redis >= 7 keeps the count
+            return int(info["lag"])
+        after = "(" + as_text(info["last-delivered-id"])
+        entries: Any = self.r.xrange(self.stream, min=after, max="+", count=cap)
+        return len(entries)
+
     def release(self, entry_ids: list[str]) -> None:
         """Negative acknowledgement: make the entries reclaimable at once instead of after `claim_idle_ms`.
 

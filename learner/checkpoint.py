@@ -6,6 +6,11 @@
 - `rng.safetensors` + `learner_state.json`: torch/numpy/python RNG, policy version, data cursor, prompts in
   flight, group ids seen.
 - `pending_groups.msgpack`: scored groups acknowledged on the stream but not yet trained on.
+- `val_metrics.json` (later, when version N's validation pass completes): what `keep_top_k` ranks by.
+
+The policy weights are saved in `checkpointing.save_dtype` (bfloat16 halves them; the optimizer state keeps its own
+dtype) and loaded back into the master dtype on resume. Which checkpoints stay (`keep_last`, `keep_top_k`, the
+latest always) is learner/checkpoint_select.py.
 
 A checkpoint is written to a temporary directory and renamed into place, then `latest` is replaced: a crash at
 any moment leaves the previous checkpoint intact. `<run_dir>/ledger.jsonl` lists the groups each step trained
@@ -28,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from broker.errors import UserError
 from broker.policy import CHECKPOINT_POLICY_DIR, CHECKPOINT_STATE_FILE
+from learner.checkpoint_select import Retention, prune
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +70,19 @@ def save_checkpoint(
     pending_groups: bytes,
     *,
     keep_last: int = 3,
+    retention: Retention | None = None,
+    save_dtype: str | None = None,
 ) -> Path:
-    """Write step `step` atomically and make it the latest; returns its directory."""
+    """Write step `step` atomically and make it the latest; returns its directory.
+
+    `retention` decides which older checkpoints go (default: the newest `keep_last`); `save_dtype` ("float32",
+    "bfloat16"; None: as the model holds them) is the dtype of the saved policy weights.
+    """
     final = step_dir(checkpoint_dir, step)
     tmp = checkpoint_dir / f".step_{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / CHECKPOINT_POLICY_DIR, safe_serialization=True)
+    save_policy_weights(model, tmp / CHECKPOINT_POLICY_DIR, save_dtype)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / CHECKPOINT_POLICY_DIR)
     _save_optimizer(optimizer_state, tmp)
@@ -81,8 +93,30 @@ def save_checkpoint(
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _write_atomic(checkpoint_dir / LATEST, final.name)
-    _prune(checkpoint_dir, keep_last)
+    prune(checkpoint_dir, retention or Retention(keep_last=keep_last))
     return final
+
+
+def save_policy_weights(model: torch.nn.Module, directory: Path, dtype: str | None) -> None:
+    """`save_pretrained` in `dtype`: floating tensors cast (tied ones stay one tensor), config.json saying so."""
+    target = getattr(torch, dtype) if dtype else None
+    if target is None or all(p.dtype == target for p in model.state_dict().values() if p.is_floating_point()):
+        model.save_pretrained(directory, safe_serialization=True)
+        return
+    cast: dict[int, torch.Tensor] = {}  # data_ptr -> cast copy: a tied embedding and head stay shared
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t
+        return cast.setdefault(t.data_ptr(), t.detach().to(target))
+
+    state = {name: convert(t) for name, t in model.state_dict().items()}
+    model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+    config = json.loads((directory / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):  # transformers >= 4.56 writes `dtype`, older ones `torch_dtype`
+        if key in config:
+            config[key] = dtype
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_checkpoint(path: Path) -> tuple[dict, bytes, dict]:
@@ -144,16 +178,6 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _prune(checkpoint_dir: Path, keep_last: int) -> None:
-    steps = sorted(
-        (int(p.name.split("_", 1)[1]), p)
-        for p in checkpoint_dir.glob("step_*")
-        if p.is_dir() and p.name.split("_", 1)[1].isdigit()
-    )
-    for _, path in steps[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 class Ledger:

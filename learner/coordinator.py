@@ -16,8 +16,10 @@ import torch
 from broker.keys import Keys
 from broker.policy import PolicyHash
 from broker.schemas import ScoredGroup
+from learner.admission import JudgeAdmission
 from learner.batch import assemble, group_to_samples, rollout_metrics
 from learner.checkpoint import Ledger, save_checkpoint
+from learner.checkpoint_select import Retention, record_validation, retention
 from learner.config import LearnerConfig
 from learner.metrics import ConsoleSummary, JsonlLogger, MultiLogger
 from learner.rollout_io import Collector, Feeder
@@ -48,6 +50,8 @@ class Coordinator:
         self.redis = connect(cfg.learner.broker_url, client_name="rlq-learner")
         self.policy = PolicyHash(self.redis, self.keys)
         prompt_at, n = prompt_source(cfg, tokenizer)
+        tuning = cfg.learner.admission
+        self.admission = JudgeAdmission(tuning, cfg.grpo.num_prompts_per_step, self._judge_queue)
         feeder = Feeder(
             lambda key, msg: publish_once(self.redis, self.keys.prompts, key, msg),
             prompt_at,
@@ -56,6 +60,8 @@ class Coordinator:
             run=cfg.learner.run,
             shuffle=cfg.data.shuffle,
             max_prompt_tokens=cfg.policy.max_total_sequence_length,
+            message_prompts=tuning.pull_unit_prompts,
+            admission=self.admission,
         )
         consumer = StreamConsumer(
             self.redis,
@@ -89,6 +95,13 @@ class Coordinator:
                 cfg.grpo,
                 run=cfg.learner.run,
             )
+
+    def _judge_queue(self) -> tuple[int, int]:
+        """(tasks waiting, tasks delivered and unacknowledged) of the judges' Celery queue, read from Redis."""
+        from broker.celery_inspect import judge_queue_report
+
+        report = judge_queue_report(self.redis, self.keys)
+        return int(report["depth"]), int(report["unacked"])
 
     def restore(self, state: dict, pending: bytes) -> None:
         self.collector.restore({**state["collector"], "buffer": pending})
@@ -130,7 +143,9 @@ class Coordinator:
         """(broadcast the weights, checkpoint) after the update that produced `version`."""
         sync = self.weights is not None and (version % self.cfg.learner.weight_sync.period == 0 or last)
         ckpt = self.cfg.checkpointing
-        return sync, ckpt.enabled and (version % ckpt.save_period == 0 or last)
+        # keep_top_k ranks checkpoints by their own version's validation: every validated version needs one
+        ranked = ckpt.keep_top_k is not None and self.validator is not None and self.validator.due(version, last)
+        return sync, ckpt.enabled and (version % ckpt.save_period == 0 or last or ranked)
 
     def finish(
         self,
@@ -159,6 +174,8 @@ class Coordinator:
         elif not ckpt.enabled:
             self.consumer.ack(self.collector.take_acks())
         dropped = {f"queue/dropped_{r}": float(len(ids)) for r, ids in info["dropped"].items()}
+        self.admission.observe_step()
+        metrics.update(self.admission.metrics())
         metrics.update(info["metrics"])
         metrics.update(dropped)
         metrics.update(
@@ -195,6 +212,8 @@ class Coordinator:
             log.info("validation of version %d: accuracy %.3f over %d samples", validated,
                      metrics["val/accuracy"], int(metrics["val/samples"]))  # fmt: skip
             self.metrics.log(version, metrics)
+            if self.cfg.checkpointing.enabled and self.cfg.checkpointing.keep_top_k is not None:
+                self._rank_checkpoint(validated, metrics)
 
     def finish_validation(self, version: int) -> None:
         """After the last step: wait for the passes still out, as long as their groups keep coming."""
@@ -247,12 +266,20 @@ class Coordinator:
             optimizer_state,
             {"version": version, "collector": state},
             pending,
-            keep_last=self.cfg.checkpointing.keep_last,
+            retention=self._retention(),
+            save_dtype=self.cfg.checkpointing.save_dtype,
         )
         acked = self.consumer.ack(self.collector.take_acks())
         self.last_saved = version
         self.policy.set_checkpoint(path)
         log.info("checkpoint %s written; %d scored entries acknowledged", path, acked)
+
+    def _retention(self) -> Retention:
+        """keep_last / keep_top_k, with the versions whose validation is still out (kept until it is in)."""
+        return retention(self.cfg.checkpointing, self.validator.outstanding if self.validator is not None else ())
+
+    def _rank_checkpoint(self, validated: int, metrics: dict[str, float]) -> None:
+        record_validation(Path(self.cfg.checkpointing.checkpoint_dir), validated, metrics, self._retention())
 
     def close(self) -> None:
         self.metrics.close()

@@ -2,7 +2,9 @@
 groups, drops duplicates, stale groups and, with dynamic sampling, groups with no signal).
 
 `Feeder` publishes prompts with backpressure: at most `(max_staleness + 1) * num_prompts_per_step` prompts are in
-flight, which is all the staleness window can use, so nothing is generated only to be thrown away. Scored
+flight, which is all the staleness window can use, so nothing is generated only to be thrown away; less while the
+judges fall behind (judge-aware admission, learner/admission.py). It cuts each batch into messages of
+`learner.admission.pull_unit_prompts`, which the generation workers take by their share of the fleet's speed. Scored
 entries are acknowledged only when a checkpoint covers them (`Collector.take_acks`): until then they stay pending
 in the consumer group, so a learner killed between checkpoints gets them back on restart. Groups read but not
 yet trained at checkpoint time are saved in the checkpoint itself (`state`/`restore`). The pure filters and the
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from broker.schemas import Prompt, PromptBatch, ScoredGroup, decode, encode
+from learner.admission import JudgeAdmission
 from learner.batch import admission, shaped_rewards
 from learner.config import GRPOConfig
 
@@ -43,6 +46,8 @@ class Feeder:
         run: str,
         shuffle: bool = True,
         max_prompt_tokens: int | None = None,
+        message_prompts: int | None = None,
+        admission: JudgeAdmission | None = None,
     ) -> None:
         if num_examples < 1:
             raise ValueError("the training data has no examples")
@@ -57,6 +62,9 @@ class Feeder:
         self.shuffle = shuffle
         self.cursor = 0  # prompts published so far, over all epochs
         self.in_flight = 0  # prompts published whose scored group has not come back
+        # Capacity-aware pulls: smaller messages, which workers take several at a time (learner.admission).
+        self.message_prompts = min(cfg.prompts_per_message, message_prompts or cfg.prompts_per_message)
+        self.admission = admission  # judge-aware limit on the window; None: the staleness window alone
         self._order: tuple[int, list[int]] | None = None
 
     @property
@@ -81,8 +89,9 @@ class Feeder:
             held: groups already back but not trained yet; they occupy the window like prompts in flight.
         """
         sent = 0
-        while self.in_flight + held < self.window:
-            n = min(self.cfg.prompts_per_message, self.window - self.in_flight - held)
+        window = self.window if self.admission is None else self.admission.window(self.window)
+        while self.in_flight + held < window:
+            n = min(self.message_prompts, window - self.in_flight - held)
             batch_id = f"{self.run}-b{self.cursor:09d}"
             prompts = self._fitting([self.prompt_at(self._index(self.cursor + i)) for i in range(n)])
             if prompts:
@@ -135,6 +144,8 @@ class Collector:
         self.seen: set[str] = set()
         self._unacked: list[str] = []
         self._carried: dict[str, list[str]] = {}  # drops found by `recover`, reported with the next step
+        # (group, reason, learner_version) of each drop: the rollout log (learner/rollout_log.py); None: nobody
+        self.on_drop: Callable[[ScoredGroup, str, int], None] | None = None
 
     def recover(self, pending: int, learner_version: int) -> int:
         """Take back the `pending` entries a killed predecessor read but never acknowledged; returns how many.
@@ -211,13 +222,15 @@ class Collector:
             self.validation.append(group)
             return
         if group.group_id in self.seen:
-            result.dropped.setdefault("duplicate", []).append(group.group_id)
+            self._drop(result, "duplicate", group, learner_version)
             return
         self.seen.add(group.group_id)
         self.feeder.in_flight = max(0, self.feeder.in_flight - 1)
+        if self.feeder.admission is not None:  # handed to the judges -> scored, for judge-aware admission
+            self.feeder.admission.observe_latency(group.created_at - group.rollout.created_at)
         reason = self._reason(group, learner_version)
         if reason:
-            result.dropped.setdefault(reason, []).append(group.group_id)
+            self._drop(result, reason, group, learner_version)
         else:
             self.buffer.append(group)
 
@@ -236,10 +249,15 @@ class Collector:
         for group in self.buffer:
             reason = self._reason(group, learner_version)
             if reason:
-                result.dropped.setdefault(reason, []).append(group.group_id)
+                self._drop(result, reason, group, learner_version)
             else:
                 keep.append(group)
         self.buffer = keep
+
+    def _drop(self, result: CollectResult, reason: str, group: ScoredGroup, learner_version: int) -> None:
+        result.dropped.setdefault(reason, []).append(group.group_id)
+        if self.on_drop is not None:
+            self.on_drop(group, reason, learner_version)
 
     def take_acks(self) -> list[str]:
         """Entry ids read so far, to XACK once a checkpoint covers them (trained, dropped or saved)."""

@@ -13,6 +13,7 @@ import typer
 
 from rlq.cli_broker import broker_server, broker_wait
 from rlq.cli_data import register as register_data
+from rlq.cli_eval import register as register_eval
 from rlq.cli_generate import generate_command
 from rlq.cli_judge import judge_command
 from rlq.cli_learner import learner_command
@@ -36,6 +37,7 @@ app.command("scale")(scale)  # more or fewer workers for a running rlq train
 app.command("broker-server")(broker_server)
 app.command("broker-wait")(broker_wait)
 register_data(app)  # rlq prepare-data, rlq build-policy
+register_eval(app)  # rlq eval (pass@k, mean@k, greedy accuracy of a checkpoint)
 register_queues(app)  # rlq queues, rlq peek, rlq dlq list|requeue|purge
 register_views(app)  # rlq workers, rlq top, rlq metrics-server
 

@@ -215,7 +215,7 @@ def _stream_rows(streams: list[dict]) -> list[list[Any]]:
 
 def _worker_rows(workers: list[dict]) -> list[list[Any]]:
     rows: list[list[Any]] = [
-        ["WORKER", "ROLE", "NODE", "ACCELERATOR", "CAP", "STATUS", "VERSION", "HEARTBEAT", "ALIVE"]
+        ["WORKER", "ROLE", "NODE", "ACCELERATOR", "CAP", "SHARE", "STATUS", "VERSION", "HEARTBEAT", "ALIVE"]
     ]
     for w in workers:
         rows.append(
@@ -225,6 +225,7 @@ def _worker_rows(workers: list[dict]) -> list[list[Any]]:
                 w["node"],
                 w["accelerator"],
                 w["capacity"],
+                f"{w['share']:.0%}" if w.get("share") else "-",
                 w["status"],
                 w["policy_version"],
                 f"{w['heartbeat_age_s']:.1f}s ago",

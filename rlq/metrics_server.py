@@ -166,6 +166,11 @@ def _worker_families(workers: list[dict[str, Any]]) -> list[Metric]:
         _gauge("rlq_worker_up", "1 while the worker's heartbeat is alive.", labels, rows(lambda w: w["alive"])),
         _gauge("rlq_worker_throughput", "Recent tokens/s (generate) or answers/s (judge) from the heartbeat.",
                labels, rows(lambda w: w["throughput"])),
+        _gauge("rlq_worker_pull_share", "Generation: share of the fleet's throughput, which is the share of the "
+               "waiting prompt messages each read takes (capacity-aware pulls).", labels,
+               rows(lambda w: w.get("share", 0.0))),
+        _gauge("rlq_worker_capacity", "Generation: prompts the worker's last read took.", labels,
+               rows(lambda w: w.get("capacity", 0))),
         _gauge("rlq_worker_policy_version", "Policy version the worker holds.", labels,
                rows(lambda w: w["policy_version"])),
         _gauge("rlq_worker_heartbeat_age_seconds", "Seconds since the worker's last heartbeat.", labels,

@@ -27,7 +27,7 @@ def worker_rows(workers: list[dict[str, Any]]) -> list[list[str]]:
             w["node"],
             w["accelerator"],
             "-" if w["policy_version"] < 0 else str(w["policy_version"]),
-            f"{w['throughput']:.1f} {throughput_unit(w['role'])}",
+            f"{w['throughput']:.1f} {throughput_unit(w['role'])}" + (f" ({w['share']:.0%})" if w.get("share") else ""),
             f"{w['heartbeat_age_s']:.1f}s ago",
             worker_state(w),
         ]

