@@ -76,8 +76,8 @@ class Engine(ABC):
         """Where the weights live: "cpu" or the GPU's UUID (the learner shares buffers with workers on its own)."""
         return "cpu"
 
-    def close(self) -> None:  # noqa: B027  (optional hook)
-        pass
+    def close(self, process_exiting: bool = False) -> None:  # noqa: B027  (optional hook)
+        """Release the engine; `process_exiting`: the process ends right after, so skip what its exit frees."""
 
 
 class VllmEngine(Engine):
@@ -92,9 +92,11 @@ class VllmEngine(Engine):
 
         self.detokenize = has_tokenizer(model_path)
         torch_gemm = vc.cpu_gemm == "torch" and _on_cpu()
+        in_process = _in_process_kwargs(vc)
+        self.in_process = bool(in_process)
         with _cpu_gemm_choice(torch_gemm):
             self.llm = LLM(
-                **_in_process_kwargs(vc),
+                **in_process,
                 model=model_path,
                 dtype=vc.precision,
                 max_model_len=vc.max_model_len,
@@ -201,7 +203,12 @@ class VllmEngine(Engine):
         (uuid,) = self.llm.collective_rpc("rlq_device_id")  # the engine's worker holds the device, not this process
         return str(uuid)
 
-    def close(self) -> None:
+    def close(self, process_exiting: bool = False) -> None:
+        if process_exiting and self.in_process:
+            # The engine lives in this process, which ends now: vLLM's shutdown would first spend seconds in a
+            # full gc.collect() (cleanup_dist_env_and_memory), which made a stopping worker miss the launcher's
+            # grace and get SIGKILLed. An engine in processes of its own (GPU) is shut down as usual.
+            return
         engine = getattr(self.llm, "llm_engine", None)
         shutdown = getattr(engine, "engine_core", None)
         if shutdown is not None and hasattr(shutdown, "shutdown"):

@@ -99,6 +99,7 @@ class GenerationWorker:
         self._beater = threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True)
         self._beater.start()
         self._owns_engine = engine is None  # an engine passed in (tests, bench) outlives the worker
+        self.process_exits_after_run = False  # the role's entry point sets it: the engine's teardown can be skipped
         self.engine = engine or self._start_engine(model_name)
         self.device = self.engine.device_id()  # told to the learner when asking to join
         self.sink = sink or CelerySink(broker_url, run)
@@ -325,7 +326,7 @@ class GenerationWorker:
         except redis.RedisError as exc:
             log.warning("could not deregister: %s", exc)
         if self._owns_engine:
-            self.engine.close()
+            self.engine.close(process_exiting=self.process_exits_after_run)
 
 
 def _accelerator() -> str:
@@ -370,4 +371,5 @@ def run(
     )  # fmt: skip
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, worker.request_stop)
+    worker.process_exits_after_run = True
     return worker.run(max_batches)
