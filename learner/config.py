@@ -389,6 +389,31 @@ _MOVED_WEIGHT_KEYS = {
 }
 
 
+class RolloutLogConfig(StrictModel):
+    """The rollout log (learner/rollout_log.py, docs/rollouts.md): every group the learner trains on or drops, as
+    Parquet under `<run_dir>/rollouts/`, written by a background thread of rank 0. `logger.rollout_log` in a run
+    config."""
+
+    enabled: bool = Field(True, description="Keep the log; false writes nothing and starts no thread.")
+    max_rows_per_file: int = Field(
+        50_000, ge=1, le=10_000_000, description="Rows (samples) per Parquet part at most; a full buffer is written."
+    )
+    flush_steps: int = Field(
+        10, ge=1, le=100_000, description="Write a part at least every this many steps (what a crash can lose)."
+    )
+    keep_text: bool = Field(True, description="Keep the prompt and completion text besides their token ids.")
+    max_mb: float = Field(
+        4096.0, gt=0, le=1e7, description="Size of the whole log (MiB); past it rows are counted as lost, not written."
+    )
+    queue_steps: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="Steps of groups waiting for the writer; when it falls behind further, rows are dropped and "
+        "counted (rollout/log_rows_lost) rather than slowing training.",
+    )
+
+
 class LearnerRuntime(LearnerTuning):
     """How the learner role talks to the rest of the run: its tuning plus what the run config says elsewhere."""
 
@@ -398,6 +423,9 @@ class LearnerRuntime(LearnerTuning):
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig, description="The run's weight_sync.")
     trim_acked: bool = Field(
         True, description="Trim the scored stream at each ack (see the run config's broker.trim_acked)."
+    )
+    rollout_log: RolloutLogConfig = Field(
+        default_factory=RolloutLogConfig, description="The run's logger.rollout_log: groups trained and dropped."
     )
 
 

@@ -23,6 +23,7 @@ from learner.checkpoint_select import Retention, record_validation, retention
 from learner.config import LearnerConfig
 from learner.metrics import ConsoleSummary, JsonlLogger, MultiLogger
 from learner.rollout_io import Collector, Feeder
+from learner.rollout_log import open_rollout_log
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,10 @@ class Coordinator:
         consumer.ensure_group()
         self.consumer = consumer
         self.collector = Collector(consumer, feeder, cfg.grpo, read_block_ms=cfg.learner.read_block_ms)
+        # Groups trained and dropped, as Parquet, written by a thread of its own (learner/rollout_log.py)
+        self.rollout_log = open_rollout_log(cfg.learner.run_dir, cfg.learner.rollout_log, cfg.grpo)
+        if self.rollout_log is not None:
+            self.collector.on_drop = self.rollout_log.dropped
         self.ledger = Ledger(cfg.learner.run_dir)
         self.metrics = MultiLogger(JsonlLogger(cfg.learner.run_dir), ConsoleSummary())
         self.tokenizer = tokenizer
@@ -167,6 +172,8 @@ class Coordinator:
         self.policy.set_version(version, at=time.time())
         trained = [g.group_id for g in info["groups"]]
         self.ledger.append(version, trained, info["dropped"])
+        if self.rollout_log is not None:  # enqueues and returns: the writer is a thread of its own
+            metrics.update(self.rollout_log.trained(version, info["groups"]))
         t1 = time.perf_counter()
         ckpt = self.cfg.checkpointing
         if plan[1] and model is not None and optimizer_state is not None:
@@ -283,6 +290,8 @@ class Coordinator:
 
     def close(self) -> None:
         self.metrics.close()
+        if self.rollout_log is not None:
+            self.rollout_log.close()
         if self.weights is not None and hasattr(self.weights, "close"):
             self.weights.close()
 

@@ -18,6 +18,7 @@ from rlq.cli_generate import generate_command
 from rlq.cli_judge import judge_command
 from rlq.cli_learner import learner_command
 from rlq.cli_queues import register as register_queues
+from rlq.cli_rollouts import register as register_rollouts
 from rlq.cli_scale import scale
 from rlq.cli_track import track_command
 from rlq.cli_train import doctor_command, train_command
@@ -40,6 +41,7 @@ register_data(app)  # rlq prepare-data, rlq build-policy
 register_eval(app)  # rlq eval (pass@k, mean@k, greedy accuracy of a checkpoint)
 register_queues(app)  # rlq queues, rlq peek, rlq dlq list|requeue|purge
 register_views(app)  # rlq workers, rlq top, rlq metrics-server
+register_rollouts(app)  # rlq rollouts, rlq replay (the rollout log)
 
 
 def main() -> None:

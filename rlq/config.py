@@ -26,6 +26,7 @@ from learner.config import (
     LearnerTuning,
     LossConfig,
     PolicyConfig,
+    RolloutLogConfig,
     WeightSyncConfig,
     step_batch_problem,
 )
@@ -192,6 +193,10 @@ class LoggerConfig(StrictModel):
         description="Address the metrics are served on; anything but loopback needs "
         "RLQ_METRICS_AUTH=user:password in the environment (HTTP basic auth).",
     )
+    rollout_log: RolloutLogConfig = Field(
+        default_factory=RolloutLogConfig,
+        description="Every group the learner trains on or drops, as Parquet in <log_dir>/rollouts (docs/rollouts.md).",
+    )
 
 
 class RunPolicyConfig(PolicyConfig):
@@ -247,6 +252,7 @@ class RunConfig(StrictModel):
         runtime_fields = {
             "run": self.run_name, "broker_url": self.broker_url(), "run_dir": self.run_dir,
             "trim_acked": self.broker.trim_acked, "weight_sync": self.weight_sync,
+            "rollout_log": self.logger.rollout_log,
         }  # fmt: skip
         return LearnerConfig(
             grpo=self.grpo, loss_fn=self.loss_fn, policy=policy, checkpointing=self.checkpointing, data=self.data,
