@@ -38,9 +38,10 @@ from bench.gpu_common import write_result  # noqa: E402
 from bench.synthetic import scored_groups  # noqa: E402
 from broker.schemas import Array  # noqa: E402
 from learner.batch import assemble, group_to_samples  # noqa: E402
-from learner.config import GRPOConfig, RolloutLogConfig  # noqa: E402
+from learner.config import GRPOConfig  # noqa: E402
 from learner.loss import LossSettings  # noqa: E402
 from learner.rollout_log import RolloutLog  # noqa: E402
+from learner.runtime_config import RolloutLogConfig  # noqa: E402
 from learner.step import Trainer  # noqa: E402
 from rlq.tiny_policy import MODEL_DIMS, VOCAB_SIZE  # noqa: E402
 

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable
 
-from learner.config import AdmissionConfig
+from learner.runtime_config import AdmissionConfig
 
 
 def wait_steps(latency_s: float, step_s: float) -> float:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from broker.schemas import ScoredGroup
+from learner.advantages import group_advantages, overlong_penalty
 from learner.config import GRPOConfig
-from learner.loss import group_advantages, overlong_penalty
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from broker.schemas import ScoredGroup
-from learner.config import GRPOConfig, RolloutLogConfig
+from learner.config import GRPOConfig
+from learner.runtime_config import RolloutLogConfig
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,8 @@ def group_columns(
     """The rows of one group, as columns (each a list of n_samples values)."""
     import torch
 
+    from learner.advantages import group_advantages
     from learner.batch import shaped_rewards
-    from learner.loss import group_advantages
 
     rollout, n = group.rollout, len(group.rollout.samples)
     shaped = torch.from_numpy(shaped_rewards(group, grpo))  # [N]

@@ -22,14 +22,11 @@ from learner.config import (
     DataConfig,
     GRPOConfig,
     LearnerConfig,
-    LearnerRuntime,
-    LearnerTuning,
     LossConfig,
     PolicyConfig,
-    RolloutLogConfig,
-    WeightSyncConfig,
     step_batch_problem,
 )
+from learner.runtime_config import LearnerRuntime, LearnerTuning, RolloutLogConfig, WeightSyncConfig
 from rlq.overrides import apply_overrides, load_yaml
 from rlq.restarts import RestartPolicy
 from workers.generate.config import GenerationConfig

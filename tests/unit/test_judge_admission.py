@@ -6,8 +6,9 @@ import pytest
 
 from broker.schemas import Array, Prompt
 from learner.admission import JudgeAdmission, admitted_window, ema, wait_steps
-from learner.config import AdmissionConfig, GRPOConfig
+from learner.config import GRPOConfig
 from learner.rollout_io import Feeder
+from learner.runtime_config import AdmissionConfig
 
 
 def test_wait_steps() -> None:

@@ -1,4 +1,4 @@
-"""Each loss variant of learner/loss.py against values worked out by hand on tiny tensors."""
+"""Each loss variant of learner/loss.py and learner/advantages.py against values worked out by hand on tiny tensors."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from learner import advantages as A
 from learner import loss as L
 
 LN = math.log
@@ -18,7 +19,7 @@ def close(actual: torch.Tensor, expected, tol: float = 1e-4) -> None:
 
 def test_leave_one_out_baseline_without_std():
     # sample 0: others [0, 0, 1] -> baseline 1/3 -> A = 2/3; sample 1: others [1, 0, 1] -> 2/3 -> A = -2/3
-    a = L.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), leave_one_out=True, normalize=False)
+    a = A.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), leave_one_out=True, normalize=False)
     close(a, [2 / 3, -2 / 3, -2 / 3, 2 / 3])
 
 
@@ -26,7 +27,7 @@ def test_leave_one_out_baseline_with_leave_one_out_std():
     # Others of sample 0 are [0, 0, 1]. The std has Bessel's correction, as NeMo RL's (PR #1423): var = (2/9) *
     # 3/2 = 1/3, A = (2/3) / sqrt(1/3) = 2/sqrt(3). This test used to assert the population value sqrt(2),
     # which made advantages 22 % larger than NeMo RL's at 4 samples per group.
-    a = L.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), leave_one_out=True, normalize=True, eps=0.0)
+    a = A.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), leave_one_out=True, normalize=True, eps=0.0)
     r = 2 / math.sqrt(3)
     close(a, [r, -r, -r, r])
 
@@ -36,25 +37,25 @@ def test_leave_one_out_baseline_with_leave_one_out_std():
 
 
 def test_baseline_and_std_match_nemo_rl_basic():
-    baseline, std = L.group_baseline_and_std(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    baseline, std = A.group_baseline_and_std(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
     close(baseline, [[2.5, 2.0, 1.5], [5.5, 5.0, 4.5]], tol=1e-5)
     close(std, [[0.707107, 1.414214, 0.707107], [0.707107, 1.414214, 0.707107]], tol=1e-5)  # std of [2, 3] etc.
 
 
 def test_baseline_and_std_match_nemo_rl_identical_and_pairs():
-    baseline, std = L.group_baseline_and_std(torch.tensor([[3.0, 3.0, 3.0], [7.0, 7.0, 7.0]]))
+    baseline, std = A.group_baseline_and_std(torch.tensor([[3.0, 3.0, 3.0], [7.0, 7.0, 7.0]]))
     close(baseline, [[3.0, 3.0, 3.0], [7.0, 7.0, 7.0]])
     close(std, torch.zeros(2, 3))
-    baseline, std = L.group_baseline_and_std(torch.tensor([1.0, 2.0]))  # one other sample: no sample std
+    baseline, std = A.group_baseline_and_std(torch.tensor([1.0, 2.0]))  # one other sample: no sample std
     close(baseline, [2.0, 1.0])
     close(std, [0.0, 0.0])
-    close(L.group_advantages(torch.tensor([1.0, 2.0])), [-1.0, 1.0])  # std 0: left unscaled, as NeMo RL
-    close(L.group_advantages(torch.tensor([2.5])), [0.0])  # a single generation: baseline = reward
+    close(A.group_advantages(torch.tensor([1.0, 2.0])), [-1.0, 1.0])  # std 0: left unscaled, as NeMo RL
+    close(A.group_advantages(torch.tensor([2.5])), [0.0])  # a single generation: baseline = reward
 
 
 def test_advantages_with_nemo_rl_values_and_epsilon():
     # A = (r - baseline) / (std + 1e-6), NeMo RL's normalize_advantages_with_epsilon
-    a = L.group_advantages(torch.tensor([1.0, 2.0, 3.0]))
+    a = A.group_advantages(torch.tensor([1.0, 2.0, 3.0]))
     close(a, [-1.5 / (0.707107 + 1e-6), 0.0, 1.5 / (0.707107 + 1e-6)], tol=1e-5)
 
 
@@ -65,33 +66,33 @@ def test_bessel_against_population_std_at_16_and_4_samples():
         rewards[: n // 2] = 1.0
         others = rewards[1:]
         population = (1.0 - others.mean()) / others.std(unbiased=False)
-        close(L.group_advantages(rewards, eps=0.0)[0], population / ratio)
+        close(A.group_advantages(rewards, eps=0.0)[0], population / ratio)
     assert round(math.sqrt(15 / 14), 3) == 1.035 and round(math.sqrt(3 / 2), 2) == 1.22
 
 
 def test_mean_baseline_with_std_is_classic_grpo():
     # Whole-group mean and sample std (torch.std's default, NeMo RL with use_leave_one_out_baseline false):
     # std of [1, 0, 0, 1] = sqrt(1/3), A = 0.5 * sqrt(3).
-    a = L.group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [3.0, 1.0, 1.0, 3.0]]), leave_one_out=False, eps=0.0)
+    a = A.group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [3.0, 1.0, 1.0, 3.0]]), leave_one_out=False, eps=0.0)
     r = math.sqrt(3) / 2
     close(a, [[r, -r, -r, r], [r, -r, -r, r]])
     close(a[0], (torch.tensor([1.0, 0.0, 0.0, 1.0]) - 0.5) / torch.tensor([1.0, 0.0, 0.0, 1.0]).std())
 
 
 def test_dr_grpo_advantages_are_centred_only():
-    a = L.group_advantages(torch.tensor([3.0, 1.0]), leave_one_out=False, normalize=False)
+    a = A.group_advantages(torch.tensor([3.0, 1.0]), leave_one_out=False, normalize=False)
     close(a, [1.0, -1.0])
 
 
 def test_zero_variance_and_singleton_groups_give_zero_advantage():
-    close(L.group_advantages(torch.tensor([1.0, 1.0, 1.0])), [0.0, 0.0, 0.0])
-    close(L.group_advantages(torch.tensor([1.0])), [0.0])
+    close(A.group_advantages(torch.tensor([1.0, 1.0, 1.0])), [0.0, 0.0, 0.0])
+    close(A.group_advantages(torch.tensor([1.0])), [0.0])
 
 
 def test_overlong_penalty_ramps_over_the_buffer():
     # max 10, buffer 4 -> free up to 6, -1 at 10; beyond, the line goes on as NeMo RL's apply_reward_shaping
     # (min(-(L - 6) / 4 * penalty, 0)): -1.5 at 12
-    p = L.overlong_penalty(torch.tensor([5, 6, 8, 10, 12]), max_response_length=10, buffer_length=4, penalty=1.0)
+    p = A.overlong_penalty(torch.tensor([5, 6, 8, 10, 12]), max_response_length=10, buffer_length=4, penalty=1.0)
     close(p, [0.0, 0.0, -0.5, -1.0, -1.5])
 
 

@@ -14,10 +14,11 @@ import pytest
 from typer.testing import CliRunner
 
 from broker.schemas import Array, Prompt, RolloutGroup, Sample, ScoredGroup
-from learner.config import GRPOConfig, RolloutLogConfig
+from learner.config import GRPOConfig
 from learner.replay import trained_steps
 from learner.rollout_io import Collector
 from learner.rollout_log import ROLLOUT_DIR, RolloutLog, read_log
+from learner.runtime_config import RolloutLogConfig
 
 
 def make_group(i: int, version: int = 0, n: int = 4, rng_seed: int = 0) -> ScoredGroup:

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from learner.config import GRPOConfig, RolloutLogConfig
+from learner.config import GRPOConfig
 from learner.rollout_log import ROLLOUT_DIR, RolloutLog
+from learner.runtime_config import RolloutLogConfig
 from rlq.tracking import MetricsFollower, WandbSettings, pick_samples, smooth
 from tests.unit.test_rollout_log import make_group
 
