@@ -9,7 +9,7 @@ logprobs per sample so the messages have realistic size). Measured, interleaved,
     does), no isolation, no queue;
   * inprocess_2: the same in 2 processes (a fork pool over the 2 cores): the fair baseline for 2 workers;
   * fork_per_answer (reference, one core): NeMo Gym's isolation, a fresh fork per answer;
-  * celery: `celery -A workers.judge.celery_app worker --concurrency 2`, every answer in a pre-forked child with a
+  * celery: `rlq worker judge --concurrency 2` (a Celery worker), every answer in a pre-forked child with a
     hard deadline, groups queued with `submit_groups` while the consumer is paused, then released; the clock
     stops at the last ScoredGroup in the scored stream.
 The machine is shared with other work, so wall-clock rates swing between repeats; the CPU seconds the judge
@@ -50,10 +50,14 @@ from broker.judge_queue import submit_group, submit_groups  # noqa: E402
 from broker.keys import Keys  # noqa: E402
 from broker.schemas import Array, Prompt, RolloutGroup, Sample  # noqa: E402
 from broker.server import RedisServer  # noqa: E402
-from workers.judge.app import BROKER_URL_ENV, CONFIG_ENV, RUN_ENV, make_app  # noqa: E402
+from workers.judge.app import make_app  # noqa: E402
 from workers.judge.config import JudgeConfig  # noqa: E402
 from workers.judge.isolation import warm_up  # noqa: E402
 from workers.judge.verify import check, extract_answer, parse_gold  # noqa: E402
+
+RULE = "last_box"
+"""Every side scores extracted answers with the last-box rule, so all do the same work; the default rule
+(nemo_gym) hands math-verify whole completions, which the in-process baselines here do not model."""
 
 RESULT = Path(__file__).parent / "results" / "judge.json"
 TARGET_RATIO = 0.80
@@ -117,7 +121,7 @@ def verify_group_inprocess(group: tuple[str, list[str]]) -> int:
     ground_truth, texts = group
     gold = parse_gold(ground_truth)
     answers = [extract_answer(t) for t in texts]
-    return sum(check(gold, a) == "correct" for a in answers if a is not None)
+    return sum(check(gold, a, RULE) == "correct" for a in answers if a is not None)
 
 
 def plain(groups: list[RolloutGroup]) -> list[tuple[str, list[str]]]:
@@ -146,7 +150,7 @@ def bench_inprocess_2(groups: list[RolloutGroup]) -> tuple[float, int]:
 
 
 def _verify_one_and_exit(ground_truth: str, answer: str, conn: object) -> None:
-    conn.send_bytes(check(parse_gold(ground_truth), answer).encode())  # type: ignore[attr-defined]
+    conn.send_bytes(check(parse_gold(ground_truth), answer, RULE).encode())  # type: ignore[attr-defined]
 
 
 def bench_fork_per_answer(groups: list[RolloutGroup]) -> float:
@@ -174,31 +178,26 @@ class CeleryJudge:
         self.redis_pid = redis_pid
         self.run = f"bench{uuid.uuid4().hex[:6]}"
         self.keys = Keys(self.run)
-        cfg = JudgeConfig()
+        cfg = JudgeConfig(answer_rule="last_box")  # the rule the in-process baselines run (RULE)
         self.app = make_app(url, self.run, cfg)
         self.r = connect(url)
-        self.node = f"benchjudge@{socket.gethostname()}"
-        env = {**os.environ, BROKER_URL_ENV: url, RUN_ENV: self.run, CONFIG_ENV: cfg.model_dump_json()}
-        argv = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers.judge.celery_app",
-            "worker",
-            "-Q",
-            self.keys.judge_queue,
-            "--concurrency",
-            "2",
-            "-n",
-            self.node,
-            "--without-mingle",
-            "--without-gossip",
-            "--loglevel",
-            "INFO",  # as `rlq worker judge` runs it
-        ]
+        # The judge as `rlq train` starts it: `rlq worker judge --config` on a run config holding env.math.
+        config = log_path.parent / f"judge-{self.run}.yaml"
+        config.write_text(
+            json.dumps(
+                {
+                    "run_name": self.run,
+                    "broker": {"url": url},
+                    "policy": {"model_name": "unused"},
+                    "data": {"path": "unused"},
+                    "env": {"math": cfg.model_dump(mode="json")},
+                }
+            )
+        )
+        argv = [sys.executable, "-m", "rlq", "worker", "judge", "--config", str(config), "--concurrency", "2"]
         self.log = log_path.open("ab")
-        self.proc = subprocess.Popen(argv, cwd=_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(argv, cwd=_ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.node = f"judge-{self.run}-{self.proc.pid}@{socket.gethostname()}"  # the name rlq worker judge takes
         while not self.app.control.ping(destination=[self.node], timeout=0.5):
             if self.proc.poll() is not None:
                 raise SystemExit(f"celery worker exited; see {log_path}")

@@ -99,11 +99,14 @@ def _check_judge(cfg: RunConfig, url: str, scratch: Path) -> str:
     from broker.judge_queue import base_app, submit_group
 
     run = f"doctor-judge-{os.getpid()}"
-    env = {**os.environ, BROKER_URL_ENV: url, "RLQ_RUN": run}
-    argv = [sys.executable, "-m", "rlq", "worker", "judge", "--concurrency", "1"]
+    # The judge as `rlq train` starts it: `rlq worker judge --config`, the run's env.math on the doctor's own run.
+    judge_config = scratch / "judge-config.yaml"
+    save_resolved(cfg.model_copy(update={"run_name": run, "broker": cfg.broker.model_copy(update={"url": url})}),
+                  judge_config)  # fmt: skip
+    argv = [sys.executable, "-m", "rlq", "worker", "judge", "--config", str(judge_config), "--concurrency", "1"]
     log_path = scratch / "judge.log"
     with open(log_path, "wb") as sink:
-        worker = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
     try:
         app = base_app(url, run)
         for index, (response, truth, _) in enumerate(JUDGE_CASES):
