@@ -97,7 +97,9 @@ class _Touch:
 
 
 NESTED_POWER = "\\boxed{\\dfrac{5^{5^{5^{5}}}}{3}}"
-X800 = "Answer: \\frac{x^{800}-1}{x-1}-(" + "+".join(["1", "x"] + [f"x^{{{k}}}" for k in range(2, 800)]) + ")"
+# In $...$: the default rule (nemo_gym) hands math-verify the whole completion, and bare LaTeX after "Answer:" is
+# no answer to it; delimited, the identity is parsed and its simplification runs out the deadline.
+X800 = "Answer: $\\frac{x^{800}-1}{x-1}-(" + "+".join(["1", "x"] + [f"x^{{{k}}}" for k in range(2, 800)]) + ")$"
 
 
 def inject_group(loop: LoopRun, name: str, texts: list[str], policy_version: int) -> str:

@@ -86,7 +86,7 @@ def test_top_refreshes_until_ctrl_c(populated: Run) -> None:
     try:
         time.sleep(4.0)  # start-up (imports) and a few refreshes
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=10)
+        out, err = proc.communicate(timeout=60)  # a bound on leaving, generous for a loaded machine
     finally:
         if proc.poll() is None:
             proc.kill()
