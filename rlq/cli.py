@@ -41,7 +41,7 @@ register_data(app)  # rlq prepare-data, rlq build-policy
 register_eval(app)  # rlq eval (pass@k, mean@k, greedy accuracy of a checkpoint)
 register_queues(app)  # rlq queues, rlq peek, rlq dlq list|requeue|purge
 register_views(app)  # rlq workers, rlq top, rlq metrics-server
-register_rollouts(app)  # rlq rollouts, rlq replay (the rollout log)
+register_rollouts(app)  # rlq rollouts, rlq replay, rlq rescore (the rollout log)
 
 
 def main() -> None:

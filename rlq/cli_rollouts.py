@@ -27,6 +27,9 @@ def register(app: typer.Typer) -> None:
     """Hang these commands on the top-level `rlq` app."""
     app.command("rollouts")(rollouts)
     app.command("replay")(replay_command)
+    from rlq.cli_rescore import rescore_command
+
+    app.command("rescore")(rescore_command)
 
 
 def rollouts(
