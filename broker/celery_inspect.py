@@ -20,6 +20,7 @@ from typing import Any
 
 import redis
 
+from broker.connection import eval_read_only
 from broker.keys import Keys
 from broker.registry import Registry
 
@@ -68,7 +69,7 @@ def judge_queue_report(r: redis.Redis, keys: Keys) -> dict[str, Any]:
     for key in priority_keys(queue):
         pipe.llen(key)
     depth = sum(int(n) for n in pipe.execute())
-    reply: Any = r.eval(_UNACKED_LUA, 2, UNACKED_KEY, UNACKED_INDEX_KEY, queue, str(UNACKED_SCAN_LIMIT))
+    reply: Any = eval_read_only(r, _UNACKED_LUA, 2, UNACKED_KEY, UNACKED_INDEX_KEY, queue, str(UNACKED_SCAN_LIMIT))
     unacked, scanned, oldest = int(reply[0]), int(reply[1]), reply[2]
     oldest_at = float(oldest) if oldest not in (b"", "", None) else None
     judges = [s.heartbeat.worker_id for s in Registry(r, keys).workers("judge") if s.alive]

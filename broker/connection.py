@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis
@@ -27,6 +28,11 @@ SOCKET_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 5.0
 HEALTH_CHECK_INTERVAL_S = 15
 PASSWORD_ENV = "RLQ_REDIS_PASSWORD"
+"""The password of the process's Redis user; kept out of URLs, so it stays out of logs and saved commands."""
+USER_ENV = "RLQ_REDIS_USER"
+"""The ACL user the process logs in as (broker/acl.py); unset: Redis's `default` user."""
+TLS_CA_ENV = "RLQ_REDIS_TLS_CA"
+"""CA certificate that signed a rediss:// broker's certificate (the run's own CA, slurm/common.sh makes one)."""
 
 
 class BrokerUnreachable(RlqError, ConnectionError):
@@ -39,8 +45,11 @@ def describe(url: str) -> str:
     return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
 
 
-def connect(url: str, *, client_name: str = "rlq", check: bool = True) -> redis.Redis:
-    """A client for `url` (redis:// or rediss://, user and password in the URL) with retries and a ping.
+def connect(
+    url: str, *, client_name: str = "rlq", check: bool = True, login: dict[str, str] | None = None
+) -> redis.Redis:
+    """A client for `url` (redis:// or rediss://) with retries and a ping; the user and password come from the
+    environment (`credentials`) unless the URL names them.
 
     Raises:
         BrokerUnreachable: "cannot reach Redis at HOST:PORT: reason".
@@ -50,10 +59,9 @@ def connect(url: str, *, client_name: str = "rlq", check: bool = True) -> redis.
         raise BrokerUnreachable(
             f"cannot reach Redis at {describe(url)}: the broker URL must start with redis://, rediss:// or unix://"
         )
-    # A password kept out of the URL (so it stays out of logs and saved commands) comes from the environment.
-    extra = {}
-    if not parts.password and os.environ.get(PASSWORD_ENV):
-        extra["password"] = os.environ[PASSWORD_ENV]
+    extra: dict = dict(login) if login else credentials(url)  # login: `username`/`password` (broker/acl.py)
+    if parts.scheme == "rediss":
+        extra.update(tls_options())
     client = redis.Redis.from_url(
         url,
         **extra,
@@ -74,6 +82,23 @@ def connect(url: str, *, client_name: str = "rlq", check: bool = True) -> redis.
     return client
 
 
+def credentials(url: str) -> dict[str, str]:
+    """`username`/`password` for redis-py from RLQ_REDIS_USER/RLQ_REDIS_PASSWORD, where the URL names none."""
+    parts = urlsplit(url)
+    extra = {}
+    if not parts.password and os.environ.get(PASSWORD_ENV):
+        extra["password"] = os.environ[PASSWORD_ENV]
+        if not parts.username and os.environ.get(USER_ENV):
+            extra["username"] = os.environ[USER_ENV]
+    return extra
+
+
+def tls_options() -> dict[str, str]:
+    """redis-py's TLS settings for a rediss:// URL: verify the server against the run's CA when one is named."""
+    ca = os.environ.get(TLS_CA_ENV)
+    return {"ssl_ca_certs": ca, "ssl_cert_reqs": "required"} if ca else {}
+
+
 def _retry(attempts: int) -> Retry:
     # OSError: redis-py retries a socket connect only on the errors listed here, and a server that is down
     # refuses with ConnectionRefusedError (an OSError), which would otherwise fail the command at once.
@@ -90,3 +115,14 @@ def ping(client: redis.Redis, url: str) -> None:
         raise BrokerUnreachable(f"cannot reach Redis at {describe(url)}: {exc}") from None
     except ResponseError as exc:
         raise BrokerUnreachable(f"cannot reach Redis at {describe(url)}: {exc}") from None
+
+
+def eval_read_only(client: redis.Redis, script: str, numkeys: int, *keys_and_args: str) -> Any:
+    """Run a Lua script that only reads: EVAL_RO, which a read-only ACL user may run (EVAL declares its keys
+    read-write, so a user with `%R~` key rights is refused it); EVAL on a server older than Redis 7."""
+    try:
+        return client.eval_ro(script, numkeys, *keys_and_args)
+    except ResponseError as exc:
+        if "unknown command" not in str(exc).lower():
+            raise
+        return client.eval(script, numkeys, *keys_and_args)

@@ -19,6 +19,7 @@ import numpy as np
 import redis
 
 from broker.celery_inspect import judge_queue_report
+from broker.connection import eval_read_only
 from broker.keys import Keys
 from broker.registry import Registry
 from broker.schemas import Array, MessageError, decode, kind_of
@@ -137,7 +138,7 @@ def _lag(r: redis.Redis, stream: str, info: dict, last_delivered: str, stream_in
         return 0, True
     if _id_key(last_delivered) < _id_key(stream_info["first_id"]):
         return stream_info["length"], True
-    n = int(_any(r.eval(_COUNT_AFTER_LUA, 1, stream, last_delivered, str(LAG_COUNT_LIMIT))))
+    n = int(_any(eval_read_only(r, _COUNT_AFTER_LUA, 1, stream, last_delivered, str(LAG_COUNT_LIMIT))))
     return n, n < LAG_COUNT_LIMIT
 
 

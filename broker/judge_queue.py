@@ -15,7 +15,7 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
-from broker.connection import PASSWORD_ENV
+from broker.connection import PASSWORD_ENV, USER_ENV, tls_options
 from broker.keys import Keys
 from broker.schemas import RolloutGroup, encode
 
@@ -42,6 +42,9 @@ def base_app(broker_url: str, run: str, name: str = "rlq-judge-client") -> Celer
     )
     if os.environ.get(PASSWORD_ENV) and "@" not in broker_url:
         app.conf.broker_password = os.environ[PASSWORD_ENV]
+        app.conf.broker_user = os.environ.get(USER_ENV) or None  # the role's ACL user (broker/acl.py)
+    if broker_url.startswith("rediss://"):
+        app.conf.broker_use_ssl = tls_options() or {"ssl_cert_reqs": "required"}
     return app
 
 

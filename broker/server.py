@@ -70,11 +70,18 @@ class RedisServer:
     extra_args: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     process: subprocess.Popen | None = None
+    acl_file: Path | None = None
+    """The run's users (broker/acl.py `RunAcl.file_text`): with it the `default` user is off."""
+    tls: TlsFiles | None = None
+    """Serve TLS only (rediss://) on `port`, with this certificate; clients need not present one."""
 
     @property
     def url(self) -> str:
+        """The URL clients use; with an ACL file it holds no credentials (they come from the environment)."""
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}{self.host}:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        host = "127.0.0.1" if self.host == "0.0.0.0" else self.host
+        return f"{scheme}://{auth}{host}:{self.port}/0"
 
     def start(self) -> RedisServer:
         try:
@@ -92,6 +99,10 @@ class RedisServer:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
+        if self.acl_file is not None:
+            args += ["--aclfile", str(self.acl_file)]
+        if self.tls is not None:
+            args = _tls_args(args, self.tls)
         args += self.extra_args
         # Its own session: a Ctrl-C in the terminal reaches only our process, which stops the server after the
         # roles that still need it (`rlq train`: the learner's last checkpoint acknowledges entries).
@@ -107,10 +118,14 @@ class RedisServer:
                 err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
                 log_tail = _tail(self.directory / "redis.log")
                 raise RedisServerError(f"redis-server exited with {self.process.returncode}: {err or log_tail}")
-            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.2):
+            with contextlib.suppress(OSError), socket.create_connection((self._probe_host, self.port), timeout=0.2):
                 return
             time.sleep(0.02)
         raise RedisServerError(f"redis-server did not listen on {self.host}:{self.port} within {START_TIMEOUT_S}s")
+
+    @property
+    def _probe_host(self) -> str:
+        return "127.0.0.1" if self.host == "0.0.0.0" else self.host
 
     def stop(self, sig: int | None = None) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -130,6 +145,25 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a TLS broker: its certificate and key, and the CA that signed it (slurm/common.sh makes one
+    per run)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def _tls_args(args: list[str], tls: TlsFiles) -> list[str]:
+    """The plain port closed and TLS served on the same number instead."""
+    port = args[args.index("--port") + 1]
+    args = [*args]
+    args[args.index("--port") + 1] = "0"
+    return [*args, "--tls-port", port, "--tls-cert-file", str(tls.cert), "--tls-key-file", str(tls.key),
+            "--tls-ca-cert-file", str(tls.ca), "--tls-auth-clients", "no"]  # fmt: skip
 
 
 def _tail(path: Path, lines: int = 5) -> str:

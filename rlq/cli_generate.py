@@ -21,10 +21,12 @@ def generate_command(
     max_batches: int | None = typer.Option(None, min=1, help="Stop after this many batches (default: never)."),
 ) -> None:
     """Pull prompt batches, sample with the current policy, send rollout groups to the judges; weights live."""
-    from rlq.config import load_run_config
+    from broker.acl import GENERATE
+    from rlq.config import adopt_run_credentials, load_run_config
     from rlq.models import resolve_model
 
     cfg = load_run_config(config, overrides or [])
+    adopt_run_credentials(cfg.run_dir, GENERATE)  # started by hand beside a running `rlq train`
     gen = cfg.policy.generation
     model = resolve_model(gen.model_name or cfg.policy.model_name)  # local dir or HF cache, before Redis and vLLM
     wid = worker_id or f"gen-{socket.gethostname()}-{os.getpid()}"

@@ -23,8 +23,9 @@ def judge_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print Celery's worker arguments instead of running."),
 ) -> None:
     """Run a judge worker (Celery + math-verify) for the run; broker from broker.url or RLQ_BROKER_URL."""
+    from broker.acl import JUDGE
     from broker.connection import connect
-    from rlq.config import load_run_config
+    from rlq.config import adopt_run_credentials, load_run_config
     from workers.judge.worker import run, worker_argv
 
     cfg = load_run_config(config, overrides or [])
@@ -32,6 +33,7 @@ def judge_command(
     if dry_run:
         sys.stdout.write(" ".join(worker_argv(cfg.run_name, workers, loglevel, events)) + "\n")
         return
+    adopt_run_credentials(cfg.run_dir, JUDGE)  # started by hand beside a running `rlq train`
     url = cfg.broker_url()
     connect(url, client_name="rlq-judge-check").close()  # BrokerUnreachable -> one line, before Celery starts
     raise typer.Exit(run(cfg.env.math, run=cfg.run_name, broker_url=url, concurrency=workers, loglevel=loglevel,

@@ -25,7 +25,12 @@ def learner_command(
     if learner_only:
         cfg = load_typed(config, overrides or [], LearnerConfig)
     else:
-        cfg = load_typed(config, overrides or [], RunConfig).learner_config()
+        from broker.acl import LEARNER
+        from rlq.config import adopt_run_credentials
+
+        run_cfg = load_typed(config, overrides or [], RunConfig)
+        adopt_run_credentials(run_cfg.run_dir, LEARNER)
+        cfg = run_cfg.learner_config()
     from rlq.models import resolve_model
 
     # every rank loads the same local directory (a hub id resolves through the HF cache), as the workers do

@@ -30,7 +30,7 @@ def scale(
     from broker.scaling import desired_counts, request_scale
 
     counts = _parse(requests or [])
-    target = _target(config, [], broker, run, None)
+    target = _target(config, [], broker, run, None, user="rlq-operator")  # it writes the run's scale hash
     per_judge = _judge_pool_size(config)
     with _broker(target.url, target.run) as (r, keys):
         if counts:

@@ -32,10 +32,10 @@ def register(app: typer.Typer) -> None:
 
 
 def _target(config: Path | None, overrides: list[str] | None, broker: str | None, run: str | None,
-            run_dir: Path | None) -> Any:  # fmt: skip
+            run_dir: Path | None, user: str = "rlq-inspect") -> Any:  # fmt: skip
     from rlq.run_state import resolve_target
 
-    return resolve_target(config, overrides or [], broker, run, run_dir)
+    return resolve_target(config, overrides or [], broker, run, run_dir, user)
 
 
 def workers(

@@ -259,7 +259,27 @@ class RunConfig(StrictModel):
 
 BROKER_URL_FILE = "broker_url"
 """The run directory's note of its broker: `rlq train` writes its private server's loopback URL there while it runs
-(rlq/launch.py), the Slurm scripts the head node's URL. Never a password: that travels in RLQ_REDIS_PASSWORD."""
+(rlq/launch.py), the Slurm scripts the head node's URL. Never a password: see BROKER_SECRET_FILE."""
+BROKER_SECRET_FILE = "broker_secret"
+"""The run secret (broker/acl.py), mode 0600, beside BROKER_URL_FILE: every Redis user's password derives from it, so
+`rlq queues|workers|top|scale --config <run_dir>/config.yaml` from another terminal of the same Unix user log in."""
+
+
+def adopt_run_credentials(run_dir: Path, user: str) -> bool:
+    """Log this process in as `user` with the password derived from the run's secret file, unless the environment
+    already names a password (a role started by the launcher or a script). True when it did."""
+    from broker.acl import role_env
+    from broker.connection import PASSWORD_ENV
+
+    if os.environ.get(PASSWORD_ENV):
+        return False
+    try:
+        secret = (Path(run_dir) / BROKER_SECRET_FILE).read_text().strip()
+    except OSError:
+        return False
+    if secret:
+        os.environ.update(role_env(secret, user))
+    return bool(secret)
 
 
 def private_broker_url(run_dir: Path) -> str | None:

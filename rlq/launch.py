@@ -12,10 +12,11 @@ import signal
 import time
 from pathlib import Path
 
+from broker.acl import OPERATOR, SECRET_ENV, login, new_secret, role_env, write_acl_file, write_private
 from broker.connection import connect
 from broker.keys import Keys
 from broker.server import RedisServer
-from rlq.config import BROKER_URL_ENV, BROKER_URL_FILE, RunConfig, save_resolved
+from rlq.config import BROKER_SECRET_FILE, BROKER_URL_ENV, BROKER_URL_FILE, RunConfig, save_resolved
 from rlq.errors import UserError
 from rlq.placement import plan_gpus, visible_gpu_count
 from rlq.roles import RunRoles
@@ -64,15 +65,17 @@ def train(cfg: RunConfig) -> Path:
         resolve_model(name)  # a model that is not there is one line here, not a failed role later
     server = None
     env: dict[str, str] = {"RLQ_RUN": cfg.run_name, "PYTHONUNBUFFERED": "1"}
+    # The run secret: each role gets only its own user's password from it (broker/acl.py), never the secret.
+    secret = os.environ.get(SECRET_ENV) or None
     if cfg.broker.url is None:
-        server = RedisServer(directory=run_dir / "redis", appendonly=True).start()
+        server, secret = _private_server(cfg, run_dir)
         env[BROKER_URL_ENV] = server.url
-        # So that `rlq workers|queues|top|metrics-server --config <run_dir>/config.yaml` and `rlq worker ...` from
-        # another terminal find it (removed when the server stops).
-        (run_dir / BROKER_URL_FILE).write_text(server.url + "\n")
         log.info("private redis-server on %s (data in %s)", server.url, server.directory)
-    supervisor = Supervisor(run_dir / "logs", base_env={**os.environ, **env}, policy=cfg.cluster.restarts,
-                            events_path=run_dir / "events.jsonl")  # fmt: skip
+    base_env = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
+    supervisor = Supervisor(run_dir / "logs", base_env={**base_env, **env}, policy=cfg.cluster.restarts,
+                            events_path=run_dir / "events.jsonl",
+                            credentials=(lambda user: role_env(secret, user)) if secret else None)  # fmt: skip
+    own_login = login(secret, OPERATOR) if secret else None
     follower = MetricsFollower(
         run_dir / "metrics.jsonl",
         wandb=WandbSettings(
@@ -95,8 +98,9 @@ def train(cfg: RunConfig) -> Path:
         for spec in specs:
             supervisor.start(spec)
             if spec.wait_ready:
-                _wait_ready(supervisor, spec, broker_url, cfg.run_name)
-        scaler = Scaler(supervisor, roles, connect(broker_url, client_name="rlq-train"), Keys(cfg.run_name))
+                _wait_ready(supervisor, spec, broker_url, cfg.run_name, own_login)
+        scaler = Scaler(supervisor, roles, connect(broker_url, client_name="rlq-train", login=own_login),
+                        Keys(cfg.run_name))  # fmt: skip
         scaler.announce()  # `rlq scale` from another terminal changes these counts
 
         def tick() -> None:
@@ -117,6 +121,7 @@ def train(cfg: RunConfig) -> Path:
         if server is not None:
             server.stop()  # before the curves (matplotlib takes seconds): every process gone first
             (run_dir / BROKER_URL_FILE).unlink(missing_ok=True)
+            (run_dir / BROKER_SECRET_FILE).unlink(missing_ok=True)
         follower.close()
     return run_dir
 
@@ -126,11 +131,26 @@ def _restarts(supervisor: Supervisor) -> str:
     return f" ({', '.join(f'{name} restarted {n}x' for name, n in counts.items())})" if counts else ""
 
 
-def _wait_ready(supervisor: Supervisor, spec: RoleSpec, broker_url: str, run: str) -> None:
+def _private_server(cfg: RunConfig, run_dir: Path) -> tuple[RedisServer, str]:
+    """A loopback redis-server only this run's users can log in to (a fresh secret, the `default` user off).
+
+    The secret goes to `<run_dir>/broker_secret` (0600) beside the URL in `<run_dir>/broker_url`, so that `rlq
+    workers|queues|top|scale --config <run_dir>/config.yaml` from another terminal of the same Unix user log in
+    (rlq/config.py adopt_run_credentials); both are removed when the server stops."""
+    secret = new_secret()
+    write_private(run_dir / BROKER_SECRET_FILE, secret + "\n")
+    acl_file = write_acl_file(run_dir / "redis" / "users.acl", cfg.run_name, secret)
+    server = RedisServer(directory=run_dir / "redis", appendonly=True, acl_file=acl_file).start()
+    (run_dir / BROKER_URL_FILE).write_text(server.url + "\n")  # a URL without credentials
+    return server, secret
+
+
+def _wait_ready(supervisor: Supervisor, spec: RoleSpec, broker_url: str, run: str,
+                own_login: dict[str, str] | None) -> None:  # fmt: skip
     """Block until worker `spec.wait_ready` reports its engine loaded (heartbeat past "starting")."""
     from broker.registry import Registry
 
-    registry = Registry(connect(broker_url, client_name="rlq-train"), Keys(run))
+    registry = Registry(connect(broker_url, client_name="rlq-train", login=own_login), Keys(run))
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         supervisor.check()  # a worker that dies while loading fails the run now, not after the timeout

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from broker.acl import GENERATE, INSPECT, JUDGE, LEARNER
 from rlq.config import RunConfig, local_cpu_list
 from rlq.errors import UserError
 from rlq.placement import Placement, cuda_visible
@@ -51,7 +52,7 @@ class RunRoles:
         argv = [self.python, "-m", "rlq", "worker", "judge", *self.base,
                 "--concurrency", str(self.cfg.cluster.judge_workers)]  # fmt: skip
         return RoleSpec("judge" if index == 0 else f"judge-{index}", argv, cpus=self.judge_cpus, restart=True,
-                        kind="judge")  # fmt: skip
+                        kind="judge", redis_user=JUDGE)  # fmt: skip
 
     def can_add_generation(self, index: int) -> str:
         """Why generation worker `index` cannot be started here, or "" (a GPU run places workers up front)."""
@@ -79,7 +80,7 @@ class RunRoles:
         worker_id = f"{cfg.run_name}-gen-{index}"
         argv = [self.python, "-m", "rlq", "worker", "generate", *self.base, "--worker-id", worker_id, *extra]
         return RoleSpec(f"generate-{index}", argv, env=engine_env, cpus=cpus, wait_ready=worker_id if shared else None,
-                        restart=True, kind="generate")  # fmt: skip
+                        restart=True, kind="generate", redis_user=GENERATE)  # fmt: skip
 
     def learner(self) -> RoleSpec:
         cluster = self.cfg.cluster
@@ -92,7 +93,8 @@ class RunRoles:
             # Threads per rank from the pinned set: more would fight over the same cores (OpenMP spins while waiting).
             env["OMP_NUM_THREADS"] = str(max(1, len(self.learner_cpus) // cluster.learner_procs_per_node))
         resume = cluster.restarts.learner == "resume"  # it resumes from its latest checkpoint on every start
-        return RoleSpec("learner", argv, env=env, finishes_run=True, cpus=self.learner_cpus, restart=resume)
+        return RoleSpec("learner", argv, env=env, finishes_run=True, cpus=self.learner_cpus, restart=resume,
+                        redis_user=LEARNER)  # fmt: skip
 
     def metrics(self) -> RoleSpec | None:
         """The Prometheus endpoint as a role of the run (`logger.prometheus_port`), or None."""
@@ -101,7 +103,7 @@ class RunRoles:
         from rlq.metrics_server import metrics_role_argv
 
         argv = metrics_role_argv(self.config_path, self.cfg.logger.prometheus_port, self.cfg.logger.prometheus_addr)
-        return RoleSpec("metrics", argv, restart=True)
+        return RoleSpec("metrics", argv, restart=True, redis_user=INSPECT)
 
 
 def role_specs(cfg: RunConfig, config_path: Path, placement: Placement | None = None) -> list[RoleSpec]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlq.config import private_broker_url
+from rlq.config import adopt_run_credentials, private_broker_url
 
 METRICS_FILE = "metrics.jsonl"  # learner/metrics.py METRICS_FILE (not imported: that would pull in the learner)
 EVENTS_FILE = "events.jsonl"
@@ -34,10 +34,17 @@ class Target:
 
 
 def resolve_target(
-    config: Path | None, overrides: list[str], broker: str | None, run: str | None, run_dir: Path | None
+    config: Path | None,
+    overrides: list[str],
+    broker: str | None,
+    run: str | None,
+    run_dir: Path | None,
+    user: str = "rlq-inspect",
 ) -> Target:
     """`--config` gives all three; `--broker`/`--run`/`--run-dir` override it. Without a broker anywhere, the one
-    the run directory names (`broker_url`: the private server of a running `rlq train`, or a Slurm run's)."""
+    the run directory names (`broker_url`: the private server of a running `rlq train`, or a Slurm run's). With a
+    run directory and no password in the environment, this process logs in as `user` (read-only by default) with
+    the run's secret file (rlq/config.py BROKER_SECRET_FILE)."""
     env_url = os.environ.get("RLQ_BROKER_URL")
     if config is not None:
         from rlq.config import load_run_config
@@ -45,8 +52,11 @@ def resolve_target(
         cfg = load_run_config(config, overrides)
         run_dir = run_dir or cfg.run_dir
         url = broker or cfg.broker.url or env_url or private_broker_url(run_dir) or DEFAULT_BROKER_URL
+        adopt_run_credentials(run_dir, user)
         return Target(url, run or cfg.run_name, run_dir)
     url = broker or env_url or (private_broker_url(run_dir) if run_dir else None) or DEFAULT_BROKER_URL
+    if run_dir is not None:
+        adopt_run_credentials(run_dir, user)
     return Target(url, run or os.environ.get("RLQ_RUN") or "default", run_dir)
 
 

@@ -51,6 +51,7 @@ class RoleSpec:
     cpus: list[int] | None = None  # pin the process (and what it starts) to these CPU ids
     wait_ready: str | None = None  # worker id whose heartbeat must leave "starting" before the next role starts
     kind: str = ""  # what `rlq scale` counts it as ("generate", "judge"); "" for roles that are not scaled
+    redis_user: str = ""  # the broker's ACL user it logs in as (broker/acl.py); "": none handed to it
 
 
 @dataclass
@@ -82,8 +83,11 @@ class Supervisor:
         base_env: dict[str, str] | None = None,
         policy: RestartPolicy | None = None,
         events_path: Path | None = None,
+        credentials: Callable[[str], dict[str, str]] | None = None,
     ) -> None:
         self.log_dir = log_dir
+        # RoleSpec.redis_user -> the environment that logs it in: added at spawn, never written to commands.txt.
+        self.credentials = credentials
         self.base_env = dict(os.environ if base_env is None else base_env)
         self.policy = policy or RestartPolicy()
         self.events_path = events_path  # one JSON line per restart; None: the log only
@@ -109,7 +113,8 @@ class Supervisor:
     def _spawn(self, spec: RoleSpec) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{spec.name}.log"
-        env = {**self.base_env, **spec.env}
+        secret_env = self.credentials(spec.redis_user) if self.credentials and spec.redis_user else {}
+        env = {**self.base_env, **spec.env, **secret_env}
         cpus = spec.cpus
         with open(log_path, "ab") as sink:
             # A new session per role: Ctrl-C reaches only us, and we stop the roles in order.
