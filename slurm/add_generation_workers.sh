@@ -21,6 +21,19 @@ role_args="--config $config run_name=$run broker.url=$broker"
 if [ -f "$run_dir/role_args" ]; then
   role_args=$(<"$run_dir/role_args")
 fi
+# The workers log in as rlq-generate (docs/security.md): its password derives from the job's secret (0600, ours),
+# as broker/acl.py password_for does, and reaches the job in the environment, never on a command line.
+if [ -r "$run_dir/broker_secret" ]; then
+  RLQ_REDIS_USER=rlq-generate
+  RLQ_REDIS_PASSWORD=$(python3 -c 'import hashlib, hmac, sys
+print(hmac.new(sys.stdin.buffer.read().strip(), sys.argv[1].encode(), hashlib.sha256).hexdigest())' \
+    "$RLQ_REDIS_USER" <"$run_dir/broker_secret")
+  export RLQ_REDIS_USER RLQ_REDIS_PASSWORD
+  unset RLQ_REDIS_SECRET
+fi
+if [ -f "$run_dir/tls/ca.crt" ]; then
+  export RLQ_REDIS_TLS_CA="$run_dir/tls/ca.crt"
+fi
 command=(sbatch --job-name="$run-gen" --nodes="$nodes" --exclusive --gres="gpu:$GPUS_PER_NODE"
   --output="$run_dir/logs/added-%j.out" "$@"
   --wrap "srun --ntasks-per-node=$GPUS_PER_NODE --gpus-per-task=1 $RLQ_PYTHON -m rlq worker generate $role_args")

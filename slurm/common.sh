@@ -99,17 +99,67 @@ node_addr() {
   printf '%s\n' "${addr:-$1}"
 }
 
-# The multi-node scripts' Redis listens on every interface: not without a password (nothing listens off loopback
-# without credentials). Dry runs start nothing and need none.
-require_password() {
-  if [ "${RLQ_DRY_RUN:-0}" != 1 ] && [ -z "${RLQ_REDIS_PASSWORD:-}" ]; then
-    echo "set RLQ_REDIS_PASSWORD (exported to every step): the head node's Redis listens on every interface" >&2
-    exit 2
+# The run secret (docs/security.md): RLQ_REDIS_SECRET, or RLQ_REDIS_PASSWORD (its older name), or one made here for
+# this run; kept in $RLQ_RUN_DIR/broker_secret (0600), where `rlq queues|workers|top --config` and
+# add_generation_workers.sh find it. It is not exported: `rlq broker-server` alone gets it (with_secret), every
+# role gets only its own user's password (with_user), and no command line or log holds either.
+load_secret() {
+  local file="$RLQ_RUN_DIR/broker_secret"
+  RUN_SECRET=${RLQ_REDIS_SECRET:-${RLQ_REDIS_PASSWORD:-}}
+  unset RLQ_REDIS_SECRET RLQ_REDIS_PASSWORD
+  if [ -z "$RUN_SECRET" ] && [ -s "$file" ]; then
+    RUN_SECRET=$(<"$file")  # a resubmitted run keeps its secret
   fi
+  if [ -z "$RUN_SECRET" ]; then
+    RUN_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  fi
+  (umask 077 && printf '%s\n' "$RUN_SECRET" >"$file")
 }
 
-# The broker URL every role uses: the head node's Redis. A password travels in RLQ_REDIS_PASSWORD (exported
-# to every srun step), never in the URL, so commands.sh and the logs hold no secret.
+# user_password USER: USER's password, derived from the secret as broker/acl.py password_for does (HMAC-SHA256);
+# the secret goes in on stdin, never on a command line. A dry run's RLQ_PYTHON need not exist: python3 then.
+user_password() {
+  local python=$RLQ_PYTHON
+  [ -x "$python" ] || python=python3
+  printf '%s' "$RUN_SECRET" | "$python" -c 'import hashlib, hmac, sys
+print(hmac.new(sys.stdin.buffer.read(), sys.argv[1].encode(), hashlib.sha256).hexdigest())' "$1"
+}
+
+# with_user USER CMD...: run CMD (start_step, run_logged, ...) with USER's login in its environment only.
+with_user() {
+  local user=$1 password
+  shift
+  password=$(user_password "$user")
+  RLQ_REDIS_USER=$user RLQ_REDIS_PASSWORD=$password "$@"
+}
+
+# with_secret CMD...: run CMD with the run secret in its environment (the broker server derives its users' hashes).
+with_secret() {
+  RLQ_REDIS_SECRET=$RUN_SECRET "$@"
+}
+
+# With RLQ_REDIS_TLS=1 the broker serves rediss:// only. make_tls HOST makes a CA for this run and a server
+# certificate for HOST in $RLQ_RUN_DIR/tls (0700), then deletes the CA's key: nobody can sign another certificate
+# this run's clients would trust. Every role verifies the server against the CA (RLQ_REDIS_TLS_CA, exported).
+make_tls() {
+  local dir="$RLQ_RUN_DIR/tls" host=$1 san
+  mkdir -p "$dir" && chmod 700 "$dir"
+  if [[ $host =~ ^[0-9.]+$ ]]; then san="IP:$host"; else san="DNS:$host"; fi
+  if [ ! -s "$dir/server.crt" ]; then
+    openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=rlq-$RLQ_RUN-ca" \
+      -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=$host" -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
+    openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial -days 30 \
+      -extfile <(printf 'subjectAltName=%s,IP:127.0.0.1\n' "$san") -out "$dir/server.crt" 2>/dev/null
+    rm -f "$dir/ca.key" "$dir/server.csr" "$dir/ca.srl"
+  fi
+  export RLQ_REDIS_TLS_CA="$dir/ca.crt"
+}
+
+# The broker URL every role uses: the head node's Redis (rediss:// with RLQ_REDIS_TLS=1). Credentials travel in
+# the environment (with_user), never in the URL, so commands.sh and the logs hold no secret.
 broker_url() {
-  printf 'redis://%s:%s/0' "$1" "$RLQ_REDIS_PORT"
+  local scheme=redis
+  [ "${RLQ_REDIS_TLS:-0}" = 1 ] && scheme=rediss
+  printf '%s://%s:%s/0' "$scheme" "$1" "$RLQ_REDIS_PORT"
 }

@@ -83,15 +83,61 @@ def test_multi_node_refuses_an_allocation_without_generation_nodes(tmp_path):
     assert "need at least one generation node" in result.stderr
 
 
-def test_multi_node_refuses_to_start_a_public_redis_without_a_password(tmp_path):
-    env = {**os.environ, "RLQ_DRY_RUN": "0", "RLQ_REPO": str(REPO), "RLQ_CONFIG": "c.yaml",
-           "RLQ_RUN_DIR": str(tmp_path / "run"), "SLURM_JOB_NODELIST": "n0,n1"}  # fmt: skip
-    env.pop("RLQ_REDIS_PASSWORD", None)
-    for script in ("rlq_multi_node.sbatch", "rlq_hetjob.sbatch"):
-        result = subprocess.run(["bash", str(REPO / "slurm" / script)], env=env, capture_output=True, text=True,
-                                cwd=REPO)  # fmt: skip
-        assert result.returncode == 2 and "set RLQ_REDIS_PASSWORD" in result.stderr, result.stderr
-        assert not (tmp_path / "run" / "commands.sh").exists(), "nothing started"
+def test_multi_node_makes_a_run_secret_when_none_is_given_and_no_command_or_log_holds_it(tmp_path):
+    """#22: without RLQ_REDIS_SECRET the scripts make one per run (0600 in the run directory); the rendered commands,
+    the script's output and the logs hold neither it nor any user's password."""
+    from broker.acl import USERS, password_for
+
+    for script, env in (("rlq_multi_node.sbatch", {"SLURM_JOB_NODELIST": "n0,n1,n2"}),
+                        ("rlq_hetjob.sbatch", {"SLURM_JOB_NODELIST_HET_GROUP_0": "g0"})):  # fmt: skip
+        run_dir = tmp_path / script / "run"
+        full_env = {**os.environ, "RLQ_DRY_RUN": "1", "RLQ_REPO": str(REPO), "RLQ_CONFIG": "c.yaml",
+                    "RLQ_RUN_DIR": str(run_dir), "RLQ_PYTHON": "/opt/venv/bin/python", **env}  # fmt: skip
+        full_env.pop("RLQ_REDIS_PASSWORD", None)
+        full_env.pop("RLQ_REDIS_SECRET", None)
+        result = subprocess.run(["bash", str(REPO / "slurm" / script)], env=full_env, capture_output=True,
+                                text=True, cwd=REPO, timeout=60)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        secret_file = run_dir / "broker_secret"
+        assert secret_file.stat().st_mode & 0o777 == 0o600
+        secret = secret_file.read_text().strip()
+        assert len(secret) >= 32
+        secrets = [secret, *(password_for(secret, user) for user in USERS)]
+        files = [run_dir / "commands.sh", run_dir / "role_args", run_dir / "broker_url", *(run_dir / "logs").iterdir()]
+        texts = [result.stdout, result.stderr, *(path.read_text() for path in files)]
+        assert not [s for s in secrets for text in texts if s in text], "a secret in a command or a log"
+
+
+def test_a_given_secret_is_kept_and_every_role_gets_its_own_password(tmp_path):
+    """The secret given is the run's; `user_password` (common.sh) derives what broker/acl.py derives; each role's
+    step gets only its own user's password in its environment (with_user), the broker server the secret."""
+    from broker.acl import GENERATE, password_for
+
+    env = {**os.environ, "RLQ_DRY_RUN": "1", "RLQ_REPO": str(REPO), "RLQ_CONFIG": "c.yaml",
+           "RLQ_RUN_DIR": str(tmp_path / "run"), "RLQ_REDIS_PASSWORD": "given-secret"}  # fmt: skip
+    script = ('source slurm/common.sh; load_secret; env | grep -c "^RLQ_REDIS_" || true; user_password rlq-generate; '
+              'with_user rlq-judge bash -c \'echo "$RLQ_REDIS_USER $RLQ_REDIS_PASSWORD ${RLQ_REDIS_SECRET:-none}"\'; '
+              'with_secret bash -c \'echo "$RLQ_REDIS_SECRET"\'')  # fmt: skip
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    exported, derived, judge, broker = result.stdout.splitlines()
+    assert exported == "0", "the secret is not left in the script's environment"
+    assert derived == password_for("given-secret", GENERATE)
+    assert judge == f"rlq-judge {password_for('given-secret', 'rlq-judge')} none"
+    assert broker == "given-secret"
+    assert (tmp_path / "run" / "broker_secret").read_text().strip() == "given-secret"
+
+
+def test_tls_makes_a_run_ca_and_rediss_urls(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl")
+    commands = _render("rlq_multi_node.sbatch", tmp_path, {"SLURM_JOB_NODELIST": "n0,n1", "RLQ_REDIS_TLS": "1"})
+    by_role = {_role(c): c for c in commands}
+    tls = tmp_path / "run" / "tls"
+    assert by_role["broker-server"][-2:] == ["--tls-dir", str(tls)]
+    assert "broker.url=rediss://n0:6379/0" in by_role["generate"]
+    assert {p.name for p in tls.iterdir()} == {"ca.crt", "server.crt", "server.key"}, "the CA's key is gone"
+    assert tls.stat().st_mode & 0o777 == 0o700
 
 
 def test_hetjob_uses_het_groups(tmp_path):
@@ -119,6 +165,30 @@ def test_add_generation_workers_joins_the_recorded_run(tmp_path):
     missing = subprocess.run(["bash", str(REPO / "slurm" / "add_generation_workers.sh"), str(tmp_path / "nope")],
                              env=env, capture_output=True, text=True)  # fmt: skip
     assert missing.returncode == 2 and "not the directory of a running" in missing.stderr
+
+
+def test_added_workers_get_the_generation_users_password_in_their_environment_only(tmp_path):
+    from broker.acl import GENERATE, password_for
+
+    run_dir = tmp_path / "run"
+    _render("rlq_multi_node.sbatch", tmp_path, {"SLURM_JOB_NODELIST": "n0,n1"})
+    secret = (run_dir / "broker_secret").read_text().strip()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "sbatch"  # records what a real sbatch would hand the job: its environment and arguments
+    fake.write_text('#!/bin/sh\nenv | grep "^RLQ_REDIS_" >"$RECORD"\necho "$@" >>"$RECORD"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "RLQ_DRY_RUN": "0", "RLQ_REPO": str(REPO), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "RECORD": str(tmp_path / "record")}  # fmt: skip
+    result = subprocess.run(["bash", str(REPO / "slurm" / "add_generation_workers.sh"), str(run_dir)], env=env,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    record = (tmp_path / "record").read_text()
+    assert f"RLQ_REDIS_USER={GENERATE}" in record
+    assert f"RLQ_REDIS_PASSWORD={password_for(secret, GENERATE)}" in record
+    argv_line = record.strip().splitlines()[-1]
+    assert secret not in record and password_for(secret, GENERATE) not in argv_line
+    assert password_for(secret, GENERATE) not in (run_dir / "commands.sh").read_text()
 
 
 def _role(command: list[str]) -> str:
