@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.connection import PASSWORD_ENV, USER_ENV
-from broker.keys import Keys
+from broker.keys import WEIGHT_TOKEN_ENV, Keys
 
 SECRET_ENV = "RLQ_REDIS_SECRET"
 """The run secret: held by whoever starts the broker and the roles (launcher, Slurm batch script), never a role."""
@@ -151,11 +151,19 @@ class RunAcl:
         return "\n".join(lines) + "\n"
 
 
+WEIGHT_GROUP = "rlq-weight-group"
+"""Not a Redis user: the name the weight group's token is derived under (learner/broadcast.py)."""
+
+
 def role_env(secret: str, user: str) -> dict[str, str]:
-    """The environment a role logs in with: its user and its own password (never the run secret)."""
+    """The environment a role logs in with: its user and its own password (never the run secret), and for the two
+    ends of the weight sync the weight group's token."""
     if user not in USERS:
         raise ValueError(f"unknown Redis user {user!r}; one of {', '.join(USERS)}")
-    return {USER_ENV: user, PASSWORD_ENV: password_for(secret, user)}
+    env = {USER_ENV: user, PASSWORD_ENV: password_for(secret, user)}
+    if user in (GENERATE, LEARNER):
+        env[WEIGHT_TOKEN_ENV] = password_for(secret, WEIGHT_GROUP)
+    return env
 
 
 def login(secret: str, user: str) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -92,5 +93,16 @@ POLICY_SYNCED_PREFIX = "synced:"
 """Policy-hash fields `synced:<worker_id>` = the policy version that worker loaded last."""
 WEIGHT_STORE_PREFIX = "rlq-weights/epoch"
 """Rendezvous-store prefix of one epoch's group, `<prefix><epoch>/`, so epochs never share keys."""
+WEIGHT_TOKEN_ENV = "RLQ_WEIGHT_TOKEN"
+"""The run's weight-group token (broker/acl.py derives it from the run secret), held by the learner and the
+generation workers only: the rendezvous keys live under its digest, which the TCPStore cannot list."""
 WEIGHT_JOINED_KEY = "joined/"
 """Rendezvous-store key `joined/<worker_id>`, set by a member before it joins, so absentees can be named."""
+
+
+def weight_store_prefix(epoch: int, token: str | None) -> str:
+    """Rendezvous prefix of `epoch`'s group: with a token, under its SHA-256, so a client of the store that lacks
+    the token finds no key of the group (TCPStore has no key listing) and cannot take or forge a member's place."""
+    if not token:
+        return f"{WEIGHT_STORE_PREFIX}{epoch}/"
+    return f"rlq-weights/{hashlib.sha256(token.encode()).hexdigest()}/epoch{epoch}/"

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from broker.errors import WeightSyncError
-from broker.keys import WEIGHT_JOINED_KEY, WEIGHT_STORE_PREFIX, Keys
+from broker.keys import WEIGHT_JOINED_KEY, WEIGHT_TOKEN_ENV, Keys, weight_store_prefix
 from broker.policy import checkpoint_model_dir
 from broker.schemas import BucketSpec, JoinRequest, MessageError, WeightAnnouncement, decode
 from learner.weight_transport import (
@@ -80,6 +80,7 @@ class CollectiveBroadcast(WeightBroadcast):
         backend: str | None = None,
         flatten: bool = False,
         share: str = "off",
+        token: str | None = None,
     ) -> None:
         super().__init__(r, keys)
         # Which requesters read shared buffers instead of joining the group (weight_sync.transport.share_memory).
@@ -95,10 +96,14 @@ class CollectiveBroadcast(WeightBroadcast):
         self._plan: tuple[tuple, list[BucketSpec]] | None = None
         self._ring: dict[str, list[torch.Tensor]] = {}  # per dtype: 2 reusable pack buffers (CPU packed path)
         self.master_addr = master_addr or socket.gethostname()
-        # Port 0: the OS picks a free one; the announcement tells the workers which.
+        self.token = token
+        # The store listens on `master_addr` when the run names one (TCPStore binds every interface itself, so
+        # the socket is ours); port 0: the OS picks a free one, the announcement tells the workers which.
+        listen_fd, port = listen_socket(master_addr, master_port)
         self.store = dist.TCPStore(
-            "0.0.0.0", master_port, None, True, timedelta(seconds=timeout_s), wait_for_workers=False
-        )
+            master_addr or "0.0.0.0", port, None, True, timedelta(seconds=timeout_s), wait_for_workers=False,
+            master_listen_fd=listen_fd,
+        )  # fmt: skip
         self.master_port = self.store.port
         self.epoch = self._last_epoch()
         self.members: list[str] = []
@@ -258,7 +263,7 @@ class CollectiveBroadcast(WeightBroadcast):
         return checkpoint_model_dir(path) if path else ""
 
     def _epoch_store(self) -> dist.PrefixStore:
-        return dist.PrefixStore(f"{WEIGHT_STORE_PREFIX}{self.epoch}/", self.store)
+        return dist.PrefixStore(weight_store_prefix(self.epoch, self.token), self.store)
 
     def _form_group(self, backend: str) -> Any:
         """Rendezvous of this epoch; raises if a member does not arrive within `timeout_s`."""
@@ -322,6 +327,28 @@ class CollectiveBroadcast(WeightBroadcast):
         return [m for m in self.members if m not in alive]
 
 
+def listen_socket(addr: str | None, port: int) -> tuple[int, int]:
+    """(fd, port) of a listening TCP socket on `addr` (every interface when None) for the weight group's store;
+    the store owns the descriptor from then on (detached: Python never closes it under the store).
+
+    Raises:
+        WeightSyncError: `addr` is not an address of this host, or the port is taken (one line).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((addr or "0.0.0.0", port))
+        sock.listen(512)
+    except OSError as exc:
+        sock.close()
+        raise WeightSyncError(
+            f"the weight group's store cannot listen on {addr or '0.0.0.0'}:{port} ({exc.strerror or exc}): set "
+            "weight_sync.transport.addr to an address of the learner's host"
+        ) from None
+    port = sock.getsockname()[1]
+    return sock.detach(), port
+
+
 def _left(deadline: float, timeout_s: float) -> float:
     """Seconds left before `deadline` (time.monotonic()); raises once it has passed."""
     remaining = deadline - time.monotonic()
@@ -349,4 +376,5 @@ def make_broadcast(cfg: Any, r: redis.Redis) -> WeightBroadcast:
         backend=None if transport.backend == "auto" else transport.backend,
         flatten=True,  # the learner's parameters become views of the buckets at the first broadcast
         share=transport.share_memory,
+        token=os.environ.get(WEIGHT_TOKEN_ENV) or None,
     )

@@ -92,6 +92,11 @@ class RunRoles:
         if self.learner_cpus:
             # Threads per rank from the pinned set: more would fight over the same cores (OpenMP spins while waiting).
             env["OMP_NUM_THREADS"] = str(max(1, len(self.learner_cpus) // cluster.learner_procs_per_node))
+        transport = self.cfg.weight_sync.transport
+        if self.cfg.broker.url is None and transport.kind == "collective" and transport.addr is None:
+            # A private broker is loopback only, so every worker of the run is on this host: the weight group's
+            # store need not listen anywhere else.
+            argv.append("weight_sync.transport.addr=127.0.0.1")
         resume = cluster.restarts.learner == "resume"  # it resumes from its latest checkpoint on every start
         return RoleSpec("learner", argv, env=env, finishes_run=True, cpus=self.learner_cpus, restart=resume,
                         redis_user=LEARNER)  # fmt: skip

@@ -23,12 +23,16 @@ if [ -f "$run_dir/role_args" ]; then
 fi
 # The workers log in as rlq-generate (docs/security.md): its password derives from the job's secret (0600, ours),
 # as broker/acl.py password_for does, and reaches the job in the environment, never on a command line.
+derive() {
+  python3 -c 'import hashlib, hmac, sys
+print(hmac.new(sys.stdin.buffer.read().strip(), sys.argv[1].encode(), hashlib.sha256).hexdigest())' \
+    "$1" <"$run_dir/broker_secret"
+}
 if [ -r "$run_dir/broker_secret" ]; then
   RLQ_REDIS_USER=rlq-generate
-  RLQ_REDIS_PASSWORD=$(python3 -c 'import hashlib, hmac, sys
-print(hmac.new(sys.stdin.buffer.read().strip(), sys.argv[1].encode(), hashlib.sha256).hexdigest())' \
-    "$RLQ_REDIS_USER" <"$run_dir/broker_secret")
-  export RLQ_REDIS_USER RLQ_REDIS_PASSWORD
+  RLQ_REDIS_PASSWORD=$(derive "$RLQ_REDIS_USER")
+  RLQ_WEIGHT_TOKEN=$(derive rlq-weight-group)  # the weight group's token (learner/broadcast.py)
+  export RLQ_REDIS_USER RLQ_REDIS_PASSWORD RLQ_WEIGHT_TOKEN
   unset RLQ_REDIS_SECRET
 fi
 if [ -f "$run_dir/tls/ca.crt" ]; then

@@ -125,12 +125,16 @@ user_password() {
 print(hmac.new(sys.stdin.buffer.read(), sys.argv[1].encode(), hashlib.sha256).hexdigest())' "$1"
 }
 
-# with_user USER CMD...: run CMD (start_step, run_logged, ...) with USER's login in its environment only.
+# with_user USER CMD...: run CMD (start_step, run_logged, ...) with USER's login in its environment only; the
+# learner and the generation workers also get the weight group's token (learner/broadcast.py).
 with_user() {
-  local user=$1 password
+  local user=$1 password token=""
   shift
   password=$(user_password "$user")
-  RLQ_REDIS_USER=$user RLQ_REDIS_PASSWORD=$password "$@"
+  if [ "$user" = rlq-generate ] || [ "$user" = rlq-learner ]; then
+    token=$(user_password rlq-weight-group)
+  fi
+  RLQ_REDIS_USER=$user RLQ_REDIS_PASSWORD=$password RLQ_WEIGHT_TOKEN=$token "$@"
 }
 
 # with_secret CMD...: run CMD with the run secret in its environment (the broker server derives its users' hashes).

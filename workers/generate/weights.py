@@ -15,6 +15,7 @@ half-way because linear weights are prepacked into oneDNN handles (the parameter
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from datetime import timedelta
@@ -25,7 +26,7 @@ import torch.distributed as dist
 
 from broker.errors import EngineStateLost as EngineStateLost  # re-exported: defined once, in broker.errors
 from broker.errors import WeightSyncError
-from broker.keys import WEIGHT_JOINED_KEY, WEIGHT_STORE_PREFIX
+from broker.keys import WEIGHT_JOINED_KEY, WEIGHT_TOKEN_ENV, weight_store_prefix
 from broker.schemas import BucketSpec, WeightAnnouncement, decode
 from weightsync.flat import bucket_view, wait_in_order
 from weightsync.groups import new_group
@@ -71,6 +72,9 @@ class WeightReceiver:
         self._store: Any = None
         self.reuse_buffers = reuse_buffers
         self._buffers: list[torch.Tensor] = []
+        # The run's token (the launcher or the Slurm script hands it over): without the learner's, this worker
+        # rendezvouses where no member is, and the learner evicts it after the rendezvous timeout.
+        self._token = os.environ.get(WEIGHT_TOKEN_ENV) or None
 
     def receive(
         self,
@@ -117,7 +121,7 @@ class WeightReceiver:
         rank = ann.members.index(self.worker_id) + 1
         timeout = timedelta(seconds=ann.timeout_s)
         self._store = dist.TCPStore(ann.master_addr, ann.master_port, None, False, timeout)
-        store = dist.PrefixStore(f"{WEIGHT_STORE_PREFIX}{ann.epoch}/", self._store)
+        store = dist.PrefixStore(weight_store_prefix(ann.epoch, self._token), self._store)
         store.set(WEIGHT_JOINED_KEY + self.worker_id, "1")
         self.pg = new_group(ann.backend, store, rank, ann.world_size, ann.timeout_s)
         self.epoch = ann.epoch
