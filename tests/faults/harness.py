@@ -1,5 +1,6 @@
-"""The fault-injection harness: the real loop as separate processes (private redis-server with a password and
-AOF, a Celery judge, generation workers, the learner under torchrun) that a test can kill, stop and restart,
+"""The fault-injection harness: the real loop as separate processes (private redis-server with the run's ACL users
+of broker/acl.py and AOF, a Celery judge, generation workers, the learner under torchrun, each role logged in as
+its own user) that a test can kill, stop and restart,
 and the `Ledger` that judges a run afterwards: every group the feeder published is trained exactly once,
 dropped with a counted reason, or still accounted for in flight; never lost, never trained twice.
 
@@ -23,13 +24,17 @@ from pathlib import Path
 
 import redis
 
+from broker.acl import ADMIN, GENERATE, JUDGE, LEARNER, password_for, role_env, write_acl_file
 from broker.keys import Keys
 from broker.schemas import MessageError, PromptBatch, ScoredGroup, decode
 from broker.server import RedisServer
 from rlq.data import ArithConfig, prepare_arith
 
 REPO = Path(__file__).resolve().parents[2]
-PASSWORD = "fault-suite-secret"
+SECRET = "fault-suite-secret"
+"""The run secret: each role gets its own user's password derived from it (broker/acl.py)."""
+PASSWORD = "fault-suite-admin"
+"""The test's own `rlq-admin` user (every right), which injects the faults; no role holds it."""
 
 
 @dataclass
@@ -60,7 +65,8 @@ class LoopRun:
         return Keys(self.run_name)
 
     def start_redis(self, port: int = 0) -> RedisServer:
-        self.server = RedisServer(directory=self.tmp / "redis", appendonly=True, password=PASSWORD, port=port)
+        acl = write_acl_file(self.tmp / "users.acl", self.run_name, SECRET, admin_password=PASSWORD)
+        self.server = RedisServer(directory=self.tmp / "redis", appendonly=True, acl_file=acl, port=port)
         # appendfsync always: a SIGKILLed server loses nothing it acknowledged (the default loses up to 1 s)
         self.server.extra_args = ["--appendfsync", "always"]
         return self.server.start()
@@ -71,7 +77,12 @@ class LoopRun:
         return f"redis://127.0.0.1:{self.server.port}/0"  # no password in the URL: it comes from the env
 
     def client(self, **kw):
-        return redis.Redis.from_url(self.url, password=PASSWORD, socket_timeout=10, **kw)
+        return redis.Redis.from_url(self.url, username=ADMIN, password=PASSWORD, socket_timeout=10, **kw)
+
+    def url_as(self, user: str) -> str:
+        """The broker URL with `user`'s credentials in it (a client that is not a role: Celery apps of a test)."""
+        assert self.server is not None
+        return f"redis://{user}:{password_for(SECRET, user)}@127.0.0.1:{self.server.port}/0"
 
     def write_config(self) -> Path:
         from rlq.config import load_run_config, save_resolved
@@ -96,15 +107,16 @@ class LoopRun:
         save_resolved(cfg, path)
         return path
 
-    def _env(self) -> dict[str, str]:
-        return {**os.environ, "PYTHONUNBUFFERED": "1", "RLQ_REDIS_PASSWORD": PASSWORD, "RLQ_RUN": self.run_name}
+    def _env(self, user: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RLQ_REDIS_")}
+        return {**env, "PYTHONUNBUFFERED": "1", "RLQ_RUN": self.run_name, **role_env(SECRET, user)}
 
-    def start(self, name: str, argv: list[str]) -> Role:
+    def start(self, name: str, argv: list[str], user: str) -> Role:
         logs = self.run_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{name}.log"
         with open(log_path, "ab") as sink:
-            process = subprocess.Popen(argv, env=self._env(), stdout=sink, stderr=subprocess.STDOUT,
+            process = subprocess.Popen(argv, env=self._env(user), stdout=sink, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.tmp)  # fmt: skip
         role = Role(name, argv, process, log_path)
         self.roles[name] = role
@@ -113,19 +125,19 @@ class LoopRun:
     def start_judge(self, concurrency: int = 1) -> Role:
         cfg = str(self.tmp / "config.yaml")
         argv = [sys.executable, "-m", "rlq", "worker", "judge", "--config", cfg, "--concurrency", str(concurrency)]
-        return self.start("judge", argv)
+        return self.start("judge", argv, JUDGE)
 
     def start_generate(self, index: int) -> Role:
         cfg = str(self.tmp / "config.yaml")
         worker_id = f"{self.run_name}-gen-{index}"
         argv = [sys.executable, "-m", "rlq", "worker", "generate", "--config", cfg, "--worker-id", worker_id]
-        return self.start(f"generate-{index}", argv)
+        return self.start(f"generate-{index}", argv, GENERATE)
 
     def start_learner(self) -> Role:
         cfg = str(self.tmp / "config.yaml")
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
                 "-m", "rlq", "learner", "--config", cfg]  # fmt: skip
-        return self.start("learner", argv)
+        return self.start("learner", argv, LEARNER)
 
     def start_all(self, generation_workers: int = 1) -> None:
         self.start_redis()

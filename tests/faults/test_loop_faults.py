@@ -15,6 +15,7 @@ import time
 import numpy as np
 import redis
 
+from broker.acl import GENERATE, INSPECT, password_for
 from broker.schemas import (
     Array,
     DeadLetter,
@@ -27,7 +28,7 @@ from broker.schemas import (
     decode,
     encode,
 )
-from tests.faults.harness import PASSWORD, Ledger, LoopRun, record
+from tests.faults.harness import SECRET, Ledger, LoopRun, record
 
 HUNDRED_MB = 100 * 1024 * 1024
 
@@ -81,7 +82,7 @@ def send_pickled_task(loop: LoopRun, marker: str) -> None:
 
     from broker.judge_queue import TASK_NAME
 
-    app = Celery(broker=f"redis://:{PASSWORD}@127.0.0.1:{loop.server.port}/0")
+    app = Celery(broker=loop.url_as(GENERATE))  # what a compromised generation worker may send
     try:
         app.send_task(TASK_NAME, args=(_Touch(marker),), queue=loop.keys.judge_queue, serializer="pickle")
     finally:
@@ -115,7 +116,7 @@ def inject_group(loop: LoopRun, name: str, texts: list[str], policy_version: int
         group_id=f"{name}@injected", batch_id="injected", prompt=prompt, policy_version=policy_version,
         samples=[sample(t) for t in texts], worker_id="injector",
     )  # fmt: skip
-    app = base_app(f"redis://:{PASSWORD}@127.0.0.1:{loop.server.port}/0", loop.run_name)
+    app = base_app(loop.url_as(GENERATE), loop.run_name)
     try:
         submit_groups(app, loop.run_name, [group])
     finally:
@@ -154,9 +155,9 @@ def scored_by_id(loop: LoopRun, group_id: str) -> ScoredGroup | None:
 
 
 def check_refused_clients(loop: LoopRun) -> dict[str, str]:
-    """A client without the password and an ACL user allowed only to read are both refused."""
+    """A client without the password is refused, and the run's read-only user (broker/acl.py) may read, not write."""
     out = {}
-    env = {k: v for k, v in os.environ.items() if k != "RLQ_REDIS_PASSWORD"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RLQ_REDIS_")}
     cli = subprocess.run(
         [sys.executable, "-m", "rlq", "queues", "--broker", loop.url, "--run", loop.run_name],
         env=env, capture_output=True, text=True, timeout=120,
@@ -164,11 +165,7 @@ def check_refused_clients(loop: LoopRun) -> dict[str, str]:
     assert cli.returncode == 2, cli.stderr
     assert len(cli.stderr.strip().splitlines()) == 1, cli.stderr
     out["no_password"] = cli.stderr.strip()
-    admin = loop.client()
-    pattern = f"~rlq:{loop.run_name}:*"
-    admin.execute_command("ACL", "SETUSER", "reader", "on", ">reader-pw", pattern, "+@read", "-@write")
-    admin.close()
-    narrow = redis.Redis(host="127.0.0.1", port=loop.server.port, username="reader", password="reader-pw")
+    narrow = redis.Redis(port=loop.server.port, username=INSPECT, password=password_for(SECRET, INSPECT))
     try:
         narrow.xlen(loop.keys.prompts)  # allowed: reading
         try:
