@@ -39,7 +39,8 @@ M = TypeVar("M", bound=BaseModel)
 class BrokerConfig(StrictModel):
     url: str | None = Field(
         None,
-        description="Redis URL (redis:// or rediss://, no password: that comes from RLQ_REDIS_PASSWORD). "
+        description="Redis URL (redis:// or rediss://, no password: each role's login comes from RLQ_REDIS_USER and "
+        "RLQ_REDIS_PASSWORD, which `rlq train` derives per role from RLQ_REDIS_SECRET; docs/security.md). "
         "null: `rlq train` starts a private redis-server; the roles then read RLQ_BROKER_URL.",
     )
     trim_acked: bool = Field(
