@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.connection import connect
+from broker.connection import PASSWORD_ENV, connect
 from broker.keys import Keys
 from broker.schemas import Array, Prompt, RolloutGroup, Sample, ScoredGroup
 from broker.server import RedisServer
@@ -46,9 +47,14 @@ def run_doctor(cfg: RunConfig, report: Callable[[CheckResult], None]) -> bool:
         scratch_dir = Path(scratch)
         server = None
         url = cfg.broker.url or os.environ.get(BROKER_URL_ENV)
+        saved_password = os.environ.get(PASSWORD_ENV)
         if url is None:
-            server = RedisServer(directory=scratch_dir / "redis").start()
-            url = server.url
+            # A scratch server, but still no listener anyone on the host may use: a random password, handed to
+            # this process's clients and its children (judge, rlq train) in the environment, not in the URL.
+            password = secrets.token_hex(16)
+            server = RedisServer(directory=scratch_dir / "redis", password=password).start()
+            url = f"redis://127.0.0.1:{server.port}/0"
+            os.environ[PASSWORD_ENV] = password
         try:
             checks: list[tuple[str, Callable[[], str]]] = [
                 ("gpus", lambda: _check_gpus(cfg)),
@@ -66,6 +72,14 @@ def run_doctor(cfg: RunConfig, report: Callable[[CheckResult], None]) -> bool:
         finally:
             if server is not None:
                 server.stop()
+                _restore_env(PASSWORD_ENV, saved_password)
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def _timed(name: str, check: Callable[[], str]) -> CheckResult:
