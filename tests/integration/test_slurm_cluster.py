@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.acl import GENERATE, password_for
 from rlq.data import ArithConfig, prepare_arith
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,7 +82,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _sbatch(env: dict[str, str], run_dir: Path, script: str, sbatch_args: list[str], overrides: list[str],
             **extra_env: str) -> str:  # fmt: skip
     """Submit `script` and wait for it; returns its job id after checking Slurm recorded it COMPLETED. The
-    multi-node runs get RLQ_REDIS_PASSWORD: their Redis listens on every interface."""
+    multi-node runs make their own run secret (or take RLQ_REDIS_PASSWORD): their Redis listens on every interface."""
     base = _free_ports(2)
     full_env = {**env, "RLQ_REPO": str(REPO), "RLQ_PYTHON": sys.executable, "RLQ_RUN_DIR": str(run_dir),
                 "RLQ_CONFIG": "configs/tiny_arith_cpu.yaml", "RLQ_REDIS_PORT": str(base),
@@ -160,12 +161,16 @@ def test_single_node_script_runs_rlq_train(slurm, tmp_path, tiny_model_dir, data
 
 def test_multi_node_script_places_roles_on_three_nodes(slurm, tmp_path, tiny_model_dir, data_dir):
     run_dir = tmp_path / "multi"
+    # No secret given: the script makes one (#22); TLS with the run's own CA, every step as its own Redis user.
     _sbatch(slurm, run_dir, "rlq_multi_node.sbatch", ["--nodes=3"], _inputs(tiny_model_dir, data_dir),
-            LEARNER_NODES="1", JUDGE_NODES="1", RLQ_REDIS_PASSWORD=secrets.token_hex(12))  # fmt: skip
+            LEARNER_NODES="1", JUDGE_NODES="1", RLQ_REDIS_TLS="1")  # fmt: skip
     _assert_run_finished(run_dir, "learner-0.log")
     commands = (run_dir / "commands.sh").read_text()
     assert "--nodelist=rlq-n2" in commands and "--nodelist=rlq-n1" in commands, "judge and generation nodes"
-    assert "redis://127.0.0.1:" in commands, "the head's NodeAddr, not its alias, in the broker URL"
+    assert "rediss://127.0.0.1:" in commands, "the head's NodeAddr, not its alias, in the broker URL"
+    secret = (run_dir / "broker_secret").read_text().strip()
+    logs = [path.read_text(errors="replace") for path in (run_dir / "logs").glob("*.log")]
+    assert not any(s in text for s in (secret, password_for(secret, GENERATE)) for text in [commands, *logs])
     assert "weights v3 loaded" in (run_dir / "logs" / "generate-0.log").read_text()
     assert "Warm shutdown" in (run_dir / "logs" / "judge-0.log").read_text(), "the judge stopped on SIGTERM"
     assert "5 records tracked" in (run_dir / "logs" / "track.log").read_text()
