@@ -3,9 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RLQ := $(VENV)/bin/rlq
 CONFIG ?= configs/tiny_arith_cpu.yaml
-PYTEST_ARGS ?= -m "not slow"
+# Every test, the slow tier last and fastest first, each slow test with its own time limit, inside the CI budget
+# (tests/ci_plan.py, tests/ci_plan.json). `make test-fast` leaves the slow tier out.
+PYTEST_ARGS ?= -p tests.ci_plan --durations=50
 
-.PHONY: install train test lint typecheck pytest test-full clean
+.PHONY: install train test test-fast lint typecheck pytest clean
 
 install:
 	bash scripts/install.sh
@@ -30,12 +32,12 @@ typecheck: install
 pytest: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# What CI runs: lint, type check, and every test except the slow tier.
+# What CI runs (.ci/run): lint, type check, and every test that fits the CI budget (about 45 minutes on 2 cores).
 test: lint typecheck pytest
 
-# Everything, slow suites included (full fault injection, long training).
-test-full: PYTEST_ARGS=
-test-full: test
+# The quick tier only (about 15 minutes on 2 cores): no real-engine suites, no long fault scenarios.
+test-fast: PYTEST_ARGS=-m "not slow"
+test-fast: test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
