@@ -9,7 +9,7 @@ warm start's build at another step: the seeds stand in for hosts). Targets (issu
 problems"): on every seed, held-out accuracy <= 0.5 before and >= 0.8 after, within 10 minutes of `rlq train`.
 Each row also scores the final checkpoint with `rlq eval` as a user types it (the figure must be the same).
 
-Usage: .venv/bin/python bench/learning.py [--seeds 0 1 2] [overrides for rlq train...]
+Usage: .venv/bin/python bench/learning.py [overrides for rlq train...] [--seeds 0 1 2]  (overrides first)
 Writes bench/results/learning.json; `met` only when every seed of 0, 1, 2 ran and met every target.
 """
 
