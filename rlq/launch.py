@@ -108,6 +108,7 @@ def train(cfg: RunConfig) -> Path:
             _report(follower, cfg.grpo.max_num_steps, started, supervisor)
 
         supervisor.wait(on_tick=tick)
+        _report(follower, cfg.grpo.max_num_steps, started, supervisor)  # what the learner wrote after the last tick
         log.info("run finished in %.1f min: %s%s", (time.monotonic() - started) / 60, run_dir, _restarts(supervisor))
     except RoleFailed as exc:
         raise UserError(f"{exc} (logs in {run_dir / 'logs'})") from None

@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.ctrl_c import sigint_default
 from tests.e2e.tiny_run import tiny_train_argv
 
 pytestmark = pytest.mark.vllm
@@ -28,7 +29,8 @@ def _start(tmp_path: Path, model_dir: Path, *overrides: str) -> subprocess.Popen
     argv = tiny_train_argv(tmp_path, model_dir, "grpo.val_at_start=false", "cluster.generation_workers=2", *overrides)
     out = open(tmp_path / "train.out", "w")  # noqa: SIM115  (the child holds it; closed when the test ends)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            preexec_fn=sigint_default)  # fmt: skip
 
 
 def _steps(run_dir: Path) -> list[int]:

@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.server import free_port
+from tests.ctrl_c import sigint_default
 from tests.e2e.tiny_run import tiny_train_argv
 
 pytestmark = pytest.mark.vllm  # ~80 s on 2 cores, most of it the tiny run itself
@@ -53,7 +54,7 @@ def test_views_and_metrics_while_training(tmp_path: Path, tiny_model_dir: Path) 
     env = {k: v for k, v in os.environ.items() if k != "RLQ_BROKER_URL"}
     train_log = (tmp_path / "train.log").open("w")
     train = subprocess.Popen(argv, cwd=tmp_path, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=train_log,
-                             stderr=subprocess.STDOUT)  # fmt: skip
+                             stderr=subprocess.STDOUT, preexec_fn=sigint_default)  # fmt: skip
     config = run_dir / "config.yaml"
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ctrl_c import sigint_default
 from tests.integration.views_support import Run, populated_run
 
 
@@ -82,7 +83,7 @@ def test_top_refreshes_until_ctrl_c(populated: Run) -> None:
     argv = [sys.executable, "-m", "rlq", "top", "--interval", "0.3", "--broker", populated.url, "--run",
             populated.keys.run, "--run-dir", str(populated.run_dir)]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+                            env={**os.environ, "COLUMNS": "200"}, preexec_fn=sigint_default)  # fmt: skip
     try:
         time.sleep(4.0)  # start-up (imports) and a few refreshes
         proc.send_signal(signal.SIGINT)
