@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -127,14 +128,19 @@ def test_stalled_worker_duplicate_rollouts_and_weight_sync(loop: LoopRun):
     records = loop.metrics()
     gen1_log = loop.roles["generate-1"].log_path.read_text(errors="replace")
     gen0_log = loop.roles["generate-0"].log_path.read_text(errors="replace")
-    dup_batches = {line.split("batch ")[1].split(":")[0] for line in gen1_log.splitlines() if "batch " in line}
-    dup_batches &= {line.split("batch ")[1].split(":")[0] for line in gen0_log.splitlines() if "batch " in line}
+    dup_batches = batch_ids(gen1_log) & batch_ids(gen0_log)
     summary = assert_clean(loop, 6, "stalled_worker", run_on_s=round(run_on_s, 1),
                            batches_generated_twice=len(dup_batches),
                            sync_failed=sum(r.get("sync/failed", 0) for r in records),
                            sync_members=[r.get("sync/members") for r in records])  # fmt: skip
     assert dup_batches, f"the stalled worker's batch was not generated twice ({summary})"
     assert loop.alive("generate-1") and loop.alive("generate-0"), loop.describe()
+
+
+def batch_ids(worker_log: str) -> set[str]:
+    """The batches a generation worker's log says it generated ("read of N batches (train) batch ID ...: ...")."""
+    reads = [line.split(" read of ", 1)[1].split(": ", 1)[0] for line in worker_log.splitlines() if " read of " in line]
+    return {found for read in reads for found in re.findall(r"\bbatch (\S+)", read)}
 
 
 def test_worker_joins_and_another_leaves(loop: LoopRun):

@@ -194,9 +194,10 @@ class GenerationWorker:
         self._observe(tokens / max(generate_s, 1e-9))
         self.capacity = len(groups)  # advertised: the prompts this read took
         self.status = "idle"
-        log.info("read of %d batches (%s): %d groups, %d tokens in %.2fs at v%d (fleet share %.2f)", len(batches),
-                 ",".join(sorted({b.purpose for _, b in batches})), len(groups), tokens, generate_s, version,
-                 self.sizer.share)  # fmt: skip
+        # The batch ids name what this worker generated, so a log shows which batches were reclaimed and run twice.
+        log.info("read of %d batches (%s) %s: %d groups, %d tokens in %.2fs at v%d (fleet share %.2f)", len(batches),
+                 ",".join(sorted({b.purpose for _, b in batches})), " ".join(f"batch {b.batch_id}" for _, b in batches),
+                 len(groups), tokens, generate_s, version, self.sizer.share)  # fmt: skip
         return len(batches)
 
     def _check(self, batch: PromptBatch) -> str:
