@@ -128,7 +128,9 @@ def alone(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-BATCH_LINE = re.compile(r"^(\S+ \S+) .*batch \S+ \(train\): (\d+) groups, (\d+) tokens in ([\d.]+)s at v(\d+)")
+BATCH_LINE = re.compile(
+    r"^(\S+ \S+) .*read of \d+ batches \(train\)[^:]*: (\d+) groups, (\d+) tokens in ([\d.]+)s at v(\d+)"
+)
 LOADED_LINE = re.compile(r"^(\S+ \S+) .*weights v(\d+) loaded \(receive ([\d.]+)s, load ([\d.]+)s.*, ([\d.]+)s after")
 
 
