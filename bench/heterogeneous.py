@@ -10,6 +10,9 @@ Arms, one after the other on the same machine:
     `learner.admission.pull_unit_prompts` (4) and each worker takes its share of them by throughput;
   * fixed: what the workers did before: one 16-prompt message per read (`pull_unit_prompts=null`,
     `worker.pull.capacity_aware=false`).
+  * fixed_filesystem / capacity_filesystem: the same two with the filesystem weight transport
+    (`weight_sync.transport.kind=filesystem`), where the learner does not wait for a busy worker to take a new
+    version, so a batch held by the slow worker can outlive the staleness window (see `met_by_target`).
 Figures per arm: steps/min between the first and the last step of a fixed wall-clock window (start-up left out),
 groups dropped as stale and their share of the groups generated, the largest staleness trained on, each worker's
 share of the trained groups and its measured throughput. Targets (issue 19): steps/min >= 1.3x fixed; fewer stale
@@ -41,6 +44,8 @@ import learning  # noqa: E402  (sibling bench module: the results writer)
 WORK = REPO / "runs" / "bench-heterogeneous"
 CONFIG = REPO / "configs" / "tiny_arith_cpu.yaml"
 FIXED = ["learner.admission.pull_unit_prompts=null", "policy.generation.worker.pull.capacity_aware=false"]
+FILESYSTEM = ["weight_sync.transport.kind=filesystem"]  # the directory is set per run (Loop.write_config)
+ARMS = {"fixed": FIXED, "capacity": [], "fixed_filesystem": FIXED + FILESYSTEM, "capacity_filesystem": FILESYSTEM}
 
 
 @dataclass
@@ -86,6 +91,8 @@ class Loop:
             f"logger.log_dir={self.run_dir}", "logger.wandb_enabled=false", "checkpointing.enabled=false",
             "grpo.max_num_steps=100000", "grpo.val_at_start=false", "grpo.val_period=0",
             "policy.generation.backend=hf", "broker.trim_acked=false", *self.overrides,
+            *([f"weight_sync.transport.directory={self.run_dir / 'weights'}"] if FILESYSTEM[0] in self.overrides
+              else []),
         ])  # fmt: skip
         path = self.run_dir / "config.yaml"
         save_resolved(cfg, path)
@@ -153,6 +160,10 @@ def measure(loop: Loop, seconds: float) -> dict:
         "stale_by_worker": dict(sorted(Counter(owner.get(g, "unknown") for g in stale_ids).items())),
         "judge_held_back_mean": round(sum(r.get("queue/judge_held_back", 0.0) for r in records) / len(records), 2),
         "judge_backlog_mean": round(sum(r.get("queue/judge_backlog", 0.0) for r in records) / len(records), 2),
+        # Where a slow worker's cost goes when nothing can go stale: the learner waiting for data, or in the
+        # weight broadcast for a member still busy with its batch (the collective transport waits for every one).
+        "learner_wait_s_per_step": round(sum(r.get("queue/wait_s", 0.0) for r in records) / len(records), 3),
+        "learner_sync_s_per_step": round(sum(r.get("sync/broadcast_s", 0.0) for r in records) / len(records), 3),
         "run_dir": str(loop.run_dir.relative_to(REPO)),
     }
 
@@ -207,7 +218,7 @@ def main() -> None:
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     figures: dict = {"measured_seconds_per_arm": args.seconds, "slow_worker_delay_per_token_s": args.delay}
-    for arm, overrides in (("fixed", FIXED), ("capacity", [])):
+    for arm, overrides in ARMS.items():
         loop = Loop(WORK, overrides)
         try:
             loop.start(worker_overrides(args.delay))
@@ -222,19 +233,29 @@ def main() -> None:
         figures["speed_ratio_fast_over_slow"] = round(rates.get("gen-fast", 0) / max(rates.get("gen-slow", 1), 1e-9), 2)
     figures["steps_per_min_ratio"] = round(capacity["steps_per_min"] / max(fixed["steps_per_min"], 1e-9), 3)
     bound = 1.0  # grpo.max_staleness of the tiny config
-    targets = {"steps_per_min_ratio": ">= 1.3", "capacity.groups_dropped_stale": "< fixed.groups_dropped_stale",
-               "capacity.staleness_max": f"<= {bound:g}"}  # fmt: skip
+    targets = {
+        "steps_per_min_ratio": ">= 1.3",
+        "capacity_filesystem.groups_dropped_stale": "< fixed_filesystem.groups_dropped_stale",
+        "capacity.staleness_max": f"<= {bound:g}",
+        "capacity_filesystem.staleness_max": f"<= {bound:g}",
+    }
     figures["met_by_target"] = met_by_target(figures, bound)
     learning.write("heterogeneous", figures, targets, all(figures["met_by_target"].values()))
 
 
 def met_by_target(figures: dict, bound: float) -> dict[str, bool]:
-    """Each target on its own. "Fewer" stale drops is strict: with none in either arm it is not shown."""
-    fixed, capacity = figures["fixed"], figures["capacity"]
+    """Each target on its own. "Fewer" stale drops is strict: with none in either arm it is not shown.
+
+    Stale drops are compared under the filesystem transport: under the collective one (the default) a group
+    cannot go stale by waiting on a slow worker, because the learner's broadcast of every new version waits until
+    that worker has finished its batch and joined; the slow worker's cost shows as `learner_sync_s_per_step` and
+    lower steps/min instead. The filesystem transport lets the learner run ahead, so there the premise holds."""
+    fixed, capacity = figures["fixed_filesystem"], figures["capacity_filesystem"]
     return {
         "steps_per_min_ratio": figures["steps_per_min_ratio"] >= 1.3,
-        "capacity.groups_dropped_stale": capacity["groups_dropped_stale"] < fixed["groups_dropped_stale"],
-        "capacity.staleness_max": capacity["staleness_max"] <= bound,
+        "capacity_filesystem.groups_dropped_stale": capacity["groups_dropped_stale"] < fixed["groups_dropped_stale"],
+        "capacity.staleness_max": figures["capacity"]["staleness_max"] <= bound,
+        "capacity_filesystem.staleness_max": capacity["staleness_max"] <= bound,
     }
 
 
