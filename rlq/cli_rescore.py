@@ -60,7 +60,9 @@ def rescore_command(
         raise UserError(f"the rollout log holds verdicts this rlq does not know: {sorted(strange)}")
     if cfg.env.math == before:
         log.warning("the judge settings are the run's own: a flip means the verdict is not reproducible")
-    judged = cfg.model_copy(update={"run_name": f"{cfg.run_name[: 64 - len(RESCORE_SUFFIX)]}{RESCORE_SUFFIX}"})
+    judged = cfg.model_copy(
+        update={"run_name": f"{cfg.run_name[: 64 - len(RESCORE_SUFFIX)]}{RESCORE_SUFFIX}"}, deep=True
+    )  # fmt: skip  (its broker and logger are set below: not the run's own)
     judged.broker.url = None  # the pool's private server, never the run's broker
     judged.logger.log_dir = out
     save_resolved(judged, out / "config.yaml")

@@ -143,6 +143,7 @@ class JudgePool:
         self.server = RedisServer(directory=work_dir / "redis", password=self.password)
         self.config_path, self.work_dir, self.count, self.concurrency = config_path, work_dir, count, concurrency
         self.processes: list[subprocess.Popen] = []
+        self._password_before: list[str | None] = []  # the caller's RLQ_REDIS_PASSWORD, once start() replaced it
 
     @property
     def url(self) -> str:
@@ -162,7 +163,9 @@ class JudgePool:
             with open(self.work_dir / "logs" / f"judge-{index}.log", "ab") as sink:
                 self.processes.append(subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT,
                                                        stdin=subprocess.DEVNULL, start_new_session=True))  # fmt: skip
-        os.environ[PASSWORD_ENV] = self.password  # this process's clients (submit, read) authenticate too
+        # This process's clients (the Celery producer reads it from the environment, as every role does) log in too.
+        self._password_before = [os.environ.get(PASSWORD_ENV)]
+        os.environ[PASSWORD_ENV] = self.password
         return self
 
     def check_alive(self) -> None:
@@ -182,6 +185,14 @@ class JudgePool:
                 proc.kill()
                 proc.wait(timeout=10)
         self.server.stop()
+        if self._password_before:
+            from broker.connection import PASSWORD_ENV
+
+            (before,) = self._password_before
+            if before is None:
+                os.environ.pop(PASSWORD_ENV, None)
+            else:
+                os.environ[PASSWORD_ENV] = before
 
 
 def rescore(groups: list[LoggedGroup], run: str, pool: JudgePool, timeout_s: float) -> tuple[Comparison, list[str]]:

@@ -12,6 +12,7 @@ Loaded with `-p tests.ci_plan` (the Makefile does); a plain `pytest` run is not 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -24,6 +25,7 @@ BUDGET_ENV = "RLQ_CI_BUDGET_S"
 _started = time.monotonic()
 
 
+@functools.cache
 def load_plan() -> dict:
     return json.loads(PLAN_FILE.read_text())
 
