@@ -94,7 +94,10 @@ def test_reads_follow_the_workers_throughput(redis_url: str, run_name: str) -> N
     taken = {k: sum(v) for k, v in reads.items()}
     assert taken["fast"] + taken["slow"] == 30 * 4
     # Measured throughputs settle within a few reads; after that the fast worker takes ~3 of every 4 messages.
+    # The share is counted in messages, not per read: how a worker's share splits into reads depends on when it
+    # wakes relative to the feeder (a fast worker may take 2, then 1, of the same round), which the machine's load
+    # decides, so a mean read size is not a property of the sizing.
     late = {k: v[len(v) // 2 :] for k, v in reads.items()}
     assert taken["fast"] >= 2 * taken["slow"], reads
-    assert max(late["fast"]) >= 2 and sum(late["fast"]) / len(late["fast"]) > sum(late["slow"]) / len(late["slow"])
+    assert max(late["fast"]) >= 2 and sum(late["fast"]) >= 2 * sum(late["slow"]), reads
     assert workers["fast"].throughput > 2 * workers["slow"].throughput
