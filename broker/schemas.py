@@ -163,7 +163,7 @@ class RolloutGroup(_Base, tag="rollout_group"):
     samples: list[Sample]
     policy_version: int  # learner version whose weights produced every sample of the group
     worker_id: str
-    temperature: float = 1.0
+    temperature: float = 1.0  # the sampling temperature: the learner scores the samples at it too
     purpose: Purpose = "train"  # copied from the PromptBatch
     timings: dict[str, float] = msgspec.field(default_factory=dict)  # seconds: queue_wait_s, generate_s, ...
     created_at: float = msgspec.field(default_factory=now)
@@ -174,6 +174,8 @@ class RolloutGroup(_Base, tag="rollout_group"):
             raise ValueError("rollout group has no samples")
         if self.policy_version < 0:
             raise ValueError(f"policy_version must be >= 0, got {self.policy_version}")
+        if not 0.0 < self.temperature < float("inf"):
+            raise ValueError(f"temperature must be a positive number, got {self.temperature}")
 
 
 class ScoredGroup(_Base, tag="scored_group"):

@@ -32,6 +32,7 @@ class TrainSample:
     advantage: float
     trainable: bool = True  # False: overlong-filtered, in its group's baseline but out of the loss
     prox_logprobs: np.ndarray | None = None  # float32 [L - prompt_len], learner logprobs before the step
+    temperature: float = 1.0  # the sampling temperature: the learner's logprobs are taken at it, as vLLM's are
 
     @property
     def completion_len(self) -> int:
@@ -101,6 +102,7 @@ def group_to_samples(group: ScoredGroup, cfg: GRPOConfig, max_total_len: int) ->
                 behaviour_logprobs=logprobs,
                 advantage=float(a),
                 trainable=len(completion) > 0 and not (cfg.overlong_filtering and truncated),
+                temperature=group.rollout.temperature,
             )
         )
     return out

@@ -37,6 +37,8 @@ class Micro:
     position_ids: torch.Tensor | None = None  # int64 [1, N]: restarting at 0 per sample (packed only)
     cu_seqlens: torch.Tensor | None = None  # int32 [S + 1]: sample boundaries in the row (packed only)
     max_seqlen: int = 0  # longest sample (packed only)
+    # float32 [K]: the sampling temperature of each position pred_mask marks; None when every sample's is 1
+    temperature: torch.Tensor | None = None
 
     def model_inputs(self) -> dict:
         """Keyword arguments of `learner.step.PolicyLogprobs.forward`."""
@@ -47,6 +49,7 @@ class Micro:
             "position_ids": self.position_ids,
             "cu_seqlens": self.cu_seqlens,
             "max_seqlen": self.max_seqlen,
+            "temperature": self.temperature,
         }
 
 
@@ -133,4 +136,14 @@ def _completion_side(samples: list[TrainSample], device: torch.device) -> dict:
         "behaviour": torch.from_numpy(behaviour).to(device),
         "prox": torch.from_numpy(prox).to(device) if all(s.prox_logprobs is not None for s in samples) else None,
         "advantages": torch.tensor([s.advantage for s in samples], dtype=torch.float32, device=device),
+        "temperature": _position_temperatures(samples, device),
     }
+
+
+def _position_temperatures(samples: list[TrainSample], device: torch.device) -> torch.Tensor | None:
+    """[K] sampling temperature per predicted position (each sample predicts its completion_len tokens, in
+    sample order both padded and packed), or None when all are 1 (the logits need no scaling)."""
+    if all(s.temperature == 1.0 for s in samples):
+        return None
+    temps = np.repeat(np.array([s.temperature for s in samples], dtype=np.float32), [s.completion_len for s in samples])
+    return torch.from_numpy(temps).to(device)

@@ -62,9 +62,13 @@ class PolicyLogprobs(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int = 0,
+        temperature: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: input_ids, attention_mask, pred_mask: [B, L]; pred_mask marks positions whose next token trains.
         A packed row (`learner.packing.collate_packed`) has no mask but position_ids [1, N], cu_seqlens [S + 1].
+        temperature: [K] or None; the logits of each marked position are divided by it, so the logprobs are
+        those of the distribution the generation worker sampled from (vLLM's processed logprobs, NeMo RL's
+        logits / temperature) and the importance ratios compare like with like.
 
         Returns:
             (logprobs [K], entropy [K]) for the K marked positions, row-major.
@@ -78,13 +82,17 @@ class PolicyLogprobs(nn.Module):
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **packed)
         hidden = out.last_hidden_state  # [B, L, H]
         targets = input_ids[:, 1:][pred_mask[:, :-1]]  # [K]
+        selected = hidden[pred_mask]  # [K, H]
         head = self.model.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
-            return logprobs_and_entropy(head(hidden[pred_mask]), targets)
+            logits = head(selected)  # [K, V]
+            return logprobs_and_entropy(logits if temperature is None else logits / temperature[:, None], targets)
+        if temperature is not None:  # a bias-free head: (h / T) W^T = (h W^T) / T, without [K, V] logits to divide
+            selected = selected / temperature[:, None].to(selected.dtype)
         # Explicit compute dtype: float32 master weights under autocast would otherwise give float32 logits.
         dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
         dtype = dtype or head.weight.dtype
-        return chunked_logprobs(hidden[pred_mask].to(dtype), head.weight.to(dtype), targets, self.logprob_chunk)
+        return chunked_logprobs(selected.to(dtype), head.weight.to(dtype), targets, self.logprob_chunk)
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,13 @@ import yaml
 from broker.connection import connect
 from broker.keys import POLICY_SYNCED_PREFIX, Keys
 from broker.registry import Registry
-from broker.schemas import Array, Prompt, PromptBatch, RolloutGroup, decode
+from broker.schemas import Array, Prompt, PromptBatch, RolloutGroup, ScoredGroup, decode
 from broker.streams import PAYLOAD_FIELD, StreamProducer
+from learner.batch import group_to_samples
 from learner.broadcast import CollectiveBroadcast
+from learner.config import GRPOConfig
+from learner.packing import collate
+from learner.step import PolicyLogprobs
 from workers.generate.config import GenerationConfig
 from workers.generate.engines import HFEngine, VllmEngine
 from workers.generate.sinks import StreamSink, rollout_stream
@@ -182,6 +186,15 @@ def test_after_a_weight_update_vllm_logprobs_equal_the_learners(
     for s in group.samples:
         lp = _hf_logprobs(model, group.prompt.token_ids.to_numpy().tolist(), s.token_ids.to_numpy().tolist(), 0.8)
         assert (torch.from_numpy(s.logprobs.to_numpy().copy()) - lp).abs().max().item() <= 1e-4
+    # ... and the learner's own forward, fed the group as it trains on it, takes them at that temperature too.
+    scored = ScoredGroup(rollout=group, rewards=Array.from_numpy([0.0] * len(group.samples), "float32"),
+                         verdicts=["incorrect"] * len(group.samples))  # fmt: skip
+    samples = group_to_samples(scored, GRPOConfig(), max_total_len=256)
+    micro = collate(samples, torch.device("cpu"))
+    with torch.no_grad():
+        learner_lp, _ = PolicyLogprobs(model)(**micro.model_inputs())
+    behaviour = torch.cat([torch.from_numpy(s.behaviour_logprobs) for s in samples])
+    assert group.temperature == 0.8 and (learner_lp - behaviour).abs().max().item() <= 1e-4
     learner.close()
 
 

@@ -53,6 +53,15 @@ def test_group_to_samples_advantages_and_overlong_filter():
     assert samples[3].prompt_len == 3 and samples[3].completion_len == 4
 
 
+def test_samples_carry_the_temperature_their_group_was_sampled_at():
+    import msgspec
+
+    group = make_group([1.0, 0.0])
+    hot = msgspec.structs.replace(group, rollout=msgspec.structs.replace(group.rollout, temperature=0.7))
+    assert {s.temperature for s in group_to_samples(hot, GRPOConfig(), 100)} == {0.7}
+    assert {s.temperature for s in group_to_samples(group, GRPOConfig(), 100)} == {1.0}
+
+
 def test_group_to_samples_cuts_to_the_length_budget():
     samples = group_to_samples(make_group([1.0, 0.0], lengths=[2, 6]), GRPOConfig(overlong_filtering=True), 6)
     assert [s.completion_len for s in samples] == [2, 3]

@@ -113,3 +113,29 @@ def test_chunked_logprobs_match_one_pass_values_and_gradients():
     torch.testing.assert_close(g_hidden, hidden.grad, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(g_weight, weight.grad, atol=1e-6, rtol=1e-6)
     assert not ent.requires_grad
+
+
+@pytest.mark.parametrize("forward", [ForwardSettings(), ForwardSettings(pack_tokens=24, logprob_chunk=5)],
+                         ids=["padded", "packed-chunked"])  # fmt: skip
+def test_logprobs_are_taken_at_each_samples_sampling_temperature(forward):
+    """vLLM reports log pi at the sampling temperature (softmax(logits / T)); the learner's must be the same
+    distribution, or every importance ratio of a run at T != 1 compares two different policies."""
+    import dataclasses
+
+    temps = [0.6, 1.0, 1.3, 0.6, 1.0, 0.8]
+    batch = [dataclasses.replace(s, temperature=t) for s, t in zip(samples(6), temps, strict=True)]
+    model = tiny_qwen3().eval()
+    if forward.pack_tokens is not None:
+        use_varlen_attention(model)
+    micro = (collate_packed if forward.pack_tokens else collate)(batch, torch.device("cpu"))
+    assert micro.temperature is not None and micro.temperature.shape == (sum(s.completion_len for s in batch),)
+    with torch.no_grad():
+        got, _ = PolicyLogprobs(model, forward.logprob_chunk)(**micro.model_inputs())
+        expected = []
+        for s in batch:
+            logits = model(input_ids=torch.from_numpy(s.input_ids)[None]).logits[0]  # [L, V]
+            logp = torch.log_softmax(logits[s.prompt_len - 1 : -1] / s.temperature, -1)  # [C, V]
+            expected.append(logp.gather(-1, torch.from_numpy(s.input_ids[s.prompt_len :])[:, None])[:, 0])
+    torch.testing.assert_close(got, torch.cat(expected), atol=1e-5, rtol=1e-5)
+    # All at 1: no scaling tensor, the unscaled logprobs.
+    assert collate(samples(6), torch.device("cpu")).temperature is None

@@ -151,6 +151,15 @@ def test_malformed_payloads_raise_one_error_type(payload: bytes) -> None:
     assert str(info.value), "the error carries a reason"
 
 
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_rollout_with_no_usable_temperature_is_rejected(temperature: float) -> None:
+    """The learner divides logits by it: a zero, negative or NaN temperature must not reach the loss."""
+    bad = msgspec.msgpack.decode(encode(make_rollout()))
+    bad["temperature"] = temperature
+    with pytest.raises(MessageError, match="temperature"):
+        decode(msgspec.msgpack.encode(bad))
+
+
 def test_inconsistent_array_is_rejected() -> None:
     bad = msgspec.msgpack.decode(encode(make_rollout()))  # plain maps, arrays still packed bytes
     bad["samples"][0]["token_ids"][1] = [999]  # shape no longer matches the packed bytes

@@ -171,7 +171,12 @@ class GenerationConfig(StrictModel):
         None, description="Weights to start from when the run has no checkpoint yet; null: policy.model_name."
     )
     max_new_tokens: int = Field(512, ge=1, description="Completion budget per sample.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature; behaviour logprobs are taken at it.")
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="Sampling temperature. Behaviour logprobs are taken at it, and the learner takes its "
+        "own at the temperature each group carries (logits / T), so importance ratios compare the same distribution.",
+    )
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1, description="null: the whole vocabulary.")
     stop_token_ids: list[int] | None = Field(None, description="Extra stop tokens besides the model's EOS.")
