@@ -123,6 +123,45 @@ def test_warm_start_mechanics_record_and_cache(tmp_path: Path) -> None:
         build_policy(tmp_path / "foreign", cfg)
 
 
+@pytest.mark.parametrize("allowed", [1, 0])
+def test_a_leap_over_the_band_goes_back_with_a_smaller_step(tiny_model_dir: Path, monkeypatch, allowed: int) -> None:
+    """Scripted stop-set accuracies (the real trainer and model): 0.45 at step 4 is in the band but under the 0.47
+    target, 0.7 at step 6 leaps over it. With an overshoot allowed, training goes back to step 4's weights at half
+    the learning rate, measures every step and stops at the next in-target one; with none, step 4's are kept."""
+    import torch
+
+    from rlq import warm_start as ws
+    from rlq.data import ArithConfig
+
+    script = iter([0.1, 0.45, 0.7, 0.48])
+    seen: list[tuple[int, torch.Tensor, float]] = []  # (eval, weights, learning rate) at each evaluation
+
+    def scripted(model, tokenizer, examples, **_):
+        seen.append((len(seen), torch.cat([p.detach().flatten() for p in model.parameters()]).clone(),
+                     trainers[0].opt.param_groups[0]["lr"]))  # fmt: skip
+        return next(script)
+
+    trainers: list = []
+    real_trainer = ws._Trainer
+    monkeypatch.setattr(ws, "_Trainer", lambda *a: trainers.append(real_trainer(*a)) or trainers[-1])
+    monkeypatch.setattr(ws, "greedy_accuracy", scripted)
+    model, tok = load_policy(tiny_model_dir)
+    cfg = ws.WarmStartConfig(task=ArithConfig(n_train=64, n_val=8, seed=1), n_stop=4, batch_size=4, eval_every=2,
+                             warmup_steps=0, target=0.47, overshoots=allowed, max_steps=20)  # fmt: skip
+    record = ws.warm_start(model, tok, cfg)
+    final = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert record["overshoots"] == allowed
+    if allowed:
+        assert record["chosen_step"] == 7 and record["steps_run"] == 7 and len(seen) == 4
+        assert seen[3][2] == pytest.approx(cfg.lr / 2)  # step 7 ran at half the rate, from step 4's weights
+        assert torch.equal(final, seen[3][1]) and not torch.equal(final, seen[2][1])
+        adam = trainers[0].opt.state[next(iter(model.parameters()))]
+        assert int(adam["step"]) == 5  # the optimiser went back too: 4 updates, then step 7
+    else:
+        assert record["chosen_step"] == 4 and record["steps_run"] == 6 and len(seen) == 3
+        assert torch.equal(final, seen[1][1])
+
+
 @pytest.mark.slow
 def test_warm_start_reaches_the_accuracy_band(tmp_path: Path) -> None:
     """The real `rlq build-policy` default, built fresh; the recorded accuracy is re-measured from the saved model."""
