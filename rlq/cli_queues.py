@@ -2,7 +2,9 @@
 
 `queues` and `peek` are read-only (see broker/inspect.py); `dlq requeue` and `dlq purge` are the only commands
 here that change anything, and only in the dead-letter stream and the source streams it names. Every command
-takes `--broker` (env RLQ_BROKER_URL) and `--run` (env RLQ_RUN); `--json` output is documented in
+takes the run's config (`--config`, the saved `<log_dir>/config.yaml` too: broker, run name, run directory and,
+for `rlq train`'s private broker, its address and credentials) or `--broker` (env RLQ_BROKER_URL) and `--run`
+(env RLQ_RUN), as `rlq top` does (rlq/run_state.py resolve_target); `--json` output is documented in
 docs/queues.md. An unreachable broker gives one line on stderr and exit code 2.
 """
 
@@ -12,15 +14,23 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
 
-DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 EXIT_UNREACHABLE = 2
 
-BrokerOpt = typer.Option(DEFAULT_BROKER_URL, "--broker", envvar="RLQ_BROKER_URL", help="Redis URL of the run.")
-RunOpt = typer.Option("default", "--run", envvar="RLQ_RUN", help="Run name (the key namespace rlq:<run>:*).")
+ConfigOpt = typer.Option(None, "--config", "-c", help="The run's config: broker, run name and run directory.")
+BrokerOpt = typer.Option(
+    None, "--broker", help="Redis URL [default: the config's, env RLQ_BROKER_URL, the run's private server]."
+)
+RunOpt = typer.Option(
+    None, "--run", help="Run name, the key namespace rlq:<run>:* [default: the config's, env RLQ_RUN]."
+)
+RunDirOpt = typer.Option(
+    None, "--run-dir", help="Run directory: its private broker and secret [default: the config's]."
+)
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output (fields in docs/queues.md).")
 
 dlq_app = typer.Typer(no_args_is_help=True, help="List, requeue or purge dead letters.")
@@ -31,6 +41,14 @@ def register(app: typer.Typer) -> None:
     app.command("queues")(queues)
     app.command("peek")(peek)
     app.add_typer(dlq_app, name="dlq")
+
+
+def _target(config: Path | None, run_dir: Path | None, broker: str | None, run: str | None,
+            user: str = "rlq-inspect") -> Any:  # fmt: skip
+    """Where the run's Redis is, under which name, logged in as `user` (rlq.run_state.Target)."""
+    from rlq.run_state import resolve_target
+
+    return resolve_target(config, [], broker, run, run_dir, user)
 
 
 @contextlib.contextmanager
@@ -66,8 +84,10 @@ def _emit_json(obj: Any) -> None:
 
 
 def queues(
-    broker: str = BrokerOpt,
-    run: str = RunOpt,
+    config: Path | None = ConfigOpt,
+    broker: str | None = BrokerOpt,
+    run: str | None = RunOpt,
+    run_dir: Path | None = RunDirOpt,
     as_json: bool = JsonOpt,
     celery: bool = typer.Option(False, "--celery", help="Count judges by Celery's `inspect active_queues`."),
 ) -> None:
@@ -77,10 +97,11 @@ def queues(
     from rlq.run_state import celery_consumers
     from rlq.views import judge_queue_line
 
-    with _broker(broker, run) as (r, keys):
-        report = queues_report(r, keys, broker=describe(broker))
+    target = _target(config, run_dir, broker, run)
+    with _broker(target.url, target.run) as (r, keys):
+        report = queues_report(r, keys, broker=describe(target.url))
         if celery:
-            report["judge_queue"].update(celery_consumers(broker, run))
+            report["judge_queue"].update(celery_consumers(target.url, target.run))
     if as_json:
         _emit_json(report)
         return
@@ -98,15 +119,18 @@ def peek(
     stream: str = typer.Argument(..., help="Stream name (prompts, scored, dead, ...) or a full key."),
     n: int = typer.Option(10, "-n", "--count", min=1, max=10_000, help="How many entries."),
     last: bool = typer.Option(False, "--last", help="The newest entries instead of the oldest."),
-    broker: str = BrokerOpt,
-    run: str = RunOpt,
+    config: Path | None = ConfigOpt,
+    broker: str | None = BrokerOpt,
+    run: str | None = RunOpt,
+    run_dir: Path | None = RunDirOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Decoded entries of one stream with arrays summarised, and each entry's state in every group."""
     from broker.inspect import peek as peek_entries
     from broker.inspect import resolve_stream
 
-    with _broker(broker, run) as (r, keys):
+    target = _target(config, run_dir, broker, run)
+    with _broker(target.url, target.run) as (r, keys):
         key = resolve_stream(stream, keys)
         entries = peek_entries(r, key, count=n, last=last)
     if as_json:
@@ -121,14 +145,17 @@ def peek(
 def dlq_list(
     n: int = typer.Option(100, "-n", "--count", min=1, max=100_000, help="How many letters."),
     last: bool = typer.Option(False, "--last", help="The newest letters instead of the oldest."),
-    broker: str = BrokerOpt,
-    run: str = RunOpt,
+    config: Path | None = ConfigOpt,
+    broker: str | None = BrokerOpt,
+    run: str | None = RunOpt,
+    run_dir: Path | None = RunDirOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Dead letters: source stream and entry, reason, delivery count, payload size and kind."""
     from broker.inspect import dead_letters
 
-    with _broker(broker, run) as (r, keys):
+    target = _target(config, run_dir, broker, run)
+    with _broker(target.url, target.run) as (r, keys):
         letters = dead_letters(r, keys.dead, count=n, last=last)
     if as_json:
         _emit_json({"version": 1, "stream": keys.dead, "letters": letters})
@@ -149,15 +176,18 @@ def dlq_requeue(
     ids: list[str] = typer.Argument(None, help="Dead-letter ids (from `rlq dlq list`)."),
     all_: bool = typer.Option(False, "--all", help="Every dead letter."),
     force: bool = typer.Option(False, "--force", help="Requeue even payloads that still do not decode."),
-    broker: str = BrokerOpt,
-    run: str = RunOpt,
+    config: Path | None = ConfigOpt,
+    broker: str | None = BrokerOpt,
+    run: str | None = RunOpt,
+    run_dir: Path | None = RunDirOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Put the original payloads back on their source streams (consumers see them as new entries)."""
     from broker.dead_letters import dead_letter_ids, requeue_dead
 
     _check_selection(ids, all_)
-    with _broker(broker, run) as (r, keys):
+    target = _target(config, run_dir, broker, run, "rlq-operator")
+    with _broker(target.url, target.run) as (r, keys):
         chosen = dead_letter_ids(r, keys.dead) if all_ else list(ids)
         result = requeue_dead(r, keys.dead, chosen, allowed_prefix=f"rlq:{keys.run}:", force=force)
     if as_json:
@@ -174,15 +204,18 @@ def dlq_requeue(
 def dlq_purge(
     ids: list[str] = typer.Argument(None, help="Dead-letter ids to delete."),
     all_: bool = typer.Option(False, "--all", help="Delete every dead letter."),
-    broker: str = BrokerOpt,
-    run: str = RunOpt,
+    config: Path | None = ConfigOpt,
+    broker: str | None = BrokerOpt,
+    run: str | None = RunOpt,
+    run_dir: Path | None = RunDirOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Delete dead letters for good."""
     from broker.dead_letters import purge_dead
 
     _check_selection(ids, all_)
-    with _broker(broker, run) as (r, keys):
+    target = _target(config, run_dir, broker, run, "rlq-operator")
+    with _broker(target.url, target.run) as (r, keys):
         removed = purge_dead(r, keys.dead, None if all_ else list(ids))
     if as_json:
         _emit_json({"version": 1, "purged": removed})

@@ -4,6 +4,7 @@ given only the run's saved config (the private broker is found from the run dire
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -82,6 +83,10 @@ def test_views_and_metrics_while_training(tmp_path: Path, tiny_model_dir: Path) 
         frame = _rlq("top", "--once", "--config", str(config))
         print(workers, frame, sep="\n")  # shown with -s: what an operator sees mid-run
         assert "judge queue rlq." in frame and "policy version" in frame and "prompts" in frame
+        # The queue commands find the private broker and log in from the saved config too (read-only user).
+        report = json.loads(_rlq("queues", "--json", "--config", str(config)))
+        assert {s["name"] for s in report["streams"]} >= {"prompts", "scored"}, report
+        assert json.loads(_rlq("dlq", "list", "--json", "-c", str(config)))["letters"] == []
         assert train.wait(timeout=max(1.0, deadline - time.monotonic())) == 0, (tmp_path / "train.log").read_text()
         assert not (run_dir / "broker_url").exists(), "the note of the private broker goes with it"
     finally:

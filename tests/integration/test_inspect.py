@@ -209,6 +209,22 @@ def test_cli_run_and_broker_come_from_the_environment(r, busy_run: Keys) -> None
     assert json.loads(result.stdout)["run"] == busy_run.run
 
 
+def test_cli_takes_the_runs_config_as_the_views_do(r, busy_run: Keys, tmp_path) -> None:
+    """`-c <log_dir>/config.yaml` names the broker and the run; `--run` still overrides the config's name."""
+    import yaml
+
+    from pathlib import Path
+
+    saved = yaml.safe_load((Path(__file__).parents[2] / "configs" / "tiny_arith_cpu.yaml").read_text())
+    saved.update(run_name=busy_run.run, broker={"url": _url(r)}, logger={"log_dir": str(tmp_path / "run")})
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(saved))
+    assert invoke("queues", "--json", "-c", str(config))["run"] == busy_run.run
+    assert invoke("peek", "scored", "-n", "1", "--json", "-c", str(config))["stream"] == busy_run.scored
+    assert len(invoke("dlq", "list", "--json", "--config", str(config))["letters"]) == 2
+    assert invoke("queues", "--json", "-c", str(config), "--run", "other")["run"] == "other"
+
+
 def test_cli_peek_json(r, busy_run: Keys) -> None:
     out = invoke("peek", "scored", "-n", "5", "--json", "--broker", _url(r), "--run", busy_run.run)
     assert out["stream"] == busy_run.scored
