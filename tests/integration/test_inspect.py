@@ -211,9 +211,9 @@ def test_cli_run_and_broker_come_from_the_environment(r, busy_run: Keys) -> None
 
 def test_cli_takes_the_runs_config_as_the_views_do(r, busy_run: Keys, tmp_path) -> None:
     """`-c <log_dir>/config.yaml` names the broker and the run; `--run` still overrides the config's name."""
-    import yaml
-
     from pathlib import Path
+
+    import yaml
 
     saved = yaml.safe_load((Path(__file__).parents[2] / "configs" / "tiny_arith_cpu.yaml").read_text())
     saved.update(run_name=busy_run.run, broker={"url": _url(r)}, logger={"log_dir": str(tmp_path / "run")})
