@@ -26,10 +26,12 @@ BrokerOpt = typer.Option(
     None, "--broker", help="Redis URL [default: the config's, env RLQ_BROKER_URL, the run's private server]."
 )
 RunOpt = typer.Option(
-    None, "--run", help="Run name, the key namespace rlq:<run>:* [default: the config's, env RLQ_RUN]."
+    None, "--run", help="Run name, the key namespace rlq:<run>:* [default: the config's, env RLQ_RUN, `default`]."
 )
 RunDirOpt = typer.Option(
-    None, "--run-dir", help="Run directory: its private broker and secret [default: the config's]."
+    None,
+    "--run-dir",
+    help="Run directory: metrics, events, the private broker's address and secret [default: the config's].",
 )
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output (fields in docs/queues.md).")
 
@@ -43,12 +45,13 @@ def register(app: typer.Typer) -> None:
     app.add_typer(dlq_app, name="dlq")
 
 
-def _target(config: Path | None, run_dir: Path | None, broker: str | None, run: str | None,
-            user: str = "rlq-inspect") -> Any:  # fmt: skip
-    """Where the run's Redis is, under which name, logged in as `user` (rlq.run_state.Target)."""
+def _target(config: Path | None, overrides: list[str] | None, broker: str | None, run: str | None,
+            run_dir: Path | None, user: str = "rlq-inspect") -> Any:  # fmt: skip
+    """Where the run's Redis is, under which name, logged in as `user` (rlq.run_state.Target); shared with the
+    views (rlq/cli_views.py)."""
     from rlq.run_state import resolve_target
 
-    return resolve_target(config, [], broker, run, run_dir, user)
+    return resolve_target(config, overrides or [], broker, run, run_dir, user)
 
 
 @contextlib.contextmanager
@@ -97,7 +100,7 @@ def queues(
     from rlq.run_state import celery_consumers
     from rlq.views import judge_queue_line
 
-    target = _target(config, run_dir, broker, run)
+    target = _target(config, None, broker, run, run_dir)
     with _broker(target.url, target.run) as (r, keys):
         report = queues_report(r, keys, broker=describe(target.url))
         if celery:
@@ -129,7 +132,7 @@ def peek(
     from broker.inspect import peek as peek_entries
     from broker.inspect import resolve_stream
 
-    target = _target(config, run_dir, broker, run)
+    target = _target(config, None, broker, run, run_dir)
     with _broker(target.url, target.run) as (r, keys):
         key = resolve_stream(stream, keys)
         entries = peek_entries(r, key, count=n, last=last)
@@ -154,7 +157,7 @@ def dlq_list(
     """Dead letters: source stream and entry, reason, delivery count, payload size and kind."""
     from broker.inspect import dead_letters
 
-    target = _target(config, run_dir, broker, run)
+    target = _target(config, None, broker, run, run_dir)
     with _broker(target.url, target.run) as (r, keys):
         letters = dead_letters(r, keys.dead, count=n, last=last)
     if as_json:
@@ -186,7 +189,7 @@ def dlq_requeue(
     from broker.dead_letters import dead_letter_ids, requeue_dead
 
     _check_selection(ids, all_)
-    target = _target(config, run_dir, broker, run, "rlq-operator")
+    target = _target(config, None, broker, run, run_dir, "rlq-operator")
     with _broker(target.url, target.run) as (r, keys):
         chosen = dead_letter_ids(r, keys.dead) if all_ else list(ids)
         result = requeue_dead(r, keys.dead, chosen, allowed_prefix=f"rlq:{keys.run}:", force=force)
@@ -214,7 +217,7 @@ def dlq_purge(
     from broker.dead_letters import purge_dead
 
     _check_selection(ids, all_)
-    target = _target(config, run_dir, broker, run, "rlq-operator")
+    target = _target(config, None, broker, run, run_dir, "rlq-operator")
     with _broker(target.url, target.run) as (r, keys):
         removed = purge_dead(r, keys.dead, None if all_ else list(ids))
     if as_json:

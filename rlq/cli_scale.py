@@ -14,8 +14,7 @@ from pathlib import Path
 
 import typer
 
-from rlq.cli_queues import _broker, _fail
-from rlq.cli_views import BrokerOpt, ConfigOpt, RunOpt, _target
+from rlq.cli_queues import BrokerOpt, ConfigOpt, RunOpt, _broker, _fail, _target
 
 
 def scale(

@@ -13,15 +13,9 @@ from typing import Any
 
 import typer
 
-from rlq.cli_queues import _broker, _emit_json
+from rlq.cli_queues import BrokerOpt, ConfigOpt, RunDirOpt, RunOpt, _broker, _emit_json, _target
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="The run's config: broker, run name and run directory.")
 OverridesArg = typer.Argument(None, help="key=value overrides of the config, as the run was started with.")
-BrokerOpt = typer.Option(
-    None, "--broker", help="Redis URL [default: the config's, env RLQ_BROKER_URL, the run's private server]."
-)
-RunOpt = typer.Option(None, "--run", help="Run name [default: the config's, env RLQ_RUN, `default`].")
-RunDirOpt = typer.Option(None, "--run-dir", help="Run directory (metrics.jsonl, events.jsonl) [default: the config's].")
 
 
 def register(app: typer.Typer) -> None:
@@ -29,13 +23,6 @@ def register(app: typer.Typer) -> None:
     app.command("workers")(workers)
     app.command("top")(top)
     app.command("metrics-server")(metrics_server)
-
-
-def _target(config: Path | None, overrides: list[str] | None, broker: str | None, run: str | None,
-            run_dir: Path | None, user: str = "rlq-inspect") -> Any:  # fmt: skip
-    from rlq.run_state import resolve_target
-
-    return resolve_target(config, overrides or [], broker, run, run_dir, user)
 
 
 def workers(
