@@ -39,6 +39,12 @@ class GRPOConfig(StrictModel):
         "NeMo RL calls it grpo.async_grpo.max_trajectory_age_steps.",
     )
     use_dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards all agree (no signal).")
+    retire_solved_after: int = Field(
+        0,
+        ge=0,
+        description="Stop sending a training prompt once this many of its groups in a row were judged correct in "
+        "every sample (their advantage is zero); 0 keeps every prompt. learner/curriculum.py.",
+    )
     overlong_filtering: bool = Field(False, description="Truncated samples count in the baseline, get no gradient.")
     reward_shaping: RewardShapingConfig = Field(default_factory=RewardShapingConfig)
     seed: int = Field(42, description="Seeds data order and torch.")

@@ -194,6 +194,8 @@ class Coordinator:
                 "queue/buffered": float(len(self.collector.buffer)),
                 "queue/data_cursor": float(self.collector.feeder.cursor),
                 "queue/prompts_skipped_too_long": float(self.collector.feeder.skipped),
+                "data/retired_passed_over": float(self.collector.feeder.retired_skips),
+                **self.collector.feeder.solved.metrics(),
                 "rollout/staleness_max": max(
                     (float(max(0, version - 1 - g.rollout.policy_version)) for g in info["groups"]), default=0.0
                 ),

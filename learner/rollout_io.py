@@ -1,5 +1,5 @@
-"""Rank 0's I/O of a step: the prompt feeder (publishes with backpressure) and the collector (reads scored
-groups, drops duplicates, stale groups and, with dynamic sampling, groups with no signal).
+"""Rank 0's I/O of a step: the prompt feeder (publishes with backpressure, passes over retired prompts) and the
+collector (reads scored groups, drops duplicates, stale groups and, with dynamic sampling, groups with no signal).
 
 `Feeder` publishes prompts with backpressure: at most `(max_staleness + 1) * num_prompts_per_step` prompts are in
 flight, which is all the staleness window can use, so nothing is generated only to be thrown away; less while the
@@ -25,6 +25,7 @@ from broker.schemas import Prompt, PromptBatch, ScoredGroup, decode, encode
 from learner.admission import JudgeAdmission
 from learner.batch import admission, shaped_rewards
 from learner.config import GRPOConfig
+from learner.curriculum import SolvedPrompts
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,13 @@ class Feeder:
         max_prompt_tokens: int | None = None,
         message_prompts: int | None = None,
         admission: JudgeAdmission | None = None,
+        solved: SolvedPrompts | None = None,
     ) -> None:
         if num_examples < 1:
             raise ValueError("the training data has no examples")
         self.max_prompt_tokens = max_prompt_tokens  # longer prompts leave no room to answer: never sent
         self.skipped = 0
-        self._skipped_in_a_row = 0
+        self._unsent_in_a_row = 0  # positions since the last prompt that could be sent
         self.publish_once = publish_once
         self.prompt_at = prompt_at
         self.num_examples = num_examples
@@ -65,6 +67,8 @@ class Feeder:
         # Capacity-aware pulls: smaller messages, which workers take several at a time (learner.admission).
         self.message_prompts = min(cfg.prompts_per_message, message_prompts or cfg.prompts_per_message)
         self.admission = admission  # judge-aware limit on the window; None: the staleness window alone
+        self.solved = solved if solved is not None else SolvedPrompts(cfg.retire_solved_after, num_examples)
+        self.retired_skips = 0  # positions passed over because their prompt was retired (learner/curriculum.py)
         self._order: tuple[int, list[int]] | None = None
 
     @property
@@ -93,35 +97,49 @@ class Feeder:
         while self.in_flight + held < window:
             n = min(self.message_prompts, window - self.in_flight - held)
             batch_id = f"{self.run}-b{self.cursor:09d}"
-            prompts = self._fitting([self.prompt_at(self._index(self.cursor + i)) for i in range(n)])
-            if prompts:
-                message = PromptBatch(
-                    batch_id=batch_id,
-                    prompts=prompts,
-                    n_samples=self.cfg.num_generations_per_prompt,
-                    min_policy_version=learner_version,
-                )
-                if not self.publish_once(batch_id, message):
-                    log.info("prompt batch %s was published before the restart; not sent again", batch_id)
-            self.cursor += n
+            prompts, used = self._take(n)
+            message = PromptBatch(
+                batch_id=batch_id,
+                prompts=prompts,
+                n_samples=self.cfg.num_generations_per_prompt,
+                min_policy_version=learner_version,
+            )
+            if not self.publish_once(batch_id, message):
+                log.info("prompt batch %s was published before the restart; not sent again", batch_id)
+            self.cursor += used
             self.in_flight += len(prompts)
             sent += len(prompts)
         return sent
 
-    def _fitting(self, prompts: list[Prompt]) -> list[Prompt]:
-        """Prompts short enough to train on; the others are skipped (counted, logged once each)."""
-        if self.max_prompt_tokens is None:
-            return prompts
-        keep = [p for p in prompts if len(p.token_ids) < self.max_prompt_tokens]
-        for p in prompts:
-            if len(p.token_ids) >= self.max_prompt_tokens:
-                log.warning("prompt %s has %d tokens, no room below %d: skipped", p.prompt_id, len(p.token_ids),
-                            self.max_prompt_tokens)  # fmt: skip
-        self.skipped += len(prompts) - len(keep)
-        self._skipped_in_a_row = 0 if keep else self._skipped_in_a_row + len(prompts)
-        if self._skipped_in_a_row >= self.num_examples:
-            raise ValueError(f"no training prompt is shorter than {self.max_prompt_tokens} tokens")
-        return keep
+    def _take(self, n: int) -> tuple[list[Prompt], int]:
+        """The next `n` prompts from the cursor that may be sent, and how many positions that took.
+
+        Too long ones are skipped (counted, logged once each), retired ones passed over.
+
+        Raises:
+            ValueError: no training prompt is short enough.
+        """
+        prompts: list[Prompt] = []
+        used = 0
+        while len(prompts) < n:
+            if self._unsent_in_a_row >= self.num_examples:  # a whole epoch of positions without one to send
+                if not self.solved.retired:
+                    raise ValueError(f"no training prompt is shorter than {self.max_prompt_tokens} tokens")
+                self.solved.reset()  # the retired (and the too long) are all there is: the pool refills
+                self._unsent_in_a_row = 0
+            prompt = self.prompt_at(self._index(self.cursor + used))
+            used += 1
+            self._unsent_in_a_row += 1
+            if self.max_prompt_tokens is not None and len(prompt.token_ids) >= self.max_prompt_tokens:
+                log.warning("prompt %s has %d tokens, no room below %d: skipped", prompt.prompt_id,
+                            len(prompt.token_ids), self.max_prompt_tokens)  # fmt: skip
+                self.skipped += 1
+            elif self.solved.is_retired(prompt.prompt_id):
+                self.retired_skips += 1
+            else:
+                self._unsent_in_a_row = 0
+                prompts.append(prompt)
+        return prompts, used
 
 
 @dataclass
@@ -226,6 +244,7 @@ class Collector:
             return
         self.seen.add(group.group_id)
         self.feeder.in_flight = max(0, self.feeder.in_flight - 1)
+        self.feeder.solved.observe(group)  # stale or not, it says what a recent policy can already solve
         if self.feeder.admission is not None:  # handed to the judges -> scored, for judge-aware admission
             self.feeder.admission.observe_latency(group.created_at - group.rollout.created_at)
         reason = self._reason(group, learner_version)
@@ -272,6 +291,7 @@ class Collector:
             "seen": sorted(self.seen),
             "carried": self._carried,
             "buffer": msgspec.msgpack.encode([encode(g) for g in self.buffer]),
+            "solved": self.feeder.solved.state(),
         }
 
     def restore(self, state: dict) -> None:
@@ -281,3 +301,4 @@ class Collector:
         self._carried = {k: list(v) for k, v in state.get("carried", {}).items()}
         raw = msgspec.msgpack.decode(state["buffer"]) if state.get("buffer") else []
         self.buffer = [decode(b, ScoredGroup) for b in raw]  # type: ignore[misc]
+        self.feeder.solved.restore(state.get("solved"))

@@ -151,7 +151,8 @@ def test_feeder_skips_prompts_with_no_room_to_answer():
     feeder = Feeder(publish, prompt_at, 6, cfg, run="r", shuffle=False, max_prompt_tokens=8)
     assert feeder.top_up(0) == 2 and feeder.in_flight == 2
     assert all(len(p.token_ids) == 2 for m in published for p in m.prompts)
-    assert feeder.skipped == 1 and feeder.cursor == 3  # [p0, p1 skipped], then [p2]
+    assert feeder.skipped == 1 and feeder.cursor == 3  # one full message [p0, p2]: p1 skipped
+    assert [p.prompt_id for p in published[0].prompts] == ["p0", "p2"]
     never = Feeder(lambda k, m: True, lambda i: prompt_at(1), 3, cfg, run="r", max_prompt_tokens=8)
     with pytest.raises(ValueError, match="no training prompt"):
         never.top_up(0)

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from broker.schemas import Array, Prompt, RolloutGroup, Sample, ScoredGroup
 from learner.config import GRPOConfig
+from learner.curriculum import SolvedPrompts
 from learner.replay import trained_steps
 from learner.rollout_io import Collector
 from learner.rollout_log import ROLLOUT_DIR, RolloutLog, read_log
@@ -63,8 +64,8 @@ def test_trained_groups_land_in_parts_pandas_reads_with_every_field(tmp_path):
 
 def test_dropped_groups_are_logged_with_their_reason_at_the_step_being_collected(tmp_path):
     log = RolloutLog(RolloutLogConfig(), tmp_path / ROLLOUT_DIR, GRPOConfig())
-    collector = Collector(consumer=None, feeder=SimpleNamespace(in_flight=9, admission=None),
-                          cfg=GRPOConfig(max_staleness=1))  # fmt: skip
+    feeder = SimpleNamespace(in_flight=9, admission=None, solved=SolvedPrompts(0, 1))
+    collector = Collector(consumer=None, feeder=feeder, cfg=GRPOConfig(max_staleness=1))
     collector.on_drop = log.dropped
     result = SimpleNamespace(dropped={})
     fresh, old = make_group(0, version=4), make_group(1, version=2)
