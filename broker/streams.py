@@ -66,12 +66,32 @@ def publish_once(
     Returns:
         True if the entry was added, False if the key was already in the stream's done set.
     """
+    return publish_all_once(r, stream, [(idempotency_key, message)], done_ttl_s=done_ttl_s)[0]
+
+
+def publish_all_once(
+    r: redis.Redis, stream: str, items: list[tuple[str, Message]], *, done_ttl_s: int = DONE_TTL_S
+) -> list[bool]:
+    """`publish_once` for each (idempotency key, message), all in one MULTI/EXEC.
+
+    Readers see all of them or none: a consumer blocked on the stream wakes to the whole set, not to its first
+    entry (the feeder's top-up of a step, cut into several messages, then reaches one worker as one read and
+    one engine call instead of two).
+
+    Returns:
+        Per item, True if its entry was added, False if its key was already in the stream's done set.
+    """
+    if not items:
+        return []
     script = r.register_script(_PUBLISH_ONCE_LUA)
-    entry_id = script(keys=[stream, done_key(stream)], args=[idempotency_key, encode(message), int(done_ttl_s)])
-    if entry_id is None:
-        log.debug("duplicate %s on %s skipped", idempotency_key, stream)
-        return False
-    return True
+    pipe = r.pipeline(transaction=True)
+    for key, message in items:
+        script(keys=[stream, done_key(stream)], args=[key, encode(message), int(done_ttl_s)], client=pipe)
+    added = [entry_id is not None for entry_id in pipe.execute()]
+    for (key, _), ok in zip(items, added, strict=True):
+        if not ok:
+            log.debug("duplicate %s on %s skipped", key, stream)
+    return added
 
 
 def send_dead_letter(

@@ -42,7 +42,7 @@ class Coordinator:
 
     def __init__(self, cfg: LearnerConfig, tokenizer) -> None:
         from broker.connection import connect
-        from broker.streams import StreamConsumer, publish_once
+        from broker.streams import StreamConsumer, publish_all_once, publish_once
         from broker.trim import ROLE_KEEP_ACKED
         from learner.data_source import prompt_source
 
@@ -54,7 +54,7 @@ class Coordinator:
         tuning = cfg.learner.admission
         self.admission = JudgeAdmission(tuning, cfg.grpo.num_prompts_per_step, self._judge_queue)
         feeder = Feeder(
-            lambda key, msg: publish_once(self.redis, self.keys.prompts, key, msg),
+            lambda items: publish_all_once(self.redis, self.keys.prompts, items),
             prompt_at,
             n,
             cfg.grpo,

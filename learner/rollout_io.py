@@ -33,13 +33,13 @@ log = logging.getLogger(__name__)
 class Feeder:
     """Publishes PromptBatches in dataset order (reshuffled every epoch) with backpressure.
 
-    Batch ids derive from the data cursor and go through `publish_once`, so a resumed learner that replays the
-    cursor from its checkpoint never sends a prompt batch twice.
+    Batch ids derive from the data cursor and `publish` adds each id at most once (broker.streams.publish_all_once),
+    so a resumed learner that replays the cursor from its checkpoint never sends a prompt batch twice.
     """
 
     def __init__(
         self,
-        publish_once: Callable[[str, PromptBatch], bool],
+        publish: Callable[[list[tuple[str, PromptBatch]]], list[bool]],
         prompt_at: Callable[[int], Prompt],
         num_examples: int,
         cfg: GRPOConfig,
@@ -56,7 +56,7 @@ class Feeder:
         self.max_prompt_tokens = max_prompt_tokens  # longer prompts leave no room to answer: never sent
         self.skipped = 0
         self._unsent_in_a_row = 0  # positions since the last prompt that could be sent
-        self.publish_once = publish_once
+        self.publish = publish  # (batch id, message) pairs -> added or published before
         self.prompt_at = prompt_at
         self.num_examples = num_examples
         self.cfg = cfg
@@ -92,27 +92,30 @@ class Feeder:
         Args:
             held: groups already back but not trained yet; they occupy the window like prompts in flight.
         """
-        sent = 0
         window = self.window if self.admission is None else self.admission.window(self.window)
-        while self.in_flight + held < window:
-            n = min(self.message_prompts, window - self.in_flight - held)
-            batch_id = f"{self.run}-b{self.cursor:09d}"
-            prompts, used = self._take(n)
-            message = PromptBatch(
-                batch_id=batch_id,
-                prompts=prompts,
-                n_samples=self.cfg.num_generations_per_prompt,
-                min_policy_version=learner_version,
-            )
-            if not self.publish_once(batch_id, message):
-                log.info("prompt batch %s was published before the restart; not sent again", batch_id)
-            self.cursor += used
-            self.in_flight += len(prompts)
+        messages: list[tuple[str, PromptBatch]] = []
+        cursor, sent = self.cursor, 0
+        while self.in_flight + sent + held < window:
+            prompts, used = self._take(cursor, min(self.message_prompts, window - self.in_flight - sent - held))
+            batch_id = f"{self.run}-b{cursor:09d}"
+            messages.append((batch_id, PromptBatch(batch_id=batch_id, prompts=prompts,
+                                                   n_samples=self.cfg.num_generations_per_prompt,
+                                                   min_policy_version=learner_version)))  # fmt: skip
+            cursor += used
             sent += len(prompts)
+        if not messages:
+            return 0
+        # All in one transaction: a worker blocked on the stream wakes to the whole top-up (one read, one engine
+        # call), not to its first message.
+        for (batch_id, _), added in zip(messages, self.publish(messages), strict=True):
+            if not added:
+                log.info("prompt batch %s was published before the restart; not sent again", batch_id)
+        self.cursor = cursor
+        self.in_flight += sent
         return sent
 
-    def _take(self, n: int) -> tuple[list[Prompt], int]:
-        """The next `n` prompts from the cursor that may be sent, and how many positions that took.
+    def _take(self, start: int, n: int) -> tuple[list[Prompt], int]:
+        """The next `n` prompts from data position `start` that may be sent, and how many positions that took.
 
         Too long ones are skipped (counted, logged once each), retired ones passed over.
 
@@ -127,7 +130,7 @@ class Feeder:
                     raise ValueError(f"no training prompt is shorter than {self.max_prompt_tokens} tokens")
                 self.solved.reset()  # the retired (and the too long) are all there is: the pool refills
                 self._unsent_in_a_row = 0
-            prompt = self.prompt_at(self._index(self.cursor + used))
+            prompt = self.prompt_at(self._index(start + used))
             used += 1
             self._unsent_in_a_row += 1
             if self.max_prompt_tokens is not None and len(prompt.token_ids) >= self.max_prompt_tokens:

@@ -6,6 +6,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import msgspec
@@ -28,6 +29,7 @@ from broker.streams import (
     PAYLOAD_FIELD,
     StreamConsumer,
     StreamProducer,
+    publish_all_once,
     publish_once,
     send_dead_letter,
 )
@@ -231,6 +233,22 @@ def test_publish_once_dedups(r, keys) -> None:
     assert r.xlen(keys.scored) == 2
     assert r.sismember(keys.done(keys.scored), "g1")
     assert 0 < r.ttl(keys.done(keys.scored)) <= 7 * 24 * 3600
+
+
+def test_publish_all_once_wakes_a_blocked_reader_to_every_message_at_once(r, keys, redis_url) -> None:
+    reader = consumer(connect(redis_url), keys, "worker")
+    got: list = []
+    thread = threading.Thread(target=lambda: got.extend(reader.read(count=16, block_ms=5000)))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while r.info("clients")["blocked_clients"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the reader is parked in XREADGROUP BLOCK
+    added = publish_all_once(r, keys.prompts, [(f"k{i}", batch(i)) for i in range(4)])
+    thread.join(10)
+    assert added == [True] * 4
+    assert [d.message.batch_id for d in got] == ["b0", "b1", "b2", "b3"]  # one read, not the first entry alone
+    assert publish_all_once(r, keys.prompts, [("k1", batch(1)), ("k9", batch(9))]) == [False, True]
+    assert r.xlen(keys.prompts) == 5
 
 
 def test_send_dead_letter_returns_an_id_in_the_dead_stream(r, keys) -> None:

@@ -111,32 +111,34 @@ def test_assemble_skip_inert_keeps_the_normalisers_of_the_whole_update():
 
 def test_feeder_backpressure_and_idempotent_replay():
     published: dict[str, object] = {}
+    calls = []
 
-    def publish_once(key, message):
-        if key in published:
-            return False
-        published[key] = message
-        return True
+    def publish(items):
+        calls.append(len(items))
+        added = [key not in published for key, _ in items]
+        published.update((key, message) for key, message in items if key not in published)
+        return added
 
     def prompt_at(i):
         return Prompt(prompt_id=f"p{i}", token_ids=Array.from_numpy([1, 2], "int32"), ground_truth="x")
 
     cfg = GRPOConfig(num_prompts_per_step=4, max_staleness=1, prompts_per_message=3, num_generations_per_prompt=2)
-    feeder = Feeder(publish_once, prompt_at, 5, cfg, run="r")
+    feeder = Feeder(publish, prompt_at, 5, cfg, run="r")
     assert feeder.top_up(0) == 8 and feeder.in_flight == 8  # (1 + 1) x 4
+    assert calls == [3]  # messages of 3, 3 and 2 prompts, published together
     assert feeder.top_up(0) == 0
     feeder.in_flight -= 2
     assert feeder.top_up(1) == 2
     ids = [p.prompt_id for m in published.values() for p in m.prompts]
     assert len(ids) == 10 and set(ids[:5]) == set(ids[5:]) == {f"p{i}" for i in range(5)}  # two shuffled epochs
-    replay = Feeder(publish_once, prompt_at, 5, cfg, run="r")
+    replay = Feeder(publish, prompt_at, 5, cfg, run="r")
     replay.top_up(0)
     assert len(published) == 4  # a restart from cursor 0 re-sends nothing
 
 
 def test_feeder_rejects_empty_data():
     with pytest.raises(ValueError, match="no examples"):
-        Feeder(lambda k, m: True, lambda i: None, 0, GRPOConfig(), run="r")
+        Feeder(lambda items: [True] * len(items), lambda i: None, 0, GRPOConfig(), run="r")
 
 
 def test_feeder_skips_prompts_with_no_room_to_answer():
@@ -147,12 +149,12 @@ def test_feeder_skips_prompts_with_no_room_to_answer():
         return Prompt(prompt_id=f"p{i}", token_ids=Array.from_numpy(ids, "int32"), ground_truth="x")
 
     cfg = GRPOConfig(num_prompts_per_step=2, prompts_per_message=2, num_generations_per_prompt=2)
-    publish = lambda k, m: published.append(m) or True  # noqa: E731
+    publish = lambda items: [published.append(m) or True for _, m in items]  # noqa: E731
     feeder = Feeder(publish, prompt_at, 6, cfg, run="r", shuffle=False, max_prompt_tokens=8)
     assert feeder.top_up(0) == 2 and feeder.in_flight == 2
     assert all(len(p.token_ids) == 2 for m in published for p in m.prompts)
     assert feeder.skipped == 1 and feeder.cursor == 3  # one full message [p0, p2]: p1 skipped
     assert [p.prompt_id for p in published[0].prompts] == ["p0", "p2"]
-    never = Feeder(lambda k, m: True, lambda i: prompt_at(1), 3, cfg, run="r", max_prompt_tokens=8)
+    never = Feeder(lambda items: [True] * len(items), lambda i: prompt_at(1), 3, cfg, run="r", max_prompt_tokens=8)
     with pytest.raises(ValueError, match="no training prompt"):
         never.top_up(0)

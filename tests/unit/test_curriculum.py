@@ -36,6 +36,11 @@ ALL = ["correct"] * 4
 ONE_WRONG = ["correct", "correct", "incorrect", "correct"]
 
 
+def recorder(out: list):
+    """A feeder's `publish` that keeps the messages in `out`."""
+    return lambda items: [out.append(message) or True for _, message in items]
+
+
 def prompt_at(i: int) -> Prompt:
     return Prompt(prompt_id=f"p{i}", token_ids=Array.from_numpy([1, 2], "int32"), ground_truth="x")
 
@@ -72,7 +77,7 @@ def test_a_prompt_retires_after_its_streak_of_all_correct_groups_and_a_miss_rest
 def test_the_feeder_fills_each_message_past_retired_prompts_and_refills_the_pool_when_all_are_retired():
     published = []
     cfg = GRPOConfig(num_prompts_per_step=3, prompts_per_message=3, num_generations_per_prompt=4, retire_solved_after=1)
-    feeder = Feeder(lambda k, m: published.append(m) or True, prompt_at, 6, cfg, run="r", shuffle=False)
+    feeder = Feeder(recorder(published), prompt_at, 6, cfg, run="r", shuffle=False)
     for pid in ("p0", "p2"):
         feeder.solved.observe(scored(pid, ALL))
     assert feeder.top_up(0) == 3
@@ -91,7 +96,7 @@ def test_the_feeder_fills_each_message_past_retired_prompts_and_refills_the_pool
                       ground_truth="x")  # fmt: skip
 
     sent = []
-    tight = Feeder(lambda k, m: sent.append(m) or True, short_even, 4, cfg, run="r", shuffle=False,
+    tight = Feeder(recorder(sent), short_even, 4, cfg, run="r", shuffle=False,
                    max_prompt_tokens=8)  # fmt: skip
     for pid in ("p0", "p2"):  # what fits is retired, the rest is too long: the retired come back
         tight.solved.observe(scored(pid, ALL))
@@ -104,7 +109,7 @@ def test_the_collector_learns_what_is_solved_from_the_scored_stream_and_a_checkp
     keys = Keys(run_name)
     cfg = GRPOConfig(num_prompts_per_step=2, prompts_per_message=2, num_generations_per_prompt=4,
                      retire_solved_after=1)  # fmt: skip
-    feeder = Feeder(lambda k, m: True, prompt_at, 4, cfg, run=run_name, shuffle=False)
+    feeder = Feeder(lambda items: [True] * len(items), prompt_at, 4, cfg, run=run_name, shuffle=False)
     consumer = StreamConsumer(r, keys.scored, "learner", "learner-0", expected=ScoredGroup, dead_stream=keys.dead)
     consumer.ensure_group()
     collector = Collector(consumer, feeder, cfg, read_block_ms=50)
@@ -114,6 +119,6 @@ def test_the_collector_learns_what_is_solved_from_the_scored_stream_and_a_checkp
     assert result is not None and len(result.groups) == 2
     assert feeder.solved.retired == {"p0"}
 
-    resumed = Feeder(lambda k, m: True, prompt_at, 4, cfg, run=run_name, shuffle=False)
+    resumed = Feeder(lambda items: [True] * len(items), prompt_at, 4, cfg, run=run_name, shuffle=False)
     Collector(None, resumed, cfg).restore(collector.state())
     assert resumed.solved.retired == {"p0"}

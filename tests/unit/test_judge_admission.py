@@ -66,11 +66,16 @@ def _prompt(i: int) -> Prompt:
 def test_feeder_cuts_messages_and_obeys_the_judge_aware_window() -> None:
     sent: list = []
     cfg = GRPOConfig(num_prompts_per_step=16, max_staleness=1, prompts_per_message=16)
-    feeder = Feeder(lambda k, m: sent.append(m) or True, _prompt, 100, cfg, run="r", message_prompts=4,
+
+    def publish(items):
+        sent.extend(message for _, message in items)
+        return [True] * len(items)
+
+    feeder = Feeder(publish, _prompt, 100, cfg, run="r", message_prompts=4,
                     admission=_admission(AdmissionConfig(judge_aware=True), (3, 0)))  # fmt: skip
     assert feeder.top_up(0) == 16  # the judges are 1.5 steps behind: one step of the two-step window
     assert [len(m.prompts) for m in sent] == [4, 4, 4, 4]
-    plain = Feeder(lambda k, m: True, _prompt, 100, cfg, run="r")
+    plain = Feeder(lambda items: [True] * len(items), _prompt, 100, cfg, run="r")
     assert plain.top_up(0) == 32 and plain.message_prompts == 16
 
 
