@@ -45,6 +45,14 @@ class GRPOConfig(StrictModel):
         description="Stop sending a training prompt once this many of its groups in a row were judged correct in "
         "every sample (their advantage is zero); 0 keeps every prompt. learner/curriculum.py.",
     )
+    retire_max_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="At most this share of the training prompts is retired at once; past it the one retired "
+        "longest ago returns. The pool keeps easier prompts: a pool of only the hardest pulled the tiny run's "
+        "policy away (docs/data.md).",
+    )
     overlong_filtering: bool = Field(False, description="Truncated samples count in the baseline, get no gradient.")
     reward_shaping: RewardShapingConfig = Field(default_factory=RewardShapingConfig)
     seed: int = Field(42, description="Seeds data order and torch.")
@@ -113,9 +121,22 @@ class OptimizerKwargs(StrictModel):
     eps: float = Field(1e-8, gt=0)
 
 
+class LRScheduleConfig(StrictModel):
+    """`policy.optimizer.schedule`: how the lr moves over `grpo.max_num_steps` (learner/lr_schedule.py)."""
+
+    kind: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="After warmup: keep the lr, or decay it linearly or along a half cosine."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear warmup from lr / warmup_steps up to lr.")
+    final_ratio: float = Field(
+        0.0, ge=0, le=1, description="Decays end at this fraction of the lr, at grpo.max_num_steps."
+    )
+
+
 class OptimizerConfig(StrictModel):
     name: Literal["adamw"] = "adamw"
     kwargs: OptimizerKwargs = Field(default_factory=OptimizerKwargs)
+    schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
 
 
 class DTensorConfig(StrictModel):

@@ -319,6 +319,11 @@ class Trainer:
         stats["loss_sum"] += float(loss.detach())
         stats["all_tokens"] += float(micro.num_tokens) if chunk[0].group_id else 0.0
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next updates (learner/lr_schedule.py decides it per step)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     def _update(self) -> float:
         norm = 0.0
         if self.max_grad_norm is not None:

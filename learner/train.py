@@ -32,6 +32,7 @@ from learner.config import LearnerConfig, PolicyConfig
 from learner.coordinator import Coordinator
 from learner.distributed import DistInfo, broadcast_plan, init_distributed, replica_spread, scatter_shares
 from learner.loss import LossSettings
+from learner.lr_schedule import lr_factor
 from learner.step import ForwardSettings, Trainer, reduce_stats
 
 log = logging.getLogger(__name__)
@@ -189,8 +190,11 @@ def _loop(cfg, info: DistInfo, trainer: Trainer, coordinator, stop, version: int
                     coordinator.save(version, model, optimizer_state)
             return version
         scatter_s = time.perf_counter() - t_scatter
+        lr = cfg.policy.optimizer.kwargs.lr * lr_factor(version, cfg.grpo.max_num_steps, cfg.policy.optimizer.schedule)
+        trainer.set_lr(lr)
         stats, timings = trainer.train(share["minibatches"])
         metrics = reduce_stats(stats, timings, info.world_size, info.device)
+        metrics["train/lr"] = lr
         version += 1
         clear_every = cfg.policy.dtensor_cfg.clear_cache_every_n_steps
         if clear_every and info.device.type == "cuda" and version % clear_every == 0:

@@ -24,12 +24,15 @@ def _train(tmp_path: Path, model_dir: Path, *overrides: str) -> subprocess.Compl
 
 
 def test_three_steps_advance_versions_score_groups_and_sync_weights(tmp_path, tiny_model_dir):
-    result = _train(tmp_path, tiny_model_dir, "grpo.max_num_steps=3", "grpo.val_period=3", "grpo.max_val_samples=8")
+    result = _train(tmp_path, tiny_model_dir, "grpo.max_num_steps=3", "grpo.val_period=3", "grpo.max_val_samples=8",
+                    "policy.optimizer.schedule.kind=linear", "policy.optimizer.schedule.warmup_steps=1")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "run"
     everything = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in everything if "loss/total" in r]
     assert [r["step"] for r in records] == [1, 2, 3], "one metrics record per step, versions advancing"
+    lrs = [r["train/lr"] for r in records]  # one warmup step at the full rate, then linear decay to 0 at step 3
+    assert lrs[0] == lrs[1] > 0 and lrs[2] == pytest.approx(lrs[0] / 2)
     # Validation passes (the config's val_at_start, and the final version) went through the same worker and judge;
     # the last one was waited for.
     passes = {r["val/policy_version"]: r for r in everything if "val/accuracy" in r}
