@@ -27,16 +27,21 @@ def all_correct(group: ScoredGroup) -> bool:
 class SolvedPrompts:
     """Per prompt, how many of its latest training groups in a row were all correct; retired at `after`.
 
-    `after` 0 switches retiring off (every prompt stays). The pool never empties: when every prompt would be
-    retired, they all come back (`reset`), so a run that solves its whole training set keeps training.
+    `after` 0 switches retiring off (every prompt stays). At most `max_fraction` of the prompts are retired at
+    once: past that, the one retired longest ago returns (a pool of only the hardest prompts gives a few rare
+    right answers huge normalised advantages; on the tiny run that pulled the policy away, docs/data.md). With
+    `max_fraction` 1 the pool may empty: then every prompt comes back (`reset`), so a run that solves its whole
+    training set keeps training.
     """
 
-    def __init__(self, after: int, num_examples: int) -> None:
+    def __init__(self, after: int, num_examples: int, max_fraction: float = 1.0) -> None:
         self.after = after
         self.num_examples = num_examples
+        self.cap = max(1, int(max_fraction * num_examples))  # retired at once
         self.streaks: dict[str, int] = {}  # prompt_id -> all-correct groups in a row (only nonzero kept)
-        self.retired: set[str] = set()
+        self.retired: dict[str, None] = {}  # in the order they were retired (an ordered set)
         self.resets = 0
+        self.returned = 0  # retired prompts put back to stay under the cap
 
     def observe(self, group: ScoredGroup) -> None:
         if self.after <= 0 or group.rollout.purpose != "train":
@@ -47,10 +52,16 @@ class SolvedPrompts:
             return
         streak = self.streaks.get(prompt_id, 0) + 1
         self.streaks[prompt_id] = streak
-        if streak >= self.after and prompt_id not in self.retired:
-            self.retired.add(prompt_id)
-            if len(self.retired) >= self.num_examples:
-                self.reset()
+        if streak < self.after or prompt_id in self.retired:
+            return
+        self.retired[prompt_id] = None
+        if len(self.retired) >= self.num_examples:
+            self.reset()
+        elif len(self.retired) > self.cap:
+            oldest = next(iter(self.retired))
+            del self.retired[oldest]
+            self.streaks.pop(oldest, None)
+            self.returned += 1
 
     def is_retired(self, prompt_id: str) -> bool:
         return prompt_id in self.retired
@@ -63,15 +74,21 @@ class SolvedPrompts:
         self.resets += 1
 
     def metrics(self) -> dict[str, float]:
-        return {"data/retired_prompts": float(len(self.retired)), "data/retire_resets": float(self.resets)}
+        return {
+            "data/retired_prompts": float(len(self.retired)),
+            "data/retire_resets": float(self.resets),
+            "data/retired_returned": float(self.returned),
+        }
 
     def state(self) -> dict:
-        return {"streaks": dict(self.streaks), "retired": sorted(self.retired), "resets": self.resets}
+        return {"streaks": dict(self.streaks), "retired": list(self.retired), "resets": self.resets,
+                "returned": self.returned}  # fmt: skip
 
     def restore(self, state: dict | None) -> None:
         """From `state()`; None (a checkpoint from before retiring existed) leaves every prompt in."""
         if not state:
             return
         self.streaks = {str(k): int(v) for k, v in state.get("streaks", {}).items()}
-        self.retired = {str(p) for p in state.get("retired", [])}
+        self.retired = dict.fromkeys(str(p) for p in state.get("retired", []))
         self.resets = int(state.get("resets", 0))
+        self.returned = int(state.get("returned", 0))

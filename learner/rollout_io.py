@@ -67,7 +67,11 @@ class Feeder:
         # Capacity-aware pulls: smaller messages, which workers take several at a time (learner.admission).
         self.message_prompts = min(cfg.prompts_per_message, message_prompts or cfg.prompts_per_message)
         self.admission = admission  # judge-aware limit on the window; None: the staleness window alone
-        self.solved = solved if solved is not None else SolvedPrompts(cfg.retire_solved_after, num_examples)
+        self.solved = (
+            solved
+            if solved is not None
+            else SolvedPrompts(cfg.retire_solved_after, num_examples, cfg.retire_max_fraction)
+        )
         self.retired_skips = 0  # positions passed over because their prompt was retired (learner/curriculum.py)
         self._order: tuple[int, list[int]] | None = None
 

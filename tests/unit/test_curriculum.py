@@ -57,7 +57,7 @@ def test_a_prompt_retires_after_its_streak_of_all_correct_groups_and_a_miss_rest
     solved.observe(scored("p2", ["incorrect"] * 4))
     solved.observe(scored("p3", ALL, purpose="val"))  # validation is never a training prompt
     solved.observe(scored("p3", ALL, purpose="val"))
-    assert solved.retired == {"p1"} and solved.metrics()["data/retired_prompts"] == 1.0
+    assert list(solved.retired) == ["p1"] and solved.metrics()["data/retired_prompts"] == 1.0
     off = SolvedPrompts(after=0, num_examples=10)
     for _ in range(5):
         off.observe(scored("p1", ALL))
@@ -65,18 +65,28 @@ def test_a_prompt_retires_after_its_streak_of_all_correct_groups_and_a_miss_rest
 
     again = SolvedPrompts(after=2, num_examples=10)
     again.restore(solved.state())
-    assert again.retired == {"p1"}
+    assert list(again.retired) == ["p1"]
     again.observe(scored("p4", ALL))
     again.observe(scored("p4", ALL))
-    assert again.retired == {"p1", "p4"}
+    assert list(again.retired) == ["p1", "p4"]
     fresh = SolvedPrompts(after=2, num_examples=10)
     fresh.restore(None)  # a checkpoint written before retiring existed
     assert not fresh.retired
 
 
+def test_past_the_cap_the_prompt_retired_longest_ago_returns_to_the_pool():
+    solved = SolvedPrompts(after=1, num_examples=4, max_fraction=0.5)
+    for pid in ("p0", "p1", "p2"):
+        solved.observe(scored(pid, ALL))
+    assert list(solved.retired) == ["p1", "p2"] and solved.returned == 1 and not solved.resets
+    solved.observe(scored("p0", ALL))  # back in the pool, solved again: its streak started over
+    assert list(solved.retired) == ["p2", "p0"] and solved.metrics()["data/retired_returned"] == 2.0
+
+
 def test_the_feeder_fills_each_message_past_retired_prompts_and_refills_the_pool_when_all_are_retired():
     published = []
-    cfg = GRPOConfig(num_prompts_per_step=3, prompts_per_message=3, num_generations_per_prompt=4, retire_solved_after=1)
+    cfg = GRPOConfig(num_prompts_per_step=3, prompts_per_message=3, num_generations_per_prompt=4,
+                     retire_solved_after=1, retire_max_fraction=1.0)  # fmt: skip
     feeder = Feeder(recorder(published), prompt_at, 6, cfg, run="r", shuffle=False)
     for pid in ("p0", "p2"):
         feeder.solved.observe(scored(pid, ALL))
@@ -117,8 +127,8 @@ def test_the_collector_learns_what_is_solved_from_the_scored_stream_and_a_checkp
 
     result = collector.collect(0, timeout_s=5)
     assert result is not None and len(result.groups) == 2
-    assert feeder.solved.retired == {"p0"}
+    assert list(feeder.solved.retired) == ["p0"]
 
     resumed = Feeder(lambda items: [True] * len(items), prompt_at, 4, cfg, run=run_name, shuffle=False)
     Collector(None, resumed, cfg).restore(collector.state())
-    assert resumed.solved.retired == {"p0"}
+    assert list(resumed.solved.retired) == ["p0"]
