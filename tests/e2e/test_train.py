@@ -25,7 +25,8 @@ def _train(tmp_path: Path, model_dir: Path, *overrides: str) -> subprocess.Compl
 
 def test_three_steps_advance_versions_score_groups_and_sync_weights(tmp_path, tiny_model_dir):
     result = _train(tmp_path, tiny_model_dir, "grpo.max_num_steps=3", "grpo.val_period=3", "grpo.max_val_samples=8",
-                    "policy.optimizer.schedule.kind=linear", "policy.optimizer.schedule.warmup_steps=1")  # fmt: skip
+                    "policy.optimizer.schedule.kind=linear", "policy.optimizer.schedule.warmup_steps=1",
+                    "policy.optimizer.schedule.final_ratio=0")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "run"
     everything = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
