@@ -174,3 +174,23 @@ def test_child_reads_whole_completions_under_the_default_rule():
     finally:
         handle.close()
     assert verdicts == ["correct", "no_answer", "no_answer"]
+
+
+def test_injected_delay_slows_each_group_inside_its_timed_part(child):
+    """The bench-only knob (bench/judge_backpressure.py) gives the judge a known speed; real verdicts are kept."""
+    from broker.schemas import Array, Prompt, RolloutGroup, Sample
+    from workers.judge.app import score
+    from workers.judge.config import JudgeConfig
+
+    sample = Sample(Array.from_numpy([1], "int32"), Array.from_numpy([-0.5], "float32"), "stop", "Answer: 3")
+    prompt = Prompt("p-0", Array.from_numpy([5, 6], "int32"), "3", text="1+2?")
+    group = RolloutGroup(group_id="p-0@b", batch_id="b", prompt=prompt, samples=[sample, sample], policy_version=0,
+                         worker_id="gen-0")  # fmt: skip
+    cfg = JudgeConfig(answer_rule="last_box", injected_delay_per_group_s=0.3)
+    scored = score(group, cfg, child)
+    assert scored.verdicts == ["correct", "correct"]
+    assert scored.timings["verify_s"] >= 0.3
+    with pytest.raises(ValueError, match="below group_timeout_s"):
+        JudgeConfig(injected_delay_per_group_s=5, answer_timeout_s=2, group_timeout_s=4)
+    with pytest.raises(ValueError):
+        JudgeConfig(injected_delay_per_group_s=-0.1)

@@ -179,6 +179,8 @@ def score(group: RolloutGroup, cfg: JudgeConfig, child: VerifierChild, *, judge:
     verdicts = child.verify_answers(
         group.prompt.ground_truth, answers, answer_timeout_s=cfg.answer_timeout_s, group_timeout_s=cfg.group_timeout_s
     )
+    if cfg.injected_delay_per_group_s:  # bench/test only: a judge of known, steady speed (config.py)
+        time.sleep(cfg.injected_delay_per_group_s)
     verified = time.monotonic()
     if cfg.llm_judge.enabled:
         remaining = started + cfg.group_timeout_s - verified

@@ -73,11 +73,20 @@ class JudgeConfig(StrictModel):
         "\\boxed{}.",
     )
     llm_judge: LLMJudgeConfig = Field(default_factory=LLMJudgeConfig)
+    injected_delay_per_group_s: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="Bench and test only: sleep this long after verifying each group, inside its timed part, so a "
+        "judge scores at a known, steady rate below generation (bench/judge_backpressure.py). Leave 0 in real runs.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> JudgeConfig:
         if self.group_timeout_s < self.answer_timeout_s:
             raise ValueError("group_timeout_s must be >= answer_timeout_s")
+        if self.injected_delay_per_group_s >= self.group_timeout_s:
+            raise ValueError("injected_delay_per_group_s must be below group_timeout_s")
         if self.task_time_limit_s < self.group_timeout_s + TIME_LIMIT_MARGIN_S:
             raise ValueError(f"task_time_limit_s must be >= group_timeout_s + {TIME_LIMIT_MARGIN_S:g}")
         if self.visibility_timeout_s <= self.task_time_limit_s:
