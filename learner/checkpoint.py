@@ -60,6 +60,24 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return path
 
 
+def finished_version(checkpoint_dir: Path, max_steps: int) -> int | None:
+    """The newest checkpoint's version when it has reached `max_steps` (the run is done, nothing to train), else
+    None. Raises UserError as `latest_checkpoint` does."""
+    path = latest_checkpoint(checkpoint_dir)
+    if path is None:
+        return None
+    version = int(json.loads((path / CHECKPOINT_STATE_FILE).read_text())["version"])
+    return version if version >= max_steps else None
+
+
+def finished_message(checkpoint_dir: Path, version: int) -> str:
+    return (
+        f"{checkpoint_dir} holds a finished run (version {version}, grpo.max_num_steps reached): nothing to train. "
+        "Raise grpo.max_num_steps to train on from it, or set checkpointing.checkpoint_dir to a new directory to "
+        "start afresh"
+    )
+
+
 def save_checkpoint(
     checkpoint_dir: Path,
     step: int,

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from broker.policy import CHECKPOINT_POLICY_DIR
-from learner.checkpoint import latest_checkpoint, load_checkpoint
+from learner.checkpoint import finished_message, latest_checkpoint, load_checkpoint
 from learner.config import LearnerConfig, PolicyConfig
 from learner.coordinator import Coordinator
 from learner.distributed import DistInfo, broadcast_plan, init_distributed, replica_spread, scatter_shares
@@ -108,6 +108,10 @@ def run(cfg: LearnerConfig) -> int:
         state, pending, optimizer_state = load_checkpoint(resume)
         trainer.load_optimizer_state(optimizer_state)
         version = int(state["version"])
+    # A finished run resumed: no step, no weight sync, no validation (no worker could get the weights to serve it).
+    finished = resume is not None and version >= cfg.grpo.max_num_steps
+    if finished and info.is_main:
+        log.warning("%s", finished_message(Path(cfg.checkpointing.checkpoint_dir), version))
     coordinator = None
     stop = _StopFlag()
     if info.is_main:
@@ -116,8 +120,9 @@ def run(cfg: LearnerConfig) -> int:
             coordinator.restore(state, pending)
         coordinator.recover(version)
         coordinator.policy.set_version(version)
-        coordinator.start_validation(version)
-    if resume is not None and cfg.learner.weight_sync.enabled:
+        if not finished:
+            coordinator.start_validation(version)
+    if resume is not None and cfg.learner.weight_sync.enabled and not finished:
         full = trainer.full_model()  # a collective under FSDP2
         if coordinator is not None and coordinator.weights is not None and full is not None:
             coordinator.sync_weights(version, full)  # workers may hold weights of a discarded timeline

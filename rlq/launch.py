@@ -63,6 +63,14 @@ def train(cfg: RunConfig) -> Path:
 
     for name in {cfg.policy.model_name, cfg.policy.generation.model_name or cfg.policy.model_name}:
         resolve_model(name)  # a model that is not there is one line here, not a failed role later
+    if cfg.checkpointing.enabled:
+        from learner.checkpoint import finished_message, finished_version
+
+        checkpoints = Path(cfg.checkpointing.checkpoint_dir)
+        done = finished_version(checkpoints, cfg.grpo.max_num_steps)
+        if done is not None:  # before any process starts: the roles would only wait for a learner that stops
+            log.info("%s", finished_message(checkpoints, done))
+            return run_dir
     server = None
     env: dict[str, str] = {"RLQ_RUN": cfg.run_name, "PYTHONUNBUFFERED": "1"}
     # The run secret: each role gets only its own user's password from it (broker/acl.py), never the secret.

@@ -54,6 +54,14 @@ def test_three_steps_advance_versions_score_groups_and_sync_weights(tmp_path, ti
     assert (run_dir / "config.yaml").exists() and (run_dir / "reward.png").exists()
     assert "step 3/3" in result.stderr and "validation of version 3: accuracy" in result.stderr
 
+    # The same command again (`make train` twice): the checkpoint says the run is done. One line, nothing starts
+    # (before, every role started and the learner waited 300 s on a validation no worker could serve).
+    metrics_before = (run_dir / "metrics.jsonl").read_text()
+    again = _train(tmp_path, tiny_model_dir, "grpo.max_num_steps=3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "holds a finished run (version 3, grpo.max_num_steps reached): nothing to train" in again.stderr
+    assert "started learner" not in again.stderr and (run_dir / "metrics.jsonl").read_text() == metrics_before
+
 
 def test_a_failing_role_is_named_in_one_line(tmp_path, tiny_model_dir):
     not_a_model = tmp_path / "not-a-model"  # a directory, so it passes the launcher's check; the worker fails on it

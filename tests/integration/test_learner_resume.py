@@ -128,6 +128,19 @@ def test_sigkill_and_restart_loses_nothing_and_trains_nothing_twice(
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 4, 5, 6, 7, 8]  # the second run resumes at version 3
 
+    # Started once more on the finished checkpoint, with a validation due at its version that no worker is there to
+    # serve: it says the run is done and exits at once (it used to wait data_timeout_s for that validation).
+    third = start_learner(config, 1, tmp_path / "learner-3.log", *overrides, "grpo.val_period=2",
+                          f"++data.validation_path={tmp_path / 'prompts.jsonl'}")  # fmt: skip
+    try:
+        rc3 = third.wait(timeout=90)
+    finally:
+        if third.poll() is None:
+            kill_tree(third.pid)
+    log3 = (tmp_path / "learner-3.log").read_text()
+    assert rc3 == 0 and f"holds a finished run (version {STEPS}, grpo.max_num_steps reached)" in log3, log3[-3000:]
+    assert "validation of version" not in log3 and read_jsonl(run_dir / "metrics.jsonl") == metrics
+
 
 @pytest.mark.slow
 def test_sigterm_while_waiting_for_data_checkpoints_and_exits(tmp_path, tiny_model_dir, redis_url, run_name):
