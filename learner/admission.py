@@ -5,9 +5,11 @@ the judges are the slowest stage, the groups beyond what they can score soon onl
 they add nothing to throughput, they age there, and any that a faster path overtakes (another worker, a
 redelivered task) reach the learner too old and are dropped as stale. So while the judge queue has tasks waiting,
 the feeder measures how long a group waits for its judge (scored `created_at` minus the rollout's, an EMA) in
-learner steps (an EMA of the step time), and keeps the part of the window above `judge_wait_steps` steps of
-waiting unpublished. The prompts it holds back are generated later, with newer weights, and the judge still has
-`judge_wait_steps` steps of work queued. Pure pieces first; `JudgeAdmission` holds the measurements.
+learner steps (an EMA of the step time), and keeps the part of the window above the allowance unpublished. The
+allowance is `judge_wait_steps` steps, or the refill time where that is longer: how long a prompt published now
+takes to reach the judges (the learner's update and weight sync, when it publishes nothing, plus generation). So
+the judge keeps enough queued to stay busy until the prompts released next arrive, and the prompts held back are
+generated later, with newer weights. Pure pieces first; `JudgeAdmission` holds the measurements.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class JudgeAdmission:
         self.probe = probe
         self.latency_s = 0.0  # EMA: rollout handed to the judges -> scored
         self.step_s = 0.0  # EMA: wall time between two finished steps
+        self.outside_s = 0.0  # EMA: the part of a step spent outside collecting (update, weight sync): no top-ups
+        self.generate_s = 0.0  # EMA: prompt published -> its group handed to the judges
         self.waiting = 0  # judge tasks not taken yet, at the last poll
         self.unacked = 0  # judge tasks taken and not finished, at the last poll
         self.held_back = 0  # prompts the staleness window allowed and this limit did not, at the last top-up
@@ -70,11 +74,22 @@ class JudgeAdmission:
     def observe_latency(self, seconds: float) -> None:
         self.latency_s = ema(self.latency_s, max(0.0, seconds), self.cfg.latency_ema)
 
-    def observe_step(self) -> None:
+    def observe_generation(self, seconds: float) -> None:
+        self.generate_s = ema(self.generate_s, max(0.0, seconds), self.cfg.latency_ema)
+
+    def observe_step(self, collect_wait_s: float = 0.0) -> None:
+        """A step finished; `collect_wait_s` of it went to collecting its groups (the feeder publishes only then)."""
         now = time.monotonic()
         if self._last_step_at is not None:
-            self.step_s = ema(self.step_s, now - self._last_step_at, self.cfg.latency_ema)
+            interval = now - self._last_step_at
+            self.step_s = ema(self.step_s, interval, self.cfg.latency_ema)
+            self.outside_s = ema(self.outside_s, max(0.0, interval - collect_wait_s), self.cfg.latency_ema)
         self._last_step_at = now
+
+    @property
+    def refill_s(self) -> float:
+        """Seconds from the moment the feeder would release held-back prompts to their groups reaching the judges."""
+        return self.outside_s + self.generate_s
 
     def window(self, staleness_window: int) -> int:
         """The prompts in flight admitted now (<= `staleness_window`)."""
@@ -87,7 +102,8 @@ class JudgeAdmission:
             return staleness_window
         admitted = admitted_window(
             staleness_window, self.per_step, waited_steps=wait_steps(self.latency_s, self.step_s),
-            allowance_steps=self.cfg.judge_wait_steps, min_steps=self.cfg.min_window_steps,
+            allowance_steps=max(self.cfg.judge_wait_steps, wait_steps(self.refill_s, self.step_s)),
+            min_steps=self.cfg.min_window_steps,
             judge_waiting=self.waiting > 0,
         )  # fmt: skip
         self.held_back = staleness_window - admitted
@@ -101,4 +117,5 @@ class JudgeAdmission:
             "queue/judge_latency_s": self.latency_s,
             "queue/judge_wait_steps": wait_steps(self.latency_s, self.step_s),
             "queue/judge_held_back": float(self.held_back),
+            "queue/judge_refill_s": self.refill_s,
         }

@@ -181,7 +181,7 @@ class Coordinator:
         elif not ckpt.enabled:
             self.consumer.ack(self.collector.take_acks())
         dropped = {f"queue/dropped_{r}": float(len(ids)) for r, ids in info["dropped"].items()}
-        self.admission.observe_step()
+        self.admission.observe_step(metrics.get("queue/wait_s", 0.0))
         metrics.update(self.admission.metrics())
         metrics.update(info["metrics"])
         metrics.update(dropped)

@@ -73,6 +73,7 @@ class Feeder:
             else SolvedPrompts(cfg.retire_solved_after, num_examples, cfg.retire_max_fraction)
         )
         self.retired_skips = 0  # positions passed over because their prompt was retired (learner/curriculum.py)
+        self.published_at: dict[str, float] = {}  # batch id -> wall time it went out (judge-aware refill time)
         self._order: tuple[int, list[int]] | None = None
 
     @property
@@ -116,6 +117,11 @@ class Feeder:
                 log.info("prompt batch %s was published before the restart; not sent again", batch_id)
         self.cursor = cursor
         self.in_flight += sent
+        now = time.time()
+        for batch_id, _ in messages:
+            self.published_at[batch_id] = now
+        while len(self.published_at) > 2 * self.window:  # oldest first: long since back, or lost
+            del self.published_at[next(iter(self.published_at))]
         return sent
 
     def _take(self, start: int, n: int) -> tuple[list[Prompt], int]:
@@ -252,8 +258,11 @@ class Collector:
         self.seen.add(group.group_id)
         self.feeder.in_flight = max(0, self.feeder.in_flight - 1)
         self.feeder.solved.observe(group)  # stale or not, it says what a recent policy can already solve
-        if self.feeder.admission is not None:  # handed to the judges -> scored, for judge-aware admission
+        if self.feeder.admission is not None:  # published -> handed to the judges -> scored (judge-aware)
             self.feeder.admission.observe_latency(group.created_at - group.rollout.created_at)
+            published = self.feeder.published_at.get(group.rollout.batch_id)
+            if published is not None:
+                self.feeder.admission.observe_generation(group.rollout.created_at - published)
         reason = self._reason(group, learner_version)
         if reason:
             self._drop(result, reason, group, learner_version)

@@ -88,18 +88,19 @@ class AdmissionConfig(StrictModel):
         "throughput (policy.generation.worker.pull), and sample in one engine call. null: one message per batch.",
     )
     judge_aware: bool = Field(
-        False,
-        description="Off by default: bench/judge_backpressure.py did not show it saving stale groups yet. "
-        "Judge-aware backpressure: while groups wait for a judge (Celery queue not empty) longer than "
-        "judge_wait_steps learner steps, the feeder keeps that much of the staleness window unpublished, so "
-        "generation waits for the judges instead of producing groups that age in their queue.",
+        True,
+        description="Judge-aware backpressure: while groups wait for a judge (Celery queue not empty) longer than "
+        "judge_wait_steps learner steps, or than the refill time where that is longer (update, weight sync and "
+        "generation of what the feeder releases next), the feeder keeps that much of the staleness window "
+        "unpublished, so the prompts are generated later, with newer weights, instead of ageing in the judge "
+        "queue. false: the staleness window alone (bench/judge_backpressure.py compares the two).",
     )
     judge_wait_steps: float = Field(
         0.5,
         ge=0,
         le=100,
-        description="Learner steps a group may wait for its judge before the feeder holds prompts back (the judge "
-        "then still has that much work queued).",
+        description="Learner steps a group may wait for its judge before the feeder holds prompts back; the refill "
+        "time replaces it where longer, so the judge still has work queued when the released prompts reach it.",
     )
     min_window_steps: float = Field(
         1.0,
