@@ -139,7 +139,8 @@ def measure(loop: Loop, seconds: float) -> dict:
     loop.wait_first_step()
     time.sleep(seconds)
     loop.stop(keep_server=True)
-    owner = producers(loop)
+    scored = scored_groups(loop)
+    owner = {g.group_id: g.rollout.worker_id for g in scored}
     loop.server.stop()  # type: ignore[attr-defined]
     loop.server = None
     records = loop.records()
@@ -164,22 +165,30 @@ def measure(loop: Loop, seconds: float) -> dict:
         # weight broadcast for a member still busy with its batch (the collective transport waits for every one).
         "learner_wait_s_per_step": round(sum(r.get("queue/wait_s", 0.0) for r in records) / len(records), 3),
         "learner_sync_s_per_step": round(sum(r.get("sync/broadcast_s", 0.0) for r in records) / len(records), 3),
+        "staleness_mean": round(sum(r.get("rollout/staleness_mean", 0.0) for r in records) / len(records), 3),
+        "judge_busy_fraction": judge_busy_fraction(scored, records[0]["time"]),
         "run_dir": str(loop.run_dir.relative_to(REPO)),
     }
 
 
-def producers(loop: Loop) -> dict[str, str]:
-    """group id -> the worker that generated it, off the scored stream (the bench keeps it untrimmed)."""
+def scored_groups(loop: Loop) -> list:
+    """Every ScoredGroup of the run, in the order the judges published them (the bench keeps the stream)."""
     from broker.connection import connect
     from broker.keys import Keys
     from broker.schemas import ScoredGroup, decode
 
     r = connect(loop.server.url)  # type: ignore[attr-defined]
-    out = {}
-    for _, fields in r.xrange(Keys(loop.run_name).scored):
-        group = decode(fields[b"m"], ScoredGroup)
-        out[group.group_id] = group.rollout.worker_id  # type: ignore[attr-defined]
-    return out
+    return [decode(fields[b"m"], ScoredGroup) for _, fields in r.xrange(Keys(loop.run_name).scored)]
+
+
+def judge_busy_fraction(groups: list, since: float) -> float:
+    """Share of the wall time from `since` (epoch s) to the last score that the judge spent scoring: below 1 with
+    one judge process, it sat idle waiting for groups."""
+    timed = [g for g in groups if g.created_at >= since]
+    if len(timed) < 2:
+        return 0.0
+    busy = sum(g.timings.get("verify_s", 0.0) + g.timings.get("llm_judge_s", 0.0) for g in timed)
+    return round(busy / max(timed[-1].created_at - since, 1e-9), 3)
 
 
 def worker_overrides(delay_s: float) -> dict[str, list[str]]:
