@@ -87,6 +87,10 @@ class PolicyHash:
     def set_checkpoint(self, path: str | Path) -> None:
         self.r.hset(self.keys.policy, POLICY_CHECKPOINT, str(Path(path).resolve()))
 
+    def join_requested(self) -> bool:
+        """Whether a worker waits to be admitted (the requests stay for `take_join_requests`)."""
+        return any(k.decode().startswith(POLICY_JOIN_PREFIX) for k in self.r.hkeys(self.keys.policy))  # type: ignore[union-attr]
+
     def take_join_requests(self) -> dict[str, Any]:
         """Every pending join request (worker id -> raw value), removed from the hash."""
         fields: Any = self.r.hgetall(self.keys.policy)

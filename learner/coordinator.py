@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,6 +37,8 @@ NEVER_RECLAIM_MS = 7 * 24 * 3600 * 1000
 """Our pending entries wait for the next checkpoint, not for a timeout (we are the only consumer)."""
 MAX_DELIVERIES = 100
 """Every restart re-delivers the pending entries once; only a message that keeps failing should die."""
+JOIN_OFFER_EVERY_S = 1.0
+"""How often a learner waiting for data looks for workers asking to join (one HKEYS on the policy hash)."""
 
 
 class Coordinator:
@@ -88,6 +92,7 @@ class Coordinator:
         self.metrics = MultiLogger(JsonlLogger(cfg.learner.run_dir), ConsoleSummary())
         self.tokenizer = tokenizer
         self.weights = _weight_sync(cfg, self.redis)
+        self._offered_at = -float("inf")  # the last look for join requests while waiting (offer_to_joiners)
         self.last_saved = -1
         self.validator = None
         if cfg.grpo.validates:
@@ -121,9 +126,20 @@ class Coordinator:
         if taken:
             log.info("took back %d scored groups read but not covered by a checkpoint", taken)
 
-    def prepare(self, version: int, world_size: int, should_stop) -> tuple[list[dict], dict, float] | None:
-        """Collect the step's groups and cut them into per-rank payloads (None: asked to stop meanwhile)."""
-        result = self.collector.collect(version, timeout_s=self.cfg.learner.data_timeout_s, should_stop=should_stop)
+    def prepare(
+        self, version: int, world_size: int, should_stop, current_weights: Callable[[], Any] | None = None
+    ) -> tuple[list[dict], dict, float] | None:
+        """Collect the step's groups and cut them into per-rank payloads (None: asked to stop meanwhile).
+
+        Args:
+            current_weights: the model at `version` on this rank, without a collective (None when it has none);
+                offered again to a worker that asks to join while the step waits for data.
+        """
+        on_idle = None
+        if current_weights is not None:
+            on_idle = lambda: self.offer_to_joiners(version, current_weights)  # noqa: E731
+        result = self.collector.collect(version, timeout_s=self.cfg.learner.data_timeout_s, should_stop=should_stop,
+                                        on_idle=on_idle)  # fmt: skip
         if result is None:
             return None
         samples = [
@@ -243,6 +259,22 @@ class Coordinator:
                 last_progress = time.monotonic()
                 self.consumer.ack(val_ids)  # no checkpoint needs them; training groups stay pending for a resume
             self.log_validation(version)
+
+    def offer_to_joiners(self, version: int, current_weights: Callable[[], Any]) -> None:
+        """While the learner waits for data, a worker that asks to join gets the current weights now, not at the next
+        step's broadcast: that step may need its groups (a sole worker restarted, or every worker after a resume,
+        holds older weights than the prompts ask for, and nothing else would ever send them)."""
+        now = time.monotonic()
+        if self.weights is None or now - self._offered_at < JOIN_OFFER_EVERY_S:
+            return
+        self._offered_at = now
+        if not self.policy.join_requested():
+            return
+        model = current_weights()
+        if model is None:
+            return
+        log.info("a worker asked to join while the learner waits for data: weights v%d sent again", version)
+        self.sync_weights(version, model)
 
     def sync_weights(self, version: int, model: torch.nn.Module) -> dict[str, float]:
         """Broadcast; a failed sync is logged and counted, and training goes on (workers keep older weights)."""

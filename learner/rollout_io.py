@@ -198,10 +198,16 @@ class Collector:
         return len(deliveries)
 
     def collect(
-        self, learner_version: int, *, timeout_s: float, should_stop: Callable[[], bool] | None = None
+        self,
+        learner_version: int,
+        *,
+        timeout_s: float,
+        should_stop: Callable[[], bool] | None = None,
+        on_idle: Callable[[], None] | None = None,
     ) -> CollectResult | None:
         """Block until `num_prompts_per_step` admissible groups are at hand; None when `should_stop()` turns true
-        first (what was read stays buffered, drops are reported with the next step).
+        first (what was read stays buffered, drops are reported with the next step). `on_idle` runs after each
+        read that found nothing.
 
         Raises:
             TimeoutError: no scored group arrived for `timeout_s`.
@@ -219,6 +225,8 @@ class Collector:
             deliveries = self.consumer.read(block_ms=self.read_block_ms)
             if deliveries:
                 last_progress = time.monotonic()
+            elif on_idle is not None:  # a read that timed out: nothing came back for read_block_ms
+                on_idle()
             for delivery in deliveries:
                 self._unacked.append(delivery.entry_id)
                 self._accept(delivery.message, learner_version, result)

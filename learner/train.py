@@ -122,12 +122,14 @@ def run(cfg: LearnerConfig) -> int:
         coordinator.policy.set_version(version)
         if not finished:
             coordinator.start_validation(version)
+    gathered = -1  # the version trainer.full_model() last gathered (FSDP2's full copy on rank 0)
     if resume is not None and cfg.learner.weight_sync.enabled and not finished:
         full = trainer.full_model()  # a collective under FSDP2
+        gathered = version
         if coordinator is not None and coordinator.weights is not None and full is not None:
             coordinator.sync_weights(version, full)  # workers may hold weights of a discarded timeline
     try:
-        version = _loop(cfg, info, trainer, coordinator, stop, version)
+        version = _loop(cfg, info, trainer, coordinator, stop, version, gathered)
         if coordinator is not None and not stop.set:
             coordinator.finish_validation(version)
     finally:
@@ -173,14 +175,21 @@ def build_trainer(cfg: LearnerConfig, info: DistInfo, resume: Path | None) -> tu
     return trainer, tokenizer
 
 
-def _loop(cfg, info: DistInfo, trainer: Trainer, coordinator, stop, version: int) -> int:
+def _loop(cfg, info: DistInfo, trainer: Trainer, coordinator, stop, version: int, gathered: int) -> int:
+    def current_weights() -> torch.nn.Module | None:
+        """The weights at `version` on rank 0 without a collective: the model itself, or FSDP2's full copy when it
+        was gathered at this version (for a worker that asks to join while the step waits for data)."""
+        if not trainer.fsdp:
+            return trainer.full_model()
+        return trainer.shadow if gathered == version else None
+
     while True:
         t_step = time.perf_counter()
         payloads, step_info, wait_s = None, None, 0.0
         if info.is_main:
             prepared = None
             if version < cfg.grpo.max_num_steps and not stop.set:
-                prepared = coordinator.prepare(version, info.world_size, lambda: stop.set)
+                prepared = coordinator.prepare(version, info.world_size, lambda: stop.set, current_weights)
             if prepared is None:  # a last checkpoint keeps what was read but not trained
                 save = cfg.checkpointing.enabled and version != coordinator.last_saved
                 payloads = [{"stop": True, "save": save}] * info.world_size
@@ -213,6 +222,7 @@ def _loop(cfg, info: DistInfo, trainer: Trainer, coordinator, stop, version: int
             plan = (False, plan[1])
         plan = broadcast_plan(plan, info)
         model = trainer.full_model() if any(plan) else None  # a collective under FSDP2
+        gathered = version if model is not None else gathered
         optimizer_state = trainer.optimizer_state() if plan[1] else None
         if info.is_main:
             metrics.update(
