@@ -97,7 +97,10 @@ class LoggedGroups:
 
     steps: dict[int, list[ScoredGroup]]
 
-    def collect(self, learner_version: int, *, timeout_s: float, should_stop=None) -> CollectResult | None:
+    def collect(
+        self, learner_version: int, *, timeout_s: float, should_stop=None, on_idle=None
+    ) -> CollectResult | None:
+        # on_idle is never called: the log holds every step's groups, nothing is waited for
         groups = self.steps.get(learner_version + 1)
         return None if groups is None else CollectResult(groups=groups)
 

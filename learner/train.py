@@ -175,7 +175,7 @@ def build_trainer(cfg: LearnerConfig, info: DistInfo, resume: Path | None) -> tu
     return trainer, tokenizer
 
 
-def _loop(cfg, info: DistInfo, trainer: Trainer, coordinator, stop, version: int, gathered: int) -> int:
+def _loop(cfg, info: DistInfo, trainer: Trainer, coordinator, stop, version: int, gathered: int = -1) -> int:
     def current_weights() -> torch.nn.Module | None:
         """The weights at `version` on rank 0 without a collective: the model itself, or FSDP2's full copy when it
         was gathered at this version (for a worker that asks to join while the step waits for data)."""
