@@ -93,6 +93,7 @@ class Coordinator:
         self.tokenizer = tokenizer
         self.weights = _weight_sync(cfg, self.redis)
         self._offered_at = -float("inf")  # the last look for join requests while waiting (offer_to_joiners)
+        self.current_weights: Callable[[], Any] | None = None  # set by learner.train._loop
         self.last_saved = -1
         self.validator = None
         if cfg.grpo.validates:
@@ -126,18 +127,9 @@ class Coordinator:
         if taken:
             log.info("took back %d scored groups read but not covered by a checkpoint", taken)
 
-    def prepare(
-        self, version: int, world_size: int, should_stop, current_weights: Callable[[], Any] | None = None
-    ) -> tuple[list[dict], dict, float] | None:
-        """Collect the step's groups and cut them into per-rank payloads (None: asked to stop meanwhile).
-
-        Args:
-            current_weights: the model at `version` on this rank, without a collective (None when it has none);
-                offered again to a worker that asks to join while the step waits for data.
-        """
-        on_idle = None
-        if current_weights is not None:
-            on_idle = lambda: self.offer_to_joiners(version, current_weights)  # noqa: E731
+    def prepare(self, version: int, world_size: int, should_stop) -> tuple[list[dict], dict, float] | None:
+        """Collect the step's groups and cut them into per-rank payloads (None: asked to stop meanwhile)."""
+        on_idle = lambda: self.offer_to_joiners(version)  # noqa: E731
         result = self.collector.collect(version, timeout_s=self.cfg.learner.data_timeout_s, should_stop=should_stop,
                                         on_idle=on_idle)  # fmt: skip
         if result is None:
@@ -258,14 +250,18 @@ class Coordinator:
             if val_ids:
                 last_progress = time.monotonic()
                 self.consumer.ack(val_ids)  # no checkpoint needs them; training groups stay pending for a resume
+            else:
+                self.offer_to_joiners(version)  # the final weights may have gone out before any worker joined
             self.log_validation(version)
 
-    def offer_to_joiners(self, version: int, current_weights: Callable[[], Any]) -> None:
+    def offer_to_joiners(self, version: int) -> None:
         """While the learner waits for data, a worker that asks to join gets the current weights now, not at the next
-        step's broadcast: that step may need its groups (a sole worker restarted, or every worker after a resume,
-        holds older weights than the prompts ask for, and nothing else would ever send them)."""
+        step's broadcast: that step (or the final validation) may need its groups (a sole worker restarted, or every
+        worker after a resume, holds older weights than the prompts ask for, and nothing else would send them).
+        `current_weights` (set by the train loop) gives the model at `version` without a collective, or None."""
         now = time.monotonic()
-        if self.weights is None or now - self._offered_at < JOIN_OFFER_EVERY_S:
+        current_weights = getattr(self, "current_weights", None)
+        if self.weights is None or current_weights is None or now - self._offered_at < JOIN_OFFER_EVERY_S:
             return
         self._offered_at = now
         if not self.policy.join_requested():

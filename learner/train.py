@@ -183,13 +183,15 @@ def _loop(cfg, info: DistInfo, trainer: Trainer, coordinator, stop, version: int
             return trainer.full_model()
         return trainer.shadow if gathered == version else None
 
+    if coordinator is not None:  # the closure reads the loop's latest version, also after the loop has ended
+        coordinator.current_weights = current_weights
     while True:
         t_step = time.perf_counter()
         payloads, step_info, wait_s = None, None, 0.0
         if info.is_main:
             prepared = None
             if version < cfg.grpo.max_num_steps and not stop.set:
-                prepared = coordinator.prepare(version, info.world_size, lambda: stop.set, current_weights)
+                prepared = coordinator.prepare(version, info.world_size, lambda: stop.set)
             if prepared is None:  # a last checkpoint keeps what was read but not trained
                 save = cfg.checkpointing.enabled and version != coordinator.last_saved
                 payloads = [{"stop": True, "save": save}] * info.world_size

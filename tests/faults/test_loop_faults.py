@@ -31,6 +31,7 @@ from broker.schemas import (
 from tests.faults.harness import SECRET, Ledger, LoopRun, record
 
 HUNDRED_MB = 100 * 1024 * 1024
+STEPS = 20  # of the short test's run
 
 
 def malformed_payloads(kind: str, field: str, big: bool) -> dict[str, bytes]:
@@ -181,9 +182,10 @@ def check_refused_clients(loop: LoopRun) -> dict[str, str]:
 
 def test_one_loop_many_faults(loop: LoopRun):
     """CI: malformed entries in both streams, a pickled Celery task, refused clients, a generation worker
-    SIGKILLed holding a batch, and Redis stopped for 10 s, all in one 10-step run (enough steps that every fault
-    lands before the end, also on a quiet machine)."""
-    loop.overrides += ["grpo.max_num_steps=10", "++policy.generation.worker.claim_idle_ms=4000"]
+    SIGKILLed holding a batch, and Redis stopped for 10 s, all in one 20-step run (enough steps that every fault
+    lands before the end, also on a quiet machine: with 10, the run once ended before Redis was stopped, when a
+    worker's re-join no longer waited for the next step's broadcast)."""
+    loop.overrides += [f"grpo.max_num_steps={STEPS}", "++policy.generation.worker.claim_idle_ms=4000"]
     loop.start_all(generation_workers=2)
     loop.wait_step(1)
     victim = f"{loop.run_name}-gen-1"
@@ -259,4 +261,4 @@ def test_one_loop_many_faults(loop: LoopRun):
            rss_mb=[round(rss_before), round(rss_after)], steps=loop.step())  # fmt: skip
     assert not verdict.lost, f"lost groups: {verdict.lost[:10]}"
     assert not verdict.duplicated and not verdict.scored_twice, summary
-    assert len(verdict.trained_once) == 10 * 8, summary
+    assert len(verdict.trained_once) == STEPS * 8, summary

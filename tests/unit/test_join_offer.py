@@ -41,18 +41,21 @@ def test_a_worker_asking_to_join_while_the_learner_waits_gets_the_current_weight
     send the weights at the learner's version again; no request, no broadcast, at most one look a second."""
     policy = PolicyHash(connect(redis_url), Keys(run_name))
     sent: list[tuple[int, object]] = []
+    model: object | None = object()
     coordinator = SimpleNamespace(weights=object(), policy=policy, _offered_at=-float("inf"),
+                                  current_weights=lambda: model,
                                   sync_weights=lambda version, model: sent.append((version, model)))  # fmt: skip
-    model = object()
-    Coordinator.offer_to_joiners(coordinator, 56, lambda: model)  # type: ignore[arg-type]
+    Coordinator.offer_to_joiners(coordinator, 56)  # type: ignore[arg-type]
     assert sent == [] and not policy.join_requested()
     policy.ask_to_join(JoinRequest(worker_id="gen-0"))
     assert policy.join_requested()
-    Coordinator.offer_to_joiners(coordinator, 56, lambda: model)  # type: ignore[arg-type]
+    Coordinator.offer_to_joiners(coordinator, 56)  # type: ignore[arg-type]
     assert sent == []  # looked less than a second ago
     coordinator._offered_at = -float("inf")
-    Coordinator.offer_to_joiners(coordinator, 56, lambda: model)  # type: ignore[arg-type]
+    Coordinator.offer_to_joiners(coordinator, 56)  # type: ignore[arg-type]
     assert sent == [(56, model)]
     coordinator._offered_at = -float("inf")
-    Coordinator.offer_to_joiners(coordinator, 57, lambda: None)  # type: ignore[arg-type]  (FSDP2, not gathered)
-    assert sent == [(56, model)]
+    first = model
+    model = None  # FSDP2, rank 0's full copy not gathered at this version: nothing to send
+    Coordinator.offer_to_joiners(coordinator, 57)  # type: ignore[arg-type]
+    assert sent == [(56, first)]
