@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from broker.errors import UserError
 from broker.keys import (
     POLICY_ANNOUNCEMENT,
     POLICY_CHECKPOINT,
@@ -36,6 +37,8 @@ CHECKPOINT_POLICY_DIR = "policy"
 """Subdirectory of a checkpoint with the Hugging Face model (config, weights, tokenizer)."""
 CHECKPOINT_STATE_FILE = "learner_state.json"
 """File of a checkpoint with the learner's state; its `version` is the policy version of the weights."""
+LATEST = "latest"
+"""File in the checkpoint directory naming the newest complete `step_<N>` directory."""
 
 
 def checkpoint_model_dir(path: str | Path) -> str:
@@ -51,6 +54,38 @@ def checkpoint_version(model_dir: str | Path) -> int:
         return int(json.loads(state.read_text())["version"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest complete checkpoint, or None. Raises UserError when `latest` names an incomplete one."""
+    pointer = checkpoint_dir / LATEST
+    if not pointer.exists():
+        return None
+    path = checkpoint_dir / pointer.read_text().strip()
+    if not (path / CHECKPOINT_STATE_FILE).exists():
+        raise UserError(
+            f"{pointer} names {path}, which is not a complete checkpoint: point it at a complete step_<N> "
+            "directory, or set checkpointing.checkpoint_dir to a new directory to start afresh"
+        )
+    return path
+
+
+def finished_version(checkpoint_dir: Path, max_steps: int) -> int | None:
+    """The newest checkpoint's version when it has reached `max_steps` (the run is done, nothing to train), else
+    None. Raises UserError as `latest_checkpoint` does."""
+    path = latest_checkpoint(checkpoint_dir)
+    if path is None:
+        return None
+    version = checkpoint_version(path / CHECKPOINT_POLICY_DIR)
+    return version if version >= max_steps else None
+
+
+def finished_message(checkpoint_dir: Path, version: int) -> str:
+    return (
+        f"{checkpoint_dir} holds a finished run (version {version}, grpo.max_num_steps reached): nothing to train. "
+        "Raise grpo.max_num_steps to train on from it, or set checkpointing.checkpoint_dir to a new directory to "
+        "start afresh"
+    )
 
 
 class PolicyHash:

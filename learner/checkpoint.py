@@ -31,51 +31,17 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from broker.errors import UserError
-from broker.policy import CHECKPOINT_POLICY_DIR, CHECKPOINT_STATE_FILE
+from broker.policy import CHECKPOINT_POLICY_DIR, CHECKPOINT_STATE_FILE, LATEST
 from learner.checkpoint_select import Retention, prune
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
 LEDGER = "ledger.jsonl"
 DISCARDED = "ledger.discarded.jsonl"
 
 
 def step_dir(checkpoint_dir: Path, step: int) -> Path:
     return checkpoint_dir / f"step_{step}"
-
-
-def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest complete checkpoint, or None. Raises UserError when `latest` names an incomplete one."""
-    pointer = checkpoint_dir / LATEST
-    if not pointer.exists():
-        return None
-    path = checkpoint_dir / pointer.read_text().strip()
-    if not (path / CHECKPOINT_STATE_FILE).exists():
-        raise UserError(
-            f"{pointer} names {path}, which is not a complete checkpoint: point it at a complete step_<N> "
-            "directory, or set checkpointing.checkpoint_dir to a new directory to start afresh"
-        )
-    return path
-
-
-def finished_version(checkpoint_dir: Path, max_steps: int) -> int | None:
-    """The newest checkpoint's version when it has reached `max_steps` (the run is done, nothing to train), else
-    None. Raises UserError as `latest_checkpoint` does."""
-    path = latest_checkpoint(checkpoint_dir)
-    if path is None:
-        return None
-    version = int(json.loads((path / CHECKPOINT_STATE_FILE).read_text())["version"])
-    return version if version >= max_steps else None
-
-
-def finished_message(checkpoint_dir: Path, version: int) -> str:
-    return (
-        f"{checkpoint_dir} holds a finished run (version {version}, grpo.max_num_steps reached): nothing to train. "
-        "Raise grpo.max_num_steps to train on from it, or set checkpointing.checkpoint_dir to a new directory to "
-        "start afresh"
-    )
 
 
 def save_checkpoint(

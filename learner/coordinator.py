@@ -260,13 +260,12 @@ class Coordinator:
         worker after a resume, holds older weights than the prompts ask for, and nothing else would send them).
         `current_weights` (set by the train loop) gives the model at `version` without a collective, or None."""
         now = time.monotonic()
-        current_weights = getattr(self, "current_weights", None)
-        if self.weights is None or current_weights is None or now - self._offered_at < JOIN_OFFER_EVERY_S:
+        if self.weights is None or self.current_weights is None or now - self._offered_at < JOIN_OFFER_EVERY_S:
             return
         self._offered_at = now
         if not self.policy.join_requested():
             return
-        model = current_weights()
+        model = self.current_weights()
         if model is None:
             return
         log.info("a worker asked to join while the learner waits for data: weights v%d sent again", version)

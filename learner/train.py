@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from broker.policy import CHECKPOINT_POLICY_DIR
-from learner.checkpoint import finished_message, latest_checkpoint, load_checkpoint
+from broker.policy import CHECKPOINT_POLICY_DIR, finished_message, latest_checkpoint
+from learner.checkpoint import load_checkpoint
 from learner.config import LearnerConfig, PolicyConfig
 from learner.coordinator import Coordinator
 from learner.distributed import DistInfo, broadcast_plan, init_distributed, replica_spread, scatter_shares

@@ -75,7 +75,7 @@ def resolve_policy(name: str) -> str:
 
     path = Path(name).expanduser()
     if (path / "latest").is_file():
-        from learner.checkpoint import latest_checkpoint
+        from broker.policy import latest_checkpoint
 
         path = latest_checkpoint(path) or path
     if (path / CHECKPOINT_POLICY_DIR / "config.json").is_file():

@@ -64,7 +64,7 @@ def train(cfg: RunConfig) -> Path:
     for name in {cfg.policy.model_name, cfg.policy.generation.model_name or cfg.policy.model_name}:
         resolve_model(name)  # a model that is not there is one line here, not a failed role later
     if cfg.checkpointing.enabled:
-        from learner.checkpoint import finished_message, finished_version
+        from broker.policy import finished_message, finished_version  # torch-free: the launcher stays light
 
         checkpoints = Path(cfg.checkpointing.checkpoint_dir)
         done = finished_version(checkpoints, cfg.grpo.max_num_steps)

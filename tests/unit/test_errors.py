@@ -163,7 +163,7 @@ def test_missing_training_and_validation_data_are_user_errors(tmp_path: Path) ->
 
 
 def test_a_latest_pointer_to_an_incomplete_checkpoint_is_a_user_error(tmp_path: Path) -> None:
-    from learner.checkpoint import latest_checkpoint
+    from broker.policy import latest_checkpoint
 
     (tmp_path / "step_3").mkdir()
     (tmp_path / "latest").write_text("step_3")
